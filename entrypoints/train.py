@@ -1,0 +1,19 @@
+"""Fine-tune a base model with QLoRA, configured by environment variables alone.
+
+    python -m entrypoints.train [--help | --print-config | --check]
+
+This is the exact command the training image runs. Variables, defaults and exit codes: --help.
+"""
+
+from tuneserve import cli
+from tuneserve.config import TRAIN_SCHEMA
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tuneserve.pipeline import run  # noqa: PLC0415 - keeps --help free of heavy imports
+
+    return cli.run(TRAIN_SCHEMA, run, argv, prog="python -m entrypoints.train", description=__doc__.split("\n")[0])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

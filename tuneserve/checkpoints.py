@@ -1,0 +1,87 @@
+"""Finding the checkpoint to resume from.
+
+transformers writes a checkpoint file by file into `checkpoint-<step>/`; a process killed mid-save (the
+grace period ran out, the node died) leaves a folder that looks like a checkpoint but is not one. A
+checkpoint counts as complete only when the trainer callback has marked it (`COMPLETE_MARKER`, written
+after every file of it is on disk) and its files pass structural checks (trainer_state.json parses,
+each safetensors file is as long as its header says).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import struct
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+_STEP = re.compile(r"^checkpoint-(\d+)$")
+
+
+def safetensors_ok(path: Path) -> bool:
+    """The file is exactly as long as its header declares (a truncated write fails this)."""
+    try:
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return path.stat().st_size == 8 + n + end
+    except (OSError, ValueError, struct.error, KeyError, TypeError):
+        return False
+
+
+def problem(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be resumed from, or None when it is complete."""
+    if not (ckpt / COMPLETE_MARKER).is_file():
+        return "not marked complete (the save was interrupted)"
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return "trainer_state.json is missing or unreadable"
+    tensors = list(ckpt.glob("*.safetensors"))
+    if not tensors:
+        return "no weights (*.safetensors)"
+    for t in tensors:
+        if not safetensors_ok(t):
+            return f"{t.name} is truncated or corrupt"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        p = ckpt / name
+        if not p.is_file() or p.stat().st_size == 0:
+            return f"{name} is missing or empty"
+    return None
+
+
+def checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _STEP.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def newest_complete(folder: Path, remove_incomplete: bool = True) -> Path | None:
+    """The newest complete checkpoint. Incomplete ones newer than it are removed (they hold nothing that
+    can be used, and the trainer would later write the same step's folder over their stale files)."""
+    for step, ckpt in checkpoints(folder):
+        why = problem(ckpt)
+        if why is None:
+            return ckpt
+        log.warning("skipping %s: %s", ckpt.name, why)
+        if remove_incomplete:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return None
+
+
+def mark_complete(ckpt: Path, step: int) -> None:
+    import os
+
+    marker = ckpt / COMPLETE_MARKER
+    tmp = ckpt / f".{COMPLETE_MARKER}.tmp"
+    with tmp.open("w") as f:
+        json.dump({"step": step}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, marker)

@@ -1,0 +1,227 @@
+"""The training configuration: every variable `python -m entrypoints.train` reads.
+
+Defaults follow Google's "fine-tune Gemma with QLoRA for text-to-SQL" guide (r=16, alpha=16,
+dropout 0.05, all-linear targets, lr 2e-4 constant, warmup 3%, max grad norm 0.3, 3 epochs,
+batch 1 x 4 accumulation, gradient checkpointing, max length 512), except where noted in the help.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from tuneserve.settings import Prefix, Schema, Settings, Var
+
+DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+NAMED_TEMPLATES = ("chatml", "llama3", "gemma")
+
+G_MODEL, G_DATA, G_LOSS, G_QUANT, G_LORA, G_TRAIN, G_RUN = (
+    "Model", "Dataset and formatting", "Loss", "Quantization and precision", "LoRA", "Training", "Run")
+
+TRAIN_VARS = [
+    # ---- model
+    Var("BASE_MODEL", "str", None, "Base model: Hub id (org/name) or local directory.", G_MODEL, required=True),
+    Var("BASE_MODEL_REVISION", "str", None, "Hub revision (branch, tag or commit) of BASE_MODEL.", G_MODEL),
+    Var("TOKENIZER", "str", None, "Tokenizer to use instead of BASE_MODEL's (e.g. the -it tokenizer with a -pt "
+        "model, as the Gemma guide does).", G_MODEL),
+    Var("TRUST_REMOTE_CODE", "bool", False, "Allow model/tokenizer code from the Hub repository to run.", G_MODEL),
+    Var("ATTN_IMPLEMENTATION", "str", None, "Attention kernel (eager, sdpa, flash_attention_2, ...); unset lets "
+        "transformers choose.", G_MODEL),
+    Var("HF_TOKEN", "str", None, "Hugging Face token for gated/private models and datasets.", G_MODEL, secret=True),
+    Var("HF_TOKEN_FILE", "str", None, "File holding the Hugging Face token (e.g. a mounted Kubernetes Secret); "
+        "used when HF_TOKEN is unset.", G_MODEL),
+    # ---- data
+    Var("DATASET", "str", None, "Dataset: Hub id, local .jsonl/.json/.csv/.parquet file, or a directory of them.",
+        G_DATA, required=True),
+    Var("DATASET_CONFIG", "str", None, "Dataset configuration (subset) name on the Hub.", G_DATA),
+    Var("DATASET_SPLIT", "str", "train", "Split to train on.", G_DATA),
+    Var("EVAL_SPLIT", "str", None, "Split held out for evaluation (exclusive with EVAL_SIZE).", G_DATA),
+    Var("EVAL_SIZE", "count|fraction", None, "Hold out this many rows (or this fraction) of the training split "
+        "for evaluation, chosen with SEED.", G_DATA),
+    Var("MAX_SAMPLES", "int", None, "Use at most this many training rows (after shuffling with SEED).", G_DATA,
+        minimum=1),
+    Var("TEXT_FIELD", "str", "text", "Column holding plain text for language-modelling datasets.", G_DATA),
+    Var("SYSTEM_PROMPT", "str", None, "Column datasets: system message of every conversation (folded into the "
+        "user turn by templates without a system role).", G_DATA),
+    Var("USER_TEMPLATE", "str", None, "Column datasets: user message built from columns with {column} "
+        "placeholders, e.g. '{sql_context}\\n{sql_prompt}'. Setting it turns column rows into conversations.",
+        G_DATA),
+    Var("ASSISTANT_FIELD", "str", None, "Column datasets: column holding the assistant's answer.", G_DATA),
+    Var("CHAT_TEMPLATE", "str", None, "Chat template: a .jinja file, the template text, or a well-known name "
+        f"({', '.join(NAMED_TEMPLATES)}). Unset: the tokenizer's own. Missing special tokens are added and "
+        "trained.", G_DATA),
+    Var("MAX_SEQ_LENGTH", "int", 512, "Longest tokenized row; longer rows are dropped and listed (TRL: "
+        "max_length).", G_DATA, minimum=8),
+    Var("MAX_OVERLONG_FRACTION", "float", 0.01, "Fail (exit 3) when more than this fraction of rows is longer "
+        "than MAX_SEQ_LENGTH; below it they are dropped with a warning naming them.", G_DATA,
+        minimum=0.0, maximum=1.0),
+    Var("PACKING", "bool", False, "Pack rows into MAX_SEQ_LENGTH sequences (TRL best-fit-decreasing, "
+        "padding-free; use with flash attention).", G_DATA),
+    # ---- loss
+    Var("ASSISTANT_ONLY_LOSS", "bool", True, "Conversations: train only on assistant turns (end-of-turn token "
+        "included). Works with any template; no {% generation %} markers needed.", G_LOSS),
+    Var("COMPLETION_ONLY_LOSS", "bool", True, "Prompt/completion rows: train only on the completion.", G_LOSS),
+    # ---- quantization and precision
+    Var("LOAD_IN_4BIT", "bool", True, "QLoRA: load the base in 4-bit (bitsandbytes NF4, double quantization). "
+        "false: plain LoRA on the unquantized base.", G_QUANT),
+    Var("DTYPE", "str", "auto", "Compute dtype: auto = bfloat16 where the GPU supports it, else float16; "
+        "bfloat16 on the CPU.", G_QUANT, choices=("auto", "bfloat16", "float16", "float32")),
+    Var("DEVICE", "str", "auto", "Where to train: auto = CUDA when available, else the CPU.", G_QUANT,
+        choices=("auto", "cuda", "cpu")),
+    # ---- lora
+    Var("LORA_R", "int", 16, "LoRA rank.", G_LORA, minimum=1),
+    Var("LORA_ALPHA", "int", 16, "LoRA alpha (scaling = alpha / r).", G_LORA, minimum=1),
+    Var("LORA_DROPOUT", "float", 0.05, "LoRA dropout.", G_LORA, minimum=0.0, maximum=1.0),
+    Var("LORA_TARGET_MODULES", "list", "all-linear", "Modules to adapt: all-linear, or a comma/JSON list.",
+        G_LORA),
+    Var("LORA_MODULES_TO_SAVE", "list", None, "Modules trained in full and saved with the adapter "
+        "(e.g. lm_head,embed_tokens, as the Gemma guide does).", G_LORA),
+    # ---- training
+    Var("NUM_TRAIN_EPOCHS", "float", 3.0, "Epochs.", G_TRAIN, exclusive_minimum=0.0),
+    Var("MAX_STEPS", "int", -1, "Optimizer steps; overrides NUM_TRAIN_EPOCHS when > 0.", G_TRAIN),
+    Var("PER_DEVICE_TRAIN_BATCH_SIZE", "int", 1, "Rows per device per step.", G_TRAIN, minimum=1),
+    Var("GRADIENT_ACCUMULATION_STEPS", "int", 4, "Micro-batches per optimizer step.", G_TRAIN, minimum=1),
+    Var("LEARNING_RATE", "float", 2e-4, "Peak learning rate.", G_TRAIN, exclusive_minimum=0.0),
+    Var("LR_SCHEDULER_TYPE", "str", "constant", "Learning-rate schedule (transformers SchedulerType).", G_TRAIN,
+        choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")),
+    Var("WARMUP_RATIO", "float", 0.03, "Fraction of steps spent warming up (transformers: warmup_steps < 1).",
+        G_TRAIN, minimum=0.0, maximum=0.99),
+    Var("MAX_GRAD_NORM", "float", 0.3, "Gradient clipping norm.", G_TRAIN, minimum=0.0),
+    Var("OPTIM", "str", "adamw_torch_fused", "Optimizer (transformers OptimizerNames, e.g. adamw_torch, "
+        "paged_adamw_8bit).", G_TRAIN),
+    Var("GRADIENT_CHECKPOINTING", "bool", True, "Recompute activations to save memory.", G_TRAIN),
+    Var("NEFTUNE_NOISE_ALPHA", "float", None, "NEFTune embedding noise (e.g. 5).", G_TRAIN, minimum=0.0),
+    Var("SEED", "int", 42, "Seed for shuffling, splitting and training.", G_TRAIN),
+    Var("LOGGING_STEPS", "int", 10, "Log loss every N steps.", G_TRAIN, minimum=1),
+    Var("SAVE_STEPS", "int", 100, "Checkpoint every N steps (what a preempted run resumes from).", G_TRAIN,
+        minimum=1),
+    Var("SAVE_TOTAL_LIMIT", "int", 2, "Checkpoints kept.", G_TRAIN, minimum=1),
+    Var("REPORT_TO", "list", "none", "Experiment trackers (none, tensorboard, wandb, ...).", G_TRAIN),
+    # ---- run
+    Var("OUTPUT_DIR", "str", "./output", "Everything the run writes: checkpoints/, adapter/, reports. Rerunning "
+        "with the same directory resumes.", G_RUN),
+    Var("RESUME", "bool", True, "Resume from the newest complete checkpoint in OUTPUT_DIR/checkpoints.", G_RUN),
+    Var("LOG_LEVEL", "str", "info", "Log level.", G_RUN, choices=("debug", "info", "warning", "error")),
+    Var("ENV_FILE", "str", None, "A .env file to read (default: ./.env when present); the real environment "
+        "wins.", G_RUN),
+]
+
+# SFTConfig/LoraConfig/BitsAndBytesConfig fields this tool sets from its own variables.
+SFT_MANAGED = {
+    "output_dir": "use OUTPUT_DIR", "max_length": "use MAX_SEQ_LENGTH", "packing": "use PACKING",
+    "num_train_epochs": "use NUM_TRAIN_EPOCHS", "max_steps": "use MAX_STEPS", "seed": "use SEED",
+    "per_device_train_batch_size": "use PER_DEVICE_TRAIN_BATCH_SIZE",
+    "gradient_accumulation_steps": "use GRADIENT_ACCUMULATION_STEPS", "learning_rate": "use LEARNING_RATE",
+    "lr_scheduler_type": "use LR_SCHEDULER_TYPE", "warmup_steps": "use WARMUP_RATIO",
+    "max_grad_norm": "use MAX_GRAD_NORM", "optim": "use OPTIM", "gradient_checkpointing": "use GRADIENT_CHECKPOINTING",
+    "neftune_noise_alpha": "use NEFTUNE_NOISE_ALPHA", "logging_steps": "use LOGGING_STEPS",
+    "save_steps": "use SAVE_STEPS", "save_total_limit": "use SAVE_TOTAL_LIMIT", "report_to": "use REPORT_TO",
+    "completion_only_loss": "use COMPLETION_ONLY_LOSS", "assistant_only_loss": "use ASSISTANT_ONLY_LOSS",
+    "use_cpu": "use DEVICE", "bf16": "use DTYPE", "fp16": "use DTYPE", "chat_template_path": "use CHAT_TEMPLATE",
+    "dataset_text_field": "use TEXT_FIELD", "resume_from_checkpoint": "resuming is automatic (RESUME)",
+    "hub_token": "the token is read from HF_TOKEN / HF_TOKEN_FILE only (a token here would be saved into "
+    "every checkpoint's training_args.bin)",
+    "push_to_hub": "publishing is a separate stage after merge and verification",
+    "model_init_kwargs": "the model is loaded by this tool (see the Model variables)",
+    "save_strategy": "checkpoints are taken every SAVE_STEPS steps",
+}
+LORA_MANAGED = {
+    "r": "use LORA_R", "lora_alpha": "use LORA_ALPHA", "lora_dropout": "use LORA_DROPOUT",
+    "target_modules": "use LORA_TARGET_MODULES", "modules_to_save": "use LORA_MODULES_TO_SAVE",
+    "task_type": "it is always CAUSAL_LM",
+}
+BNB_MANAGED = {
+    "load_in_4bit": "use LOAD_IN_4BIT", "load_in_8bit": "this tool trains 4-bit QLoRA or unquantized LoRA",
+}
+
+PREFIXES = [
+    Prefix("SFT_", "sft", "trl.SFTConfig", SFT_MANAGED),
+    Prefix("LORA_", "lora", "peft.LoraConfig", LORA_MANAGED),
+    Prefix("BNB_", "bnb", "transformers.BitsAndBytesConfig", BNB_MANAGED, whole_name_first=True,
+           foreign=("BNB_CUDA_VERSION",)),
+]
+
+
+def looks_local(ref: str) -> bool:
+    """A model or dataset reference meant as a local path rather than a Hub id."""
+    return ref.startswith(("/", "./", "../", "~")) or ref.endswith(DATA_EXTENSIONS) or os.path.exists(ref) \
+        or ref.count("/") > 1
+
+
+def _validate(s: Settings) -> list[str]:
+    problems: list[str] = []
+    hub_id = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
+    for name in ("BASE_MODEL", "TOKENIZER"):
+        ref = s.get(name)
+        if ref is None:
+            continue
+        if looks_local(ref):
+            if not Path(ref).expanduser().is_dir():
+                problems.append(f"{name}={ref!r}: no such directory (a local model is a folder with config.json); "
+                                "give an existing folder or a Hub id like org/name")
+        elif not hub_id.match(ref):
+            problems.append(f"{name}={ref!r}: not a Hub id (org/name) nor an existing directory")
+    ds = s.dataset
+    if ds is not None:
+        if looks_local(ds):
+            p = Path(ds).expanduser()
+            if not p.exists():
+                problems.append(f"DATASET={ds!r}: no such file or directory; give a local "
+                                f"{'/'.join(DATA_EXTENSIONS)} file, a directory, or a Hub id like org/name")
+            elif p.is_file() and not ds.endswith(DATA_EXTENSIONS):
+                problems.append(f"DATASET={ds!r}: unsupported file type; use one of {', '.join(DATA_EXTENSIONS)}")
+        elif not hub_id.match(ds):
+            problems.append(f"DATASET={ds!r}: not a Hub id (org/name) nor an existing path")
+    if s.eval_split and s.eval_size:
+        problems.append(f"EVAL_SPLIT={s.eval_split!r} and EVAL_SIZE={s.eval_size!r}: set one of them, not both")
+    if s.eval_split and s.eval_split == s.dataset_split:
+        problems.append(f"EVAL_SPLIT={s.eval_split!r} is also DATASET_SPLIT: evaluation rows must be held out")
+    if s.user_template is not None and not s.assistant_field:
+        problems.append("USER_TEMPLATE is set but ASSISTANT_FIELD is not: name the column holding the answer")
+    if s.assistant_field and s.user_template is None:
+        problems.append("ASSISTANT_FIELD is set but USER_TEMPLATE is not: give the user message template, "
+                        "e.g. USER_TEMPLATE='{question}'")
+    if s.user_template is not None:
+        try:
+            template_fields(s.user_template)
+        except ValueError as exc:
+            problems.append(f"USER_TEMPLATE={s.user_template!r}: {exc}")
+    if s.hf_token_file and not s.hf_token and not Path(s.hf_token_file).is_file():
+        problems.append(f"HF_TOKEN_FILE={s.hf_token_file!r}: no such file")
+    ct = s.chat_template
+    if ct is not None and ct not in NAMED_TEMPLATES and "{" not in ct:
+        if not ct.endswith((".jinja", ".j2")):
+            problems.append(f"CHAT_TEMPLATE={ct!r}: not a known name ({', '.join(NAMED_TEMPLATES)}), a .jinja "
+                            "file, nor template text")
+        elif not Path(ct).is_file():
+            problems.append(f"CHAT_TEMPLATE={ct!r}: no such file")
+    if s.lora_target_modules == []:
+        problems.append("LORA_TARGET_MODULES is empty: use all-linear or name modules")
+    for name in ("OUTPUT_DIR",):
+        out = Path(s.get(name))
+        if out.exists() and not out.is_dir():
+            problems.append(f"{name}={str(out)!r}: exists and is not a directory")
+    return problems
+
+
+def template_fields(template: str) -> list[str]:
+    """The {column} placeholders of a USER_TEMPLATE (str.format syntax; {{ and }} are literal braces)."""
+    import string
+
+    names: list[str] = []
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if not name.isidentifier():
+            raise ValueError(f"placeholder {{{name}}} is not a column name")
+        names.append(name)
+    return names
+
+
+TRAIN_SCHEMA = Schema("train", TRAIN_VARS, PREFIXES, _validate)
+
+
+def load_train_config(environ=None) -> Settings:
+    return TRAIN_SCHEMA.load(environ)

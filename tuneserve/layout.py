@@ -1,0 +1,57 @@
+"""The one output tree. Every stage reads and writes only here, so any stage can be rerun from it.
+
+    OUTPUT_DIR/
+      config.json          resolved configuration, secrets masked
+      data/                shaped rows the model was trained and will be evaluated on (jsonl)
+      checkpoints/         trainer checkpoints (checkpoint-<step>/, each marked complete when fully written)
+      adapter/             final LoRA adapter + tokenizer (written atomically: present means training is done)
+      train_report.json    training metrics and data statistics
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @classmethod
+    def of(cls, output_dir: str | os.PathLike) -> Layout:
+        return cls(Path(output_dir).expanduser().resolve())
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def train_report(self) -> Path:
+        return self.root / "train_report.json"
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        json.dump(payload, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

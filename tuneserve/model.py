@@ -1,0 +1,121 @@
+"""Stage: the base model (4-bit NF4 for QLoRA, or unquantized for LoRA) and the LoRA configuration.
+
+Mirrors TRL's `get_quantization_config()` / `get_peft_config()`: each returns what the trainer needs,
+or None when that part is switched off.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from tuneserve.exitcodes import ConfigError
+from tuneserve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str  # "cuda" | "cpu"
+    dtype_name: str  # "bfloat16" | "float16" | "float32"
+
+    @property
+    def dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype_name)
+
+
+def resolve_placement(cfg: Settings) -> Placement:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise ConfigError("DEVICE=cuda but no CUDA device is visible (check --gpus all / the nvidia.com/gpu "
+                          "request); use DEVICE=cpu or auto")
+    device = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and cuda)) else "cpu"
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cpu" or torch.cuda.is_bf16_supported() else "float16"
+    elif dtype == "bfloat16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("DTYPE=bfloat16 but this GPU does not support bfloat16; use DTYPE=float16 or auto")
+    if dtype == "float16" and device == "cpu":
+        raise ConfigError("DTYPE=float16 is not supported for training on the CPU; use bfloat16 or float32")
+    return Placement(device, dtype)
+
+
+def get_quantization_config(cfg: Settings, placement: Placement):
+    if not cfg.load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    kwargs = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                  bnb_4bit_compute_dtype=placement.dtype)
+    kwargs.update(cfg.extras.get("bnb", {}))
+    return BitsAndBytesConfig(**kwargs)
+
+
+def get_peft_config(cfg: Settings, added_token_ids: list[int]):
+    from peft import LoraConfig
+
+    target = cfg.lora_target_modules
+    target = target[0] if target == ["all-linear"] else target
+    modules_to_save = list(cfg.lora_modules_to_save or [])
+    kwargs = dict(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=target,
+                  bias="none", task_type="CAUSAL_LM")
+    kwargs.update(cfg.extras.get("lora", {}))
+    if added_token_ids:
+        # Same as TRL's SFTTrainer does after `clone_chat_template`: train the new embedding rows
+        # (PEFT TrainableTokens) and the output layer, so the model can read and write the new tokens.
+        if "embed_tokens" not in modules_to_save:
+            tti = dict(kwargs.get("trainable_token_indices") or {})
+            tti["embed_tokens"] = sorted(set(tti.get("embed_tokens", [])) | set(added_token_ids))
+            kwargs["trainable_token_indices"] = tti
+        if "lm_head" not in modules_to_save:
+            modules_to_save.append("lm_head")
+    kwargs["modules_to_save"] = modules_to_save or None
+    try:
+        return LoraConfig(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"LoRA configuration rejected by peft.LoraConfig: {exc}") from None
+
+
+def load_model(cfg: Settings, tok_info, placement: Placement):
+    """The base model, quantized when LOAD_IN_4BIT, its embeddings resized for added tokens.
+
+    The model class follows the checkpoint's config (TRL's `create_model_from_path`): a multimodal
+    base such as Gemma 3 4B loads as its image-text-to-text class and trains on text rows too.
+    """
+    from trl.trainer.utils import create_model_from_path
+
+    kwargs = dict(dtype=placement.dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.base_model_revision:
+        kwargs["revision"] = cfg.base_model_revision
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    quant = get_quantization_config(cfg, placement)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    if placement.device == "cuda":
+        from accelerate import PartialState
+
+        kwargs["device_map"] = {"": PartialState().local_process_index}
+    else:
+        kwargs["device_map"] = {"": "cpu"}
+    log.info("loading %s (%s%s, %s)", cfg.base_model, "4-bit NF4, compute " if quant else "", placement.dtype_name,
+             placement.device)
+    try:
+        model = create_model_from_path(cfg.base_model, **kwargs)
+    except OSError as exc:
+        raise ConfigError(f"BASE_MODEL={cfg.base_model!r}: cannot load the model ({str(exc).splitlines()[0]})") \
+            from None
+    tok = tok_info.tokenizer
+    if tok_info.added_tokens:
+        emb = model.get_input_embeddings().weight.shape[0]
+        if len(tok) > emb:
+            model.resize_token_embeddings(len(tok))
+            log.info("resized the embeddings from %d to %d rows for %s", emb, len(tok),
+                     ", ".join(tok_info.added_tokens))
+    model.config.get_text_config().pad_token_id = tok.pad_token_id
+    return model
