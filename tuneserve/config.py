@@ -73,7 +73,7 @@ TRAIN_VARS = [
     Var("LORA_R", "int", 16, "LoRA rank.", G_LORA, minimum=1),
     Var("LORA_ALPHA", "int", 16, "LoRA alpha (scaling = alpha / r).", G_LORA, minimum=1),
     Var("LORA_DROPOUT", "float", 0.05, "LoRA dropout.", G_LORA, minimum=0.0, maximum=1.0),
-    Var("LORA_TARGET_MODULES", "list", "all-linear", "Modules to adapt: all-linear, or a comma/JSON list.",
+    Var("LORA_TARGET_MODULES", "list", ["all-linear"], "Modules to adapt: all-linear, or a comma/JSON list.",
         G_LORA),
     Var("LORA_MODULES_TO_SAVE", "list", None, "Modules trained in full and saved with the adapter "
         "(e.g. lm_head,embed_tokens, as the Gemma guide does).", G_LORA),
@@ -98,7 +98,7 @@ TRAIN_VARS = [
     Var("SAVE_STEPS", "int", 100, "Checkpoint every N steps (what a preempted run resumes from).", G_TRAIN,
         minimum=1),
     Var("SAVE_TOTAL_LIMIT", "int", 2, "Checkpoints kept.", G_TRAIN, minimum=1),
-    Var("REPORT_TO", "list", "none", "Experiment trackers (none, tensorboard, wandb, ...).", G_TRAIN),
+    Var("REPORT_TO", "list", ["none"], "Experiment trackers (none, tensorboard, wandb, ...).", G_TRAIN),
     # ---- run
     Var("OUTPUT_DIR", "str", "./output", "Everything the run writes: checkpoints/, adapter/, reports. Rerunning "
         "with the same directory resumes.", G_RUN),

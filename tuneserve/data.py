@@ -84,6 +84,8 @@ def _load_split(cfg: Settings, split: str):
     except (ConfigError, DataError):
         raise
     except Exception as exc:  # datasets raises many types (DatasetGenerationError, ArrowInvalid, ...)
+        if "corresponds to no data" in str(exc):
+            raise DataError(f"DATASET={ref!r} split {split!r} is empty") from None
         raise DataError(f"DATASET={ref!r}: cannot be loaded: {type(exc).__name__}: {str(exc).splitlines()[0]}") \
             from None
     if split not in dd:
@@ -237,11 +239,13 @@ def encode(tok, ex: Example) -> tuple[list[int], list[int]]:
         return encode_chat(tok, ex.messages, ex.trained_turns)
     eos = tok.eos_token_id
     if ex.kind == "pc":
+        # Prompt and completion are tokenized apart: that is how they meet at inference (the prompt is
+        # encoded alone, the completion generated after it), and a token can never straddle the boundary.
         prompt_ids = tok(ex.prompt)["input_ids"]
-        ids = tok(ex.prompt + ex.completion)["input_ids"]
-        if ids[-1] != eos:
-            ids = ids + [eos]
-        return ids, [-100] * len(prompt_ids) + ids[len(prompt_ids):]
+        completion_ids = tok(ex.completion, add_special_tokens=False)["input_ids"]
+        if not completion_ids or completion_ids[-1] != eos:
+            completion_ids = completion_ids + [eos]
+        return prompt_ids + completion_ids, [-100] * len(prompt_ids) + completion_ids
     ids = tok(ex.text)["input_ids"]
     if not ids or ids[-1] != eos:
         ids = ids + [eos]

@@ -247,7 +247,7 @@ class Schema:
         extras, extra_problems = self._load_prefixed(env)
         problems += extra_problems
         settings = Settings(self, values, extras, {k: sources.get(k, "default") for k in values})
-        if not problems and self.validate is not None:
+        if self.validate is not None:
             problems += self.validate(settings)
         if problems:
             raise ConfigError(problems)

@@ -1,0 +1,238 @@
+"""Data shaping and loss masks, on real tokenizers built by the tests (no model needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import CORPUS, QA, qa_messages, write_jsonl
+from tuneserve import data, tokenizer
+from tuneserve.config import load_train_config
+from tuneserve.exitcodes import ConfigError, DataError
+from tuneserve.tiny import build_tokenizer
+
+SQL_ROWS = [
+    {"sql_prompt": "How many users are there?", "sql_context": "CREATE TABLE users (id INT, name TEXT);",
+     "sql": "SELECT COUNT(*) FROM users;", "domain": "web"},
+    {"sql_prompt": "List all names.", "sql_context": "CREATE TABLE users (id INT, name TEXT);",
+     "sql": "SELECT name FROM users;", "domain": "web"},
+]
+
+
+def save_tokenizer(tmp_path: Path, template: str | None, **kw) -> Path:
+    folder = tmp_path / f"tok-{template}"
+    build_tokenizer(CORPUS, template=template, **kw).save_pretrained(folder)
+    return folder
+
+
+def setup(tmp_path, rows_or_path, template="chatml", **env):
+    tok_dir = save_tokenizer(tmp_path, template)
+    ds = rows_or_path if isinstance(rows_or_path, (str, Path)) else write_jsonl(tmp_path / "d.jsonl", rows_or_path)
+    cfg = load_train_config({"BASE_MODEL": str(tok_dir), "DATASET": str(ds), **env})
+    shaped = data.load_and_shape(cfg)
+    info = tokenizer.prepare_tokenizer(cfg, needs_template=shaped.is_chat)
+    return cfg, shaped, info
+
+
+def trained_text(tok, ids, labels) -> str:
+    return tok.decode([t for t, lbl in zip(ids, labels) if lbl != -100])
+
+
+def masked_text(tok, ids, labels) -> str:
+    return tok.decode([t for t, lbl in zip(ids, labels) if lbl == -100])
+
+
+# ------------------------------------------------------------------------------------------- formats
+def test_conversational_messages(tmp_path):
+    cfg, shaped, info = setup(tmp_path, qa_messages())
+    assert shaped.format == "conversational" and len(shaped.train) == len(QA)
+    assert {ex.messages[-1]["content"] for ex in shaped.train} == {a for _, a in QA}
+
+
+def test_sharegpt_conversations_are_converted(tmp_path):
+    rows = [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in QA]
+    cfg, shaped, info = setup(tmp_path, rows)
+    assert shaped.format == "sharegpt"
+    assert shaped.train[0].messages[0]["role"] == "user" and shaped.train[0].messages[1]["role"] == "assistant"
+
+
+def test_plain_prompt_completion_from_parquet_masks_the_prompt(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "pc.parquet"
+    pd.DataFrame({"prompt": [q + " " for q, _ in QA], "completion": [a for _, a in QA]}).to_parquet(path)
+    cfg, shaped, info = setup(tmp_path, path)
+    assert shaped.format == "prompt_completion" and not shaped.is_chat
+    tok = info.tokenizer
+    ex = next(e for e in shaped.train if e.completion == "Paris")
+    ids, labels = data.encode(tok, ex)
+    assert trained_text(tok, ids, labels) == "Paris" + tok.eos_token
+    assert masked_text(tok, ids, labels) == "What is the capital of France? "
+
+
+def test_conversational_prompt_completion_trains_only_the_completion(tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
+            for q, a in QA]
+    cfg, shaped, info = setup(tmp_path, rows)
+    assert shaped.format == "conversational_prompt_completion"
+    ex = next(e for e in shaped.train if e.messages[-1]["content"] == "Ice")
+    ids, labels = data.encode(info.tokenizer, ex)
+    assert trained_text(info.tokenizer, ids, labels) == "Ice<|im_end|>\n"
+
+
+def test_plain_text_from_csv_trains_every_token_and_ends_with_eos(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("body\n" + "".join(f'"{q} {a}"\n' for q, a in QA))
+    cfg, shaped, info = setup(tmp_path, path, TEXT_FIELD="body")
+    assert shaped.format == "text"
+    ids, labels = data.encode(info.tokenizer, shaped.train[0])
+    assert ids == labels and ids[-1] == info.tokenizer.eos_token_id
+
+
+def test_text_to_sql_column_recipe_builds_the_guides_conversations(tmp_path):
+    system = "You are a text to SQL query translator."
+    user = "Given the <SCHEMA>, answer the <USER_QUERY>.\n<SCHEMA>\n{sql_context}\n</SCHEMA>\n<USER_QUERY>\n{sql_prompt}\n</USER_QUERY>"
+    cfg, shaped, info = setup(tmp_path, SQL_ROWS, template="gemma", SYSTEM_PROMPT=system, USER_TEMPLATE=user,
+                              ASSISTANT_FIELD="sql")
+    assert shaped.format == "columns"
+    ex = next(e for e in shaped.train if e.messages[-1]["content"] == "SELECT name FROM users;")
+    assert ex.messages[0] == {"role": "system", "content": system}
+    assert ex.messages[1]["content"] == user.format(**SQL_ROWS[1])
+    ids, labels = data.encode(info.tokenizer, ex)
+    # Gemma folds the system prompt into the user turn; only the model turn and <end_of_turn> are trained.
+    assert trained_text(info.tokenizer, ids, labels) == "SELECT name FROM users;<end_of_turn>\n"
+    assert info.end_of_turn == "<end_of_turn>"
+
+
+# ------------------------------------------------------------------------------------------- loss masks
+@pytest.mark.parametrize("template,eot,prompt_turns", [("chatml", "<|im_end|>", 3), ("llama3", "<|eot_id|>", 3),
+                                                       ("gemma", "<end_of_turn>", 2)])  # gemma folds the system turn
+def test_loss_mask_trains_answer_and_end_of_turn_not_prompt(tmp_path, template, eot, prompt_turns):
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who wrote Hamlet?"},
+                          {"role": "assistant", "content": "Shakespeare"}, {"role": "user", "content": "Frozen water?"},
+                          {"role": "assistant", "content": "Ice"}]}]
+    cfg, shaped, info = setup(tmp_path, rows, template=template)
+    tok = info.tokenizer
+    assert info.end_of_turn == eot and eot != tok.eos_token
+    ids, labels = data.encode(tok, shaped.train[0])
+    trained = trained_text(tok, ids, labels)
+    assert trained.count(eot) == 2  # both assistant turns end with a trained end-of-turn token
+    assert "Shakespeare" in trained and "Ice" in trained
+    for prompt_text in ("Be brief.", "Who wrote Hamlet?", "Frozen water?"):
+        assert prompt_text not in trained and prompt_text in masked_text(tok, ids, labels)
+    eot_id = tok.convert_tokens_to_ids(eot)
+    assert [lbl for t, lbl in zip(ids, labels) if t == eot_id].count(-100) == prompt_turns
+
+
+def test_assistant_only_loss_false_trains_everything(tmp_path):
+    cfg, shaped, info = setup(tmp_path, qa_messages(), ASSISTANT_ONLY_LOSS="false")
+    ids, labels = data.encode(info.tokenizer, shaped.train[0])
+    assert ids == labels
+
+
+def test_end_of_turn_survives_collation_when_pad_equals_eos_equals_end_of_turn(tmp_path):
+    """trl#1623: with pad == eos, masking pads by token id also masks the eos that ends each answer."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}"
+                "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    cfg, shaped, info = setup(tmp_path, qa_messages(), CHAT_TEMPLATE=template)
+    tok = info.tokenizer
+    assert info.end_of_turn == tok.eos_token == tok.pad_token
+    rows = [dict(zip(("input_ids", "labels"), data.encode(tok, ex))) for ex in shaped.train[:3]]
+    batch = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)(rows)
+    for i, row in enumerate(rows):
+        real_eos = [p for p, t in enumerate(row["input_ids"]) if t == tok.eos_token_id]
+        assert real_eos and all(batch["labels"][i, p] == tok.eos_token_id for p in real_eos)
+        assert (batch["labels"][i, len(row["input_ids"]):] == -100).all()  # padding itself is masked
+
+
+def test_template_that_never_closes_the_assistant_turn_is_rejected(tmp_path):
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(ConfigError, match="does not close the assistant turn with a special token"):
+        setup(tmp_path, qa_messages(), CHAT_TEMPLATE=template)
+
+
+def test_base_tokenizer_gets_template_tokens_added(tmp_path):
+    cfg, shaped, info = setup(tmp_path, qa_messages(), template=None, CHAT_TEMPLATE="chatml")
+    tok = info.tokenizer
+    assert info.added_tokens == ["<|im_start|>", "<|im_end|>"]
+    assert info.added_token_ids == [len(tok) - 2, len(tok) - 1]
+    assert info.end_of_turn == "<|im_end|>"
+    ids, labels = data.encode(tok, shaped.train[0])
+    assert tok.convert_tokens_to_ids("<|im_end|>") in [t for t, lbl in zip(ids, labels) if lbl != -100]
+
+
+def test_conversations_without_template_need_chat_template(tmp_path):
+    with pytest.raises(ConfigError, match="has no chat template; set CHAT_TEMPLATE"):
+        setup(tmp_path, qa_messages(), template=None)
+
+
+# ------------------------------------------------------------------------------------------- data errors
+def test_missing_columns_are_a_data_error(tmp_path):
+    with pytest.raises(DataError, match=r"lacks column\(s\) sql_context"):
+        setup(tmp_path, [{"sql_prompt": "q", "sql": "s"}], USER_TEMPLATE="{sql_context} {sql_prompt}",
+              ASSISTANT_FIELD="sql")
+    with pytest.raises(DataError, match="cannot tell its format from its columns"):
+        setup(tmp_path, [{"question": "q", "answer": "a"}])
+
+
+def test_wrong_types_name_the_rows(tmp_path):
+    rows = qa_messages() + [{"messages": [{"role": "user", "content": 5}]},
+                            {"messages": [{"role": "wizard", "content": "hi"}]}]
+    with pytest.raises(DataError) as err:
+        setup(tmp_path, rows)
+    assert "2 row(s) have the wrong shape" in err.value.message
+    assert "content must be a string, got int" in err.value.message
+    assert "role 'wizard' is not one of" in err.value.message
+
+
+def test_empty_dataset_is_a_data_error(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("text\n")
+    with pytest.raises(DataError, match="is empty"):
+        setup(tmp_path, path)
+
+
+def test_overlong_rows_fail_past_the_threshold_and_are_named(tmp_path):
+    rows = qa_messages() + [{"messages": [{"role": "user", "content": "long " * 200},
+                                          {"role": "assistant", "content": "x"}]}]
+    cfg, shaped, info = setup(tmp_path, rows, MAX_SEQ_LENGTH="64")
+    with pytest.raises(DataError) as err:
+        data.tokenize(cfg, info, shaped, None)
+    assert "1 of 9 rows (11.1%) are longer than MAX_SEQ_LENGTH=64: rows 8 (" in err.value.message
+    cfg, shaped, info = setup(tmp_path, rows, MAX_SEQ_LENGTH="64", MAX_OVERLONG_FRACTION="0.2")
+    prepared = data.tokenize(cfg, info, shaped, None)
+    assert prepared.stats["dropped_overlong_rows"] == [8] and len(prepared.train) == 8
+
+
+def test_rows_without_loss_tokens_are_a_data_error(tmp_path):
+    rows = qa_messages() + [{"messages": [{"role": "user", "content": "only a question"}]}]
+    cfg, shaped, info = setup(tmp_path, rows)
+    with pytest.raises(DataError, match="1 row\\(s\\) have no tokens to learn from .*rows 8"):
+        data.tokenize(cfg, info, shaped, None)
+
+
+# ------------------------------------------------------------------------------------------- splits
+def test_eval_size_holds_out_rows_and_max_samples_caps_training(tmp_path):
+    rows = qa_messages() * 5  # 40 rows
+    cfg, shaped, info = setup(tmp_path, rows, EVAL_SIZE="10", MAX_SAMPLES="12", SEED="3")
+    assert len(shaped.eval) == 10 and len(shaped.train) == 12
+    assert not {e.row for e in shaped.eval} & {e.row for e in shaped.train}
+    prepared = data.tokenize(cfg, info, shaped, tmp_path / "out")
+    written = [json.loads(line) for line in (tmp_path / "out" / "eval.jsonl").read_text().splitlines()]
+    assert [w["row"] for w in written] == [e.row for e in shaped.eval]
+    assert prepared.eval is not None and len(prepared.eval) == 10
+
+
+def test_directory_dataset_with_named_splits(tmp_path):
+    folder = tmp_path / "ds"
+    write_jsonl(folder / "train.jsonl", qa_messages())
+    write_jsonl(folder / "test.jsonl", qa_messages()[:3])
+    cfg, shaped, info = setup(tmp_path, folder, EVAL_SPLIT="test")
+    assert len(shaped.train) == 8 and len(shaped.eval) == 3
+    with pytest.raises(DataError, match="has no split 'validation'; it has: train, test"):
+        setup(tmp_path, folder, EVAL_SPLIT="validation")
