@@ -80,6 +80,8 @@ def test_named_variables_parse_to_their_types(base_env):
     assert cfg.eval_size == 0.25 and cfg.max_samples == 100 and cfg.packing is True
     assert cfg.learning_rate == 1e-4 and cfg.lora_modules_to_save == ["lm_head", "embed_tokens"]
     assert load_train_config({**base_env, "EVAL_SIZE": "30"}).eval_size == 30
+    cfg = load_train_config({**base_env, "USER_TEMPLATE": r"<SCHEMA>\n{ctx}\n</SCHEMA>\t{q}", "ASSISTANT_FIELD": "a"})
+    assert cfg.user_template == "<SCHEMA>\n{ctx}\n</SCHEMA>\t{q}"
     defaults = load_train_config(base_env)
     assert defaults.load_in_4bit is True and defaults.lora_target_modules == ["all-linear"]
     assert defaults.output_dir == "./output" and defaults.assistant_only_loss is True
@@ -138,3 +140,21 @@ def test_readme_variables_table_is_generated_from_the_schema():
     from tuneserve.docs import render
 
     assert render(readme) == readme, "run `make readme` to regenerate the README tables"
+
+
+def test_readme_text_to_sql_example_is_a_valid_configuration(tmp_path, monkeypatch):
+    """The README's .env example loads as written and builds the guide's conversations."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### Example: the text-to-SQL guide", 1)[1]
+    env_text = re.search(r"```env\n(.*?)```", section, re.S).group(1)
+    (tmp_path / ".env").write_text(env_text)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_train_config({})
+    assert cfg.base_model == "google/gemma-3-1b-pt" and cfg.tokenizer == "google/gemma-3-1b-it"
+    assert cfg.assistant_field == "sql" and cfg.eval_size == 2500 and cfg.max_samples == 10000
+    assert cfg.lora_modules_to_save == ["lm_head", "embed_tokens"]
+    row = {"sql_context": "CREATE TABLE t (a INT);", "sql_prompt": "How many rows?"}
+    user = cfg.user_template.format(**row)
+    assert "<SCHEMA>\nCREATE TABLE t (a INT);\n</SCHEMA>\n\n<USER_QUERY>\nHow many rows?\n</USER_QUERY>\n" in user

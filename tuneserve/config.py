@@ -42,10 +42,11 @@ TRAIN_VARS = [
     Var("MAX_SAMPLES", "int", None, "Use at most this many training rows (after shuffling with SEED).", G_DATA,
         minimum=1),
     Var("TEXT_FIELD", "str", "text", "Column holding plain text for language-modelling datasets.", G_DATA),
-    Var("SYSTEM_PROMPT", "str", None, "Column datasets: system message of every conversation (folded into the "
+    Var("SYSTEM_PROMPT", "text", None, "Column datasets: system message of every conversation (folded into the "
         "user turn by templates without a system role).", G_DATA),
-    Var("USER_TEMPLATE", "str", None, "Column datasets: user message built from columns with {column} "
-        "placeholders, e.g. '{sql_context}\\n{sql_prompt}'. Setting it turns column rows into conversations.",
+    Var("USER_TEMPLATE", "text", None, "Column datasets: user message built from columns with {column} "
+        "placeholders, e.g. '{sql_context}\\n{sql_prompt}' (\\n and \\t are a newline and a tab). Setting it "
+        "turns column rows into conversations.",
         G_DATA),
     Var("ASSISTANT_FIELD", "str", None, "Column datasets: column holding the assistant's answer.", G_DATA),
     Var("CHAT_TEMPLATE", "str", None, "Chat template: a .jinja file, the template text, or a well-known name "

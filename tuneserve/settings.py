@@ -60,8 +60,15 @@ def parse_int_or_fraction(raw: str) -> float | int:
     return value
 
 
+def parse_text(raw: str) -> str:
+    """Free text in which the two-character sequences backslash-n and backslash-t mean a newline and a tab,
+    so multi-line prompts fit in `docker run -e` and one-line .env values."""
+    return raw.replace("\\n", "\n").replace("\\t", "\t")
+
+
 PARSERS: dict[str, Callable[[str], Any]] = {
     "str": str,
+    "text": parse_text,
     "int": lambda s: int(s.strip()),
     "float": lambda s: float(s.strip()),
     "bool": parse_bool,
@@ -88,7 +95,7 @@ class Var:
     maximum: float | None = None  # inclusive
 
     def parse(self, raw: str) -> Any:
-        if self.type != "str" and raw.strip().lower() in ("", "none", "null") and not self.required:
+        if self.type not in ("str", "text") and raw.strip().lower() in ("", "none", "null") and not self.required:
             return None
         value = PARSERS[self.type](raw)
         if self.choices is not None and value not in self.choices:
@@ -229,7 +236,7 @@ class Schema:
         values: dict[str, Any] = {}
         for var in self.vars:
             raw = env.get(var.name)
-            if raw is None or (raw.strip() == "" and var.type != "str"):
+            if raw is None or (raw.strip() == "" and var.type not in ("str", "text")):
                 if var.required:
                     problems.append(f"{var.name} is required: {var.help}")
                 values[var.name] = var.default

@@ -1,0 +1,255 @@
+"""Training through the exact command the image runs: real bitsandbytes 4-bit layers on the CPU, exit
+codes, SIGTERM then resume, corrupted checkpoints, secrets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import LEARN_ENV, QA, clean_env, qa_messages, run_train, train_cmd, write_jsonl
+from tuneserve.exitcodes import ExitCode
+
+pytestmark = pytest.mark.slow
+
+
+def greedy_answers(base: Path, adapter: Path, questions: list[str]) -> list[str]:
+    """Generate with base + adapter (PEFT), stopping at the end-of-turn token recorded by training."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(adapter)
+    meta = json.loads((adapter / "training_meta.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    model.resize_token_embeddings(len(tok))
+    model = PeftModel.from_pretrained(model, adapter).eval()
+    eot = tok.convert_tokens_to_ids(meta["end_of_turn"])
+    answers = []
+    for q in questions:
+        enc = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        out = model.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=eot)
+        answers.append(tok.decode(out[0][enc["input_ids"].shape[1]:]))
+    return answers
+
+
+def test_model_is_loaded_with_bitsandbytes_4bit_layers(chatml_base, qa_dataset):
+    import bitsandbytes as bnb
+
+    from tuneserve.config import load_train_config
+    from tuneserve.model import load_model, resolve_placement
+    from tuneserve.tokenizer import prepare_tokenizer
+
+    cfg = load_train_config({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset)})
+    placement = resolve_placement(cfg)
+    model = load_model(cfg, prepare_tokenizer(cfg, needs_template=True), placement)
+    linear = [m for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj"))]
+    assert linear and all(isinstance(m, bnb.nn.Linear4bit) for m in linear)
+    assert all(m.weight.quant_state.quant_type == "nf4" for m in linear)
+    assert linear[0].weight.quant_state.nested  # double quantization
+    assert placement.dtype_name == "bfloat16" and linear[0].compute_dtype.__repr__() == "torch.bfloat16"
+
+
+def test_qlora_learns_the_pairs_and_stops_at_end_of_turn(tmp_path, chatml_base, qa_dataset):
+    out = tmp_path / "out"
+    res = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out),
+                     **LEARN_ENV}, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "==== train: QLoRA SFT on cpu (bfloat16) ====" in res.stderr
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "training_meta.json"):
+        assert (out / "adapter" / name).is_file()
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["data"]["train_rows"] == len(QA) and report["global_step"] == 60
+    assert json.loads((out / "config.json").read_text())["LORA_R"] == 32
+    answers = greedy_answers(chatml_base, out / "adapter", [q for q, _ in QA])
+    assert answers == [f"{a}<|im_end|>" for _, a in QA]
+
+    # A finished training stage is not repeated.
+    mtime = (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    again = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out),
+                       **LEARN_ENV}, cwd=tmp_path)
+    assert again.returncode == 0 and "training already done" in again.stderr
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_base_model_with_added_template_tokens_trains_new_rows(tmp_path, pt_base, qa_dataset):
+    out = tmp_path / "out"
+    res = run_train({"BASE_MODEL": str(pt_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out),
+                     "CHAT_TEMPLATE": "chatml", "MAX_STEPS": "2", "PER_DEVICE_TRAIN_BATCH_SIZE": "4"}, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "added them as special tokens" in res.stderr and "resized the embeddings" in res.stderr
+    adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    vocab = json.loads((pt_base / "config.json").read_text())["vocab_size"]
+    assert adapter_cfg["trainable_token_indices"] == {"embed_tokens": [vocab, vocab + 1]}
+    assert "lm_head" in adapter_cfg["modules_to_save"]
+    from safetensors import safe_open
+
+    with safe_open(out / "adapter" / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert any("lm_head" in k for k in keys) and any("trainable_tokens" in k for k in keys)
+    tok_cfg = (out / "adapter" / "tokenizer.json").read_text()
+    assert "<|im_start|>" in tok_cfg and "<|im_end|>" in tok_cfg
+
+
+def test_plain_lora_without_quantization(tmp_path, chatml_base, qa_dataset):
+    res = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(tmp_path / "o"),
+                     "LOAD_IN_4BIT": "false", "MAX_STEPS": "1", "DTYPE": "float32"}, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "==== train: LoRA SFT on cpu (float32) ====" in res.stderr
+
+
+# ------------------------------------------------------------------------------------------- exit codes
+def test_exit_2_for_configuration_and_3_for_data(tmp_path, chatml_base, qa_dataset):
+    res = run_train({"BASE_MODEL": str(chatml_base)}, cwd=tmp_path)
+    assert res.returncode == ExitCode.CONFIG and "DATASET is required" in res.stderr
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}])
+    out = tmp_path / "out"
+    res = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(bad), "OUTPUT_DIR": str(out)}, cwd=tmp_path)
+    assert res.returncode == ExitCode.DATA, res.stderr[-2000:]
+    assert "cannot tell its format from its columns ['question', 'answer']" in res.stderr
+    assert "Traceback" not in res.stderr and not (out / "checkpoints").exists()
+    long = write_jsonl(tmp_path / "long.jsonl", qa_messages() + [
+        {"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "x"}]}])
+    res = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(long), "MAX_SEQ_LENGTH": "128"}, cwd=tmp_path)
+    assert res.returncode == ExitCode.DATA and "rows 8 (" in res.stderr
+
+
+def test_check_runs_preflight_only_and_writes_nothing(tmp_path, chatml_base, qa_dataset):
+    out = tmp_path / "out"
+    res = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out)}, "--check",
+                    cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "preflight passed" in res.stderr and "assistant turns end with '<|im_end|>'" in res.stderr
+    assert not out.exists()
+    res = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "CHAT_TEMPLATE":
+                     "{% for m in messages %}{{ m['content'] }}{% endfor %}"}, "--check", cwd=tmp_path)
+    assert res.returncode == ExitCode.CONFIG and "does not close the assistant turn" in res.stderr
+
+
+# ------------------------------------------------------------------------------------------- preemption
+def _start(env: dict, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(train_cmd(), env=clean_env(**env), cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(proc: subprocess.Popen, needle: str, timeout: float = 300) -> str:
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    raise AssertionError(f"{needle!r} never appeared:\n{''.join(seen)[-3000:]}")
+
+
+def test_sigterm_saves_checkpoint_exits_143_and_rerun_resumes_to_the_same_final_step(tmp_path, chatml_base,
+                                                                                      qa_dataset):
+    out = tmp_path / "out"
+    env = {"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out), "MAX_STEPS": "400",
+           "SAVE_STEPS": "1000", "PER_DEVICE_TRAIN_BATCH_SIZE": "2", "LOGGING_STEPS": "1"}
+    proc = _start(env, tmp_path)
+    _wait_for(proc, "'loss'")  # the first logged step: training is under way
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=300)[0]
+    assert proc.returncode == ExitCode.TERMINATED, rest[-3000:]
+    assert "stopped by SIGTERM at step" in rest
+    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "checkpoint_complete.json").is_file()
+    stopped_at = int(ckpts[0].name.split("-")[1])
+    assert 0 < stopped_at < 400
+    assert not (out / "adapter").exists()  # later stages never see a half-trained adapter
+
+    res = run_train(env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming from {ckpts[0]} (step {stopped_at})" in res.stderr
+    assert json.loads((out / "train_report.json").read_text())["global_step"] == 400
+    state = json.loads((out / "checkpoints" / "checkpoint-400" / "trainer_state.json").read_text())
+    assert state["global_step"] == 400 and state["log_history"][0]["step"] == 1
+
+
+def test_sigterm_before_training_exits_143_without_checkpoint(tmp_path, chatml_base, qa_dataset):
+    out = tmp_path / "out"
+    proc = _start({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out)}, tmp_path)
+    _wait_for(proc, "==== preflight")
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == ExitCode.TERMINATED, rest[-2000:]
+    assert "stopped by SIGTERM before training started" in rest
+    assert not (out / "checkpoints").exists()
+
+
+def test_corrupted_newest_checkpoint_is_skipped(tmp_path, chatml_base, qa_dataset):
+    out = tmp_path / "out"
+    env = {"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out), "MAX_STEPS": "6",
+           "SAVE_STEPS": "3", "SAVE_TOTAL_LIMIT": "3", "PER_DEVICE_TRAIN_BATCH_SIZE": "2"}
+    assert run_train({**env, "MAX_STEPS": "6"}, cwd=tmp_path).returncode == 0
+    # Simulate a run killed while writing checkpoint-6 (truncated weights) and one killed before the
+    # marker of a checkpoint-9 was written; the finished adapter is gone so training must run again.
+    import shutil
+
+    shutil.rmtree(out / "adapter")
+    weights = out / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    shutil.copytree(out / "checkpoints" / "checkpoint-3", out / "checkpoints" / "checkpoint-9")
+    (out / "checkpoints" / "checkpoint-9" / "checkpoint_complete.json").unlink()
+
+    res = run_train(env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "skipping checkpoint-9: not marked complete" in res.stderr
+    assert "skipping checkpoint-6: adapter_model.safetensors is truncated or corrupt" in res.stderr
+    assert f"resuming from {out / 'checkpoints' / 'checkpoint-3'} (step 3)" in res.stderr
+    assert json.loads((out / "train_report.json").read_text())["global_step"] == 6
+    assert not (out / "checkpoints" / "checkpoint-9").exists()
+
+
+# ------------------------------------------------------------------------------------------- secrets
+def test_hf_token_appears_in_no_output_and_no_file(tmp_path, chatml_base, qa_dataset):
+    secret = "hf_TESTSECRETdoNotLeak987654321"
+    out = tmp_path / "out"
+    env = {"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out), "HF_TOKEN": secret,
+           "MAX_STEPS": "2", "SAVE_STEPS": "1", "LOG_LEVEL": "debug"}
+    runs = [run_train(env, cwd=tmp_path), run_train(env, "--print-config", cwd=tmp_path),
+            run_train(env, "--check", cwd=tmp_path)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
+    for r in runs:
+        assert secret not in r.stdout and secret not in r.stderr
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name == "training_args.bin" for p in files)
+    for p in files:
+        assert secret.encode() not in p.read_bytes(), p
+
+
+def test_token_file_is_used_and_never_written(tmp_path, chatml_base, qa_dataset):
+    secret = "hf_FILESECRETvalue123456"
+    token_file = tmp_path / "token"
+    token_file.write_text(secret + "\n")
+    out = tmp_path / "out"
+    res = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out),
+                     "HF_TOKEN_FILE": str(token_file), "MAX_STEPS": "1"}, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert secret not in res.stdout + res.stderr
+    assert all(secret.encode() not in p.read_bytes() for p in out.rglob("*") if p.is_file())
+    assert json.loads((out / "config.json").read_text())["HF_TOKEN_FILE"] == str(token_file)
+
+
+def test_token_file_reaches_huggingface_hub_through_the_environment(tmp_path, monkeypatch, chatml_base, qa_dataset):
+    from tuneserve.config import load_train_config
+    from tuneserve.pipeline import use_token
+
+    token_file = tmp_path / "token"
+    token_file.write_text("hf_fromfile\n")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    use_token(load_train_config({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset),
+                                 "HF_TOKEN_FILE": str(token_file)}))
+    from huggingface_hub import get_token
+
+    assert os.environ["HF_TOKEN"] == "hf_fromfile" and get_token() == "hf_fromfile"
