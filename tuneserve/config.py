@@ -16,8 +16,9 @@ from tuneserve.settings import Prefix, Schema, Settings, Var
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 NAMED_TEMPLATES = ("chatml", "llama3", "gemma")
 
-G_MODEL, G_DATA, G_LOSS, G_QUANT, G_LORA, G_TRAIN, G_RUN = (
-    "Model", "Dataset and formatting", "Loss", "Quantization and precision", "LoRA", "Training", "Run")
+G_MODEL, G_DATA, G_LOSS, G_QUANT, G_LORA, G_TRAIN, G_MERGE, G_PUBLISH, G_RUN = (
+    "Model", "Dataset and formatting", "Loss", "Quantization and precision", "LoRA", "Training",
+    "Merge, verify, evaluate", "Publish", "Run")
 
 TRAIN_VARS = [
     # ---- model
@@ -100,6 +101,41 @@ TRAIN_VARS = [
         minimum=1),
     Var("SAVE_TOTAL_LIMIT", "int", 2, "Checkpoints kept.", G_TRAIN, minimum=1),
     Var("REPORT_TO", "list", ["none"], "Experiment trackers (none, tensorboard, wandb, ...).", G_TRAIN),
+    # ---- merge, verify, evaluate
+    Var("MERGE", "bool", True, "Merge the adapter into the base (OUTPUT_DIR/merged). false: adapter-only run "
+        "(no verify, evaluate or model publish).", G_MERGE),
+    Var("MERGE_BASE", "str", "original", "What the adapter is added to: the base's original 16-bit weights, or "
+        "the dequantized 4-bit weights it was trained against (replays the NF4 round trip).", G_MERGE,
+        choices=("original", "dequantized")),
+    Var("VERIFY_SAMPLES", "int", 4, "Held-out prompts the merged model is checked on before publishing.", G_MERGE,
+        minimum=1),
+    Var("VERIFY_MAX_NEW_TOKENS", "int", 256, "Every verification answer must end with a stop id within this "
+        "many tokens.", G_MERGE, minimum=1),
+    Var("VERIFY_MAX_PROB_DIFF", "float", None, "Largest allowed difference of any next-token probability "
+        "between the merged and the adapter model. Unset: 0.05 when the merged weights are those the adapter "
+        "model computes with (MERGE_BASE=dequantized, or no 4-bit), 0.25 for MERGE_BASE=original over NF4.",
+        G_MERGE, minimum=0.0, maximum=1.0),
+    Var("VERIFY_COMPARE_MERGE_BASES", "bool", False, "Also build the other MERGE_BASE in a scratch folder and "
+        "report how far it is from the adapter model (doubles the merge time).", G_MERGE),
+    Var("EVAL_MAX_SAMPLES", "int", 200, "Held-out rows scored on the merged model.", G_MERGE, minimum=1),
+    Var("EVAL_MAX_NEW_TOKENS", "int", 256, "Longest greedy answer generated during evaluation.", G_MERGE,
+        minimum=1),
+    Var("EVAL_SQL_EXECUTION", "bool", False, "Answers are SQL: also check that each runs on sqlite against the "
+        "row's schema and returns the reference query's rows.", G_MERGE),
+    Var("EVAL_SQL_CONTEXT_FIELD", "str", "sql_context", "Column holding the schema (CREATE TABLE/INSERT "
+        "statements) for EVAL_SQL_EXECUTION; otherwise the prompt's <SCHEMA>...</SCHEMA> block.", G_MERGE),
+    # ---- publish
+    Var("HUB_MODEL_ID", "str", None, "Publish the merged model to this Hub repo (org/name). Unset: the merged "
+        "folder in OUTPUT_DIR is the result.", G_PUBLISH),
+    Var("HUB_PRIVATE", "bool", True, "Create the repo private.", G_PUBLISH),
+    Var("HUB_REVISION", "str", "main", "Branch to publish to (created when missing).", G_PUBLISH),
+    Var("PUSH_ADAPTER", "bool", False, "Also publish the LoRA adapter, to HUB_ADAPTER_MODEL_ID.", G_PUBLISH),
+    Var("HUB_ADAPTER_MODEL_ID", "str", None, "Repo for the adapter (default: HUB_MODEL_ID + '-adapter').",
+        G_PUBLISH),
+    Var("PUBLISH_RETRIES", "int", 5, "Attempts per Hub call on transient failures (timeouts, 5xx, connection "
+        "errors) before exiting 75.", G_PUBLISH, minimum=1),
+    Var("PUBLISH_BACKOFF_SECONDS", "float", 5.0, "First retry delay; doubles each attempt.", G_PUBLISH,
+        minimum=0.0),
     # ---- run
     Var("OUTPUT_DIR", "str", "./output", "Everything the run writes: checkpoints/, adapter/, reports. Rerunning "
         "with the same directory resumes.", G_RUN),
@@ -198,6 +234,14 @@ def _validate(s: Settings) -> list[str]:
                             "file, nor template text")
         elif not Path(ct).is_file():
             problems.append(f"CHAT_TEMPLATE={ct!r}: no such file")
+    for name in ("HUB_MODEL_ID", "HUB_ADAPTER_MODEL_ID"):
+        repo = s.get(name)
+        if repo is not None and (not hub_id.match(repo) or repo.count("/") != 1):
+            problems.append(f"{name}={repo!r}: expected a repo id like org/name")
+    if s.push_adapter and not s.hub_model_id and not s.hub_adapter_model_id:
+        problems.append("PUSH_ADAPTER=true needs HUB_MODEL_ID or HUB_ADAPTER_MODEL_ID")
+    if s.merge_base == "dequantized" and s.load_in_4bit is False:
+        problems.append("MERGE_BASE=dequantized needs LOAD_IN_4BIT=true (there is no 4-bit round trip to replay)")
     if s.lora_target_modules == []:
         problems.append("LORA_TARGET_MODULES is empty: use all-linear or name modules")
     for name in ("OUTPUT_DIR",):

@@ -43,13 +43,28 @@ class Example:
     prompt: str | None = None
     completion: str | None = None
     text: str | None = None
+    source: dict | None = None  # the original columns of a column-recipe row (e.g. sql_context for evaluation)
 
     def to_json(self) -> dict[str, Any]:
         if self.kind == "chat":
-            return {"row": self.row, "messages": self.messages, "trained_turns": self.trained_turns}
+            out = {"row": self.row, "messages": self.messages, "trained_turns": self.trained_turns}
+            return out | ({"source": self.source} if self.source is not None else {})
         if self.kind == "pc":
             return {"row": self.row, "prompt": self.prompt, "completion": self.completion}
         return {"row": self.row, "text": self.text}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Example:
+        if "messages" in d:
+            return cls(d["row"], "chat", messages=d["messages"], trained_turns=d.get("trained_turns"),
+                       source=d.get("source"))
+        if "prompt" in d:
+            return cls(d["row"], "pc", prompt=d["prompt"], completion=d["completion"])
+        return cls(d["row"], "text", text=d["text"])
+
+
+def read_jsonl(path: Path) -> list[Example]:
+    return [Example.from_json(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
 @dataclass
@@ -161,7 +176,8 @@ def shape_row(cfg: Settings, fmt: str, row: dict) -> Example:
         messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []) + [
             {"role": "user", "content": user}, {"role": "assistant", "content": answer}]
         trained = [len(messages) - 1] if cfg.assistant_only_loss else None
-        return Example(idx, "chat", messages=messages, trained_turns=trained)
+        source = {k: v for k, v in row.items() if k != ROW and isinstance(v, (str, int, float, bool))}
+        return Example(idx, "chat", messages=messages, trained_turns=trained, source=source)
     if fmt in ("conversational", "sharegpt"):
         raw = row["messages"] if fmt == "conversational" else [
             {"role": SHAREGPT_ROLES.get(m.get("from"), m.get("from")), "content": m.get("value")}

@@ -6,6 +6,10 @@
       checkpoints/         trainer checkpoints (checkpoint-<step>/, each marked complete when fully written)
       adapter/             final LoRA adapter + tokenizer (written atomically: present means training is done)
       train_report.json    training metrics and data statistics
+      merged/              the merged model, servable as is (weights, config, tokenizer, template, stop ids, card)
+      verify.json          verification checks, fidelity figures, sample generations, evaluation summary
+      eval.json            every held-out answer with its scores
+      publish.json         what was published where (makes publishing idempotent)
 """
 
 from __future__ import annotations
@@ -44,6 +48,22 @@ class Layout:
     @property
     def train_report(self) -> Path:
         return self.root / "train_report.json"
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"
+
+    @property
+    def verify_report(self) -> Path:
+        return self.root / "verify.json"
+
+    @property
+    def eval_report(self) -> Path:
+        return self.root / "eval.json"
+
+    @property
+    def publish_state(self) -> Path:
+        return self.root / "publish.json"
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

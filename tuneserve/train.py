@@ -29,6 +29,20 @@ def adapter_done(layout: Layout) -> bool:
     return all((layout.adapter / f).is_file() for f in ADAPTER_FILES)
 
 
+def describe_quantization(model) -> dict | None:
+    """The 4-bit layers of the loaded base and their quantization settings (None when not quantized)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return None
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    if not layers:
+        return None
+    qs = next(iter(layers.values())).weight.quant_state
+    return {"modules": sorted(layers), "quant_type": qs.quant_type, "blocksize": qs.blocksize,
+            "double_quant": bool(qs.nested), "dtype": str(qs.dtype).removeprefix("torch.")}
+
+
 def build_sft_config(cfg: Settings, layout: Layout, placement: Placement, has_eval: bool):
     from trl import SFTConfig
 
@@ -106,6 +120,7 @@ def train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placemen
         log.info("RESUME=false: starting over; existing checkpoints in %s will be replaced", layout.checkpoints)
         shutil.rmtree(layout.checkpoints)
     model = load_model(cfg, tok_info, placement)
+    quantization = describe_quantization(model)
     peft_config = get_peft_config(cfg, tok_info.added_token_ids)
     args = build_sft_config(cfg, layout, placement, prepared.eval is not None)
     trainer = SFTTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
@@ -134,6 +149,8 @@ def train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placemen
         "end_of_turn": tok_info.end_of_turn, "added_tokens": tok_info.added_tokens,
         "template_source": tok_info.template_source, "dtype": placement.dtype_name,
         "load_in_4bit": cfg.load_in_4bit, "global_step": trainer.state.global_step,
+        # What MERGE_BASE=dequantized replays: which weights were 4-bit and how they were quantized.
+        "quantization": quantization,
     })
     if layout.adapter.exists():
         shutil.rmtree(layout.adapter)
