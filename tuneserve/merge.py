@@ -195,10 +195,11 @@ def plan_problems(parts: AdapterParts, wmap: dict[str, str]) -> list[str]:
 
 def merge_sharded(base_dir: Path, adapter_dir: Path, out: Path, merge_base: str, meta: dict,
                   parts: AdapterParts, wmap: dict[str, str]) -> tuple[int, int, dict]:
-    """Write the merged shards into `out`. Returns (tensors changed, shards written, config changes)."""
+    """Write the merged shards into `out`, one tensor at a time (stream.py). Returns (tensors changed, shards
+    written, config changes)."""
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+
+    from tuneserve import stream
 
     quantized = _quantized_names(meta) if merge_base == "dequantized" else set()
     if merge_base == "dequantized" and not quantized:
@@ -217,39 +218,53 @@ def merge_sharded(base_dir: Path, adapter_dir: Path, out: Path, merge_base: str,
     new_map: dict[str, str] = {}
     changed = 0
     for i, shard in enumerate(shards):
-        merged: dict[str, torch.Tensor] = {}
-        with safe_open(str(base_dir / shard), "pt") as f:
-            metadata = f.metadata() or {}
-            for name in f.keys():
-                t = f.get_tensor(name)
-                if name in quantized:
+        entries, metadata, _ = stream.read_header(base_dir / shard)
+        layout = []
+        for e in entries:
+            shape = e.shape
+            if e.name in parts.replace:
+                shape = tuple(parts.replace[e.name].shape)
+            elif e.name in parts.rows:
+                shape = (max(shape[0], max(parts.rows[e.name][0]) + 1), *shape[1:])
+            if vocab and len(shape) == 2 and shape[0] < vocab and ("embed_tokens" in e.name or
+                                                                   e.name.startswith("lm_head")):
+                raise ConfigError(f"{e.name} has {shape[0]} rows but the trained vocabulary has {vocab}; the "
+                                  "adapter does not hold the added rows")
+            layout.append((e.name, e.dtype, shape))
+        last = i == len(shards) - 1
+        extra_code = entries[0].dtype if entries else "BF16"
+        if last:
+            layout += [(n, extra_code, tuple(t.shape)) for n, t in extra.items()]
+        writer = stream.Writer(out / shard, layout, {**metadata, "format": "pt"})
+        try:
+            for e, t in stream.iter_tensors(base_dir / shard):
+                if e.name in quantized:
                     t = nf4_roundtrip(t, quant)
-                if name in parts.replace:
-                    t = parts.replace[name].to(t.dtype)
+                if e.name in parts.replace:
+                    t = parts.replace[e.name].to(t.dtype)
                     changed += 1
-                elif name in parts.lora:
-                    a, b, scaling = parts.lora[name]
+                elif e.name in parts.lora:
+                    a, b, scaling = parts.lora[e.name]
                     t = lora_merge(t, a, b, scaling)
                     changed += 1
-                if name in parts.rows:
-                    idx, values = parts.rows[name]
+                if e.name in parts.rows:
+                    idx, values = parts.rows[e.name]
                     t = _grow_rows(t, max(idx) + 1)
                     t = t.index_copy(0, torch.tensor(idx), values.to(t.dtype))
                     changed += 1
-                if vocab and t.ndim == 2 and t.shape[0] < vocab and ("embed_tokens" in name or
-                                                                     name.startswith("lm_head")):
-                    raise ConfigError(f"{name} has {t.shape[0]} rows but the trained vocabulary has {vocab}; the "
-                                      "adapter does not hold the added rows")
-                merged[name] = t.contiguous()
-                new_map[name] = shard
-        if i == len(shards) - 1:
-            for name, t in extra.items():
-                dtype = next(iter(merged.values())).dtype
-                merged[name] = t.to(dtype).contiguous()
-                new_map[name] = shard
-                changed += 1
-        save_file(merged, str(out / shard), metadata={**metadata, "format": "pt"})
-        del merged
+                writer.write(e.name, t)
+                new_map[e.name] = shard
+                del t
+            if last:
+                dtype = getattr(torch, stream.DTYPES[extra_code])
+                for name, t in extra.items():
+                    writer.write(name, t.to(dtype))
+                    new_map[name] = shard
+                    changed += 1
+        except BaseException:
+            writer.f.close()
+            raise
+        writer.close()
         log.info("merged shard %d/%d (%s)", i + 1, len(shards), shard)
     if (base_dir / WEIGHTS_INDEX).is_file() or len(shards) > 1:
         index = json.loads((base_dir / WEIGHTS_INDEX).read_text()) if (base_dir / WEIGHTS_INDEX).is_file() else {}
