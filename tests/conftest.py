@@ -74,3 +74,22 @@ def train_cmd(*args: str) -> list[str]:
 def run_train(env: dict[str, str], *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(train_cmd(*args), env=clean_env(**env), cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def trained_output(tmp_path_factory, chatml_base, qa_dataset) -> Path:
+    """A finished run of the whole job on the 8 question/answer pairs: adapter, merged folder (MERGE_BASE
+    original), verify.json with both merge bases compared. Tests copy it before changing anything."""
+    root = tmp_path_factory.mktemp("trained")
+    out = root / "out"
+    res = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out),
+                     "VERIFY_COMPARE_MERGE_BASES": "true", **LEARN_ENV}, cwd=root)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return out
+
+
+def copy_output(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst

@@ -89,6 +89,7 @@ def run(cfg: Settings, check_only: bool = False) -> int:
     if repos:
         banner("publish")
         if cfg.hub_model_id and cfg.merge:
+            write_card(cfg, layout)
             publish.publish_folder(layout.merged, cfg.hub_model_id, cfg.hub_revision, cfg.hub_private,
                                    f"Fine-tune of {cfg.base_model} (tuneserve)", cfg.publish_retries,
                                    cfg.publish_backoff_seconds, layout.publish_state, "model")
@@ -113,7 +114,7 @@ def merge_stage(cfg: Settings, layout: Layout) -> None:
 
 
 def verify_stage(cfg: Settings, layout: Layout) -> None:
-    from tuneserve import card, evaluate, merge, verify
+    from tuneserve import evaluate, merge, verify
 
     previous = _read(layout.verify_report)
     current = merged_id(layout)
@@ -146,11 +147,22 @@ def verify_stage(cfg: Settings, layout: Layout) -> None:
     if evaluation is not None:
         write_json_atomic(layout.eval_report, evaluation)
         report["eval"] = {k: v for k, v in evaluation.items() if k != "answers"}
-    model_ref = cfg.hub_model_id or str(layout.merged)
-    (layout.merged / "README.md").write_text(card.render(
-        cfg.masked(), _read(layout.train_report), report, report.get("eval"),
-        _read(layout.merged / "merge_info.json") or {}, model_ref))
     write_json_atomic(layout.verify_report, report)
+    write_card(cfg, layout)
+
+
+def write_card(cfg: Settings, layout: Layout) -> None:
+    """The model card in the merged folder, naming where the model will be served from."""
+    from tuneserve import card
+
+    report = _read(layout.verify_report) or {}
+    config = _read(layout.config) or cfg.masked()  # the configuration training ran with
+    model_ref = cfg.hub_model_id or str(layout.merged)
+    text = card.render(config, _read(layout.train_report), report, report.get("eval"),
+                       _read(layout.merged / "merge_info.json") or {}, model_ref)
+    path = layout.merged / "README.md"
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
 
 
 def write_adapter_card(cfg: Settings, layout: Layout) -> None:

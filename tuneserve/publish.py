@@ -58,9 +58,6 @@ def with_retries(what: str, fn: Callable[[], T], attempts: int, backoff: float) 
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below, re-raised when not transient
-            if _status(exc) in (401, 403):
-                raise ConfigError(f"{what}: the Hub refused the token ({_status(exc)}); everything produced is kept "
-                                  "in OUTPUT_DIR: fix HF_TOKEN and rerun the same command") from None
             if not is_transient(exc):
                 raise
             if attempt == attempts:
@@ -128,15 +125,32 @@ def folder_files(folder: Path) -> list[Path]:
 
 
 def fingerprint(folder: Path) -> str:
+    """Identifies the folder's content: small files by their bytes, weight files by size and mtime (hashing
+    gigabytes on every rerun would cost minutes; the merge rewrites them whenever they change)."""
     h = hashlib.sha256()
     for p in folder_files(folder):
-        h.update(f"{p.relative_to(folder)}\0{p.stat().st_size}\0{int(p.stat().st_mtime)}\n".encode())
+        st = p.stat()
+        ident = hashlib.sha256(p.read_bytes()).hexdigest() if st.st_size <= 16 * 2**20 else st.st_mtime_ns
+        h.update(f"{p.relative_to(folder)}\0{st.st_size}\0{ident}\n".encode())
     return h.hexdigest()[:16]
 
 
 def publish_folder(folder: Path, repo: str, revision: str, private: bool, message: str, attempts: int,
                    backoff: float, state_file: Path, kind: str) -> dict[str, Any]:
     """One atomic publication of `folder` to `repo`@`revision`. Idempotent through `state_file`."""
+    try:
+        return _publish_folder(folder, repo, revision, private, message, attempts, backoff, state_file, kind)
+    except RetryableError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - only the Hub's refusals are turned into a documented code
+        if _status(exc) in (401, 403):
+            raise ConfigError(f"publishing {kind} to {repo}: the Hub refused the token ({_status(exc)}); everything "
+                              "produced is kept in OUTPUT_DIR: fix HF_TOKEN and rerun the same command") from None
+        raise
+
+
+def _publish_folder(folder: Path, repo: str, revision: str, private: bool, message: str, attempts: int,
+                    backoff: float, state_file: Path, kind: str) -> dict[str, Any]:
     from huggingface_hub import CommitOperationAdd
 
     fp = fingerprint(folder)

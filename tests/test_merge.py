@@ -1,0 +1,282 @@
+"""The merge: equal to PEFT's merge_and_unload, memory-bounded, servable; verify catches broken merges."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import CORPUS, QA, REPO, clean_env, copy_output, qa_messages, run_train, write_jsonl
+from tuneserve.exitcodes import ExitCode
+
+pytestmark = pytest.mark.slow
+
+# Tolerance of the comparison with PEFT: our merge does PEFT's arithmetic in the same order and dtype
+# (float32, then one rounding to the checkpoint dtype), so results are bit-equal in practice. The float32
+# matmul B @ A may accumulate in a different order in another BLAS call, which after rounding to bfloat16
+# can flip the last bit: at most 1 bfloat16 ulp, a relative error of 2**-8.
+RTOL = 2**-8
+
+
+def peft_reference(base: Path, adapter: Path) -> dict:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    tok = AutoTokenizer.from_pretrained(adapter)
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok))
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().state_dict()
+
+
+def merged_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def assert_equal_to_peft(base: Path, adapter: Path, merged: Path) -> None:
+    import torch
+
+    ref, ours = peft_reference(base, adapter), merged_tensors(merged)
+    config = json.loads((merged / "config.json").read_text())
+    if config.get("tie_word_embeddings", False):
+        ref.pop("lm_head.weight", None)  # tied: not stored, as save_pretrained does
+    assert set(ref) == set(ours)
+    for name, r in ref.items():
+        assert ours[name].dtype == r.dtype and ours[name].shape == r.shape, name
+        torch.testing.assert_close(ours[name].float(), r.float(), rtol=RTOL, atol=1e-6, msg=name)
+
+
+def train_adapter(tmp_path: Path, base: Path, **env) -> Path:
+    out = tmp_path / "out"
+    res = run_train({"BASE_MODEL": str(base), "DATASET": str(write_jsonl(tmp_path / "d.jsonl", qa_messages())),
+                     "OUTPUT_DIR": str(out), "MAX_STEPS": "3", "PER_DEVICE_TRAIN_BATCH_SIZE": "4",
+                     "LEARNING_RATE": "1e-2", "MERGE": "false", **env}, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not (out / "merged").exists()  # MERGE=false: adapter-only run
+    return out / "adapter"
+
+
+# ------------------------------------------------------------------------------------------- equality
+def test_qlora_adapter_merge_equals_peft(trained_output, chatml_base):
+    info = json.loads((trained_output / "merged" / "merge_info.json").read_text())
+    assert info["method"] == "sharded" and info["merge_base"] == "original"
+    assert_equal_to_peft(chatml_base, trained_output / "adapter", trained_output / "merged")
+
+
+def test_added_tokens_resized_vocabulary_merge_equals_peft(tmp_path, pt_base):
+    from tuneserve.merge import merge
+
+    adapter = train_adapter(tmp_path, pt_base, CHAT_TEMPLATE="chatml")
+    out = merge(str(pt_base), None, adapter, tmp_path / "merged").folder
+    assert_equal_to_peft(pt_base, adapter, out)
+    vocab = json.loads((pt_base / "config.json").read_text())["vocab_size"]
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == vocab + 2
+    assert merged_tensors(out)["model.embed_tokens.weight"].shape[0] == vocab + 2
+
+
+def test_tied_multi_shard_base_with_modules_to_save_merge_equals_peft(tmp_path):
+    from tuneserve.merge import merge
+    from tuneserve.tiny import build_tiny_model
+
+    base = build_tiny_model(tmp_path / "tied", CORPUS, template="chatml", tie_word_embeddings=True,
+                            num_layers=4, max_shard_size="300KB")
+    assert len(list(base.glob("*.safetensors"))) > 1 and (base / "model.safetensors.index.json").is_file()
+    adapter = train_adapter(tmp_path, base, LORA_MODULES_TO_SAVE="embed_tokens,lm_head")
+    out = merge(str(base), None, adapter, tmp_path / "merged").folder
+    assert_equal_to_peft(base, adapter, out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(merged_tensors(out))
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in base.glob("*.safetensors"))
+    # The trained output layer differs from the trained embeddings, so the merged model must not tie them.
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+# ------------------------------------------------------------------------------------------- memory bound
+MEMORY_CHILD = """
+import gc, sys
+from pathlib import Path
+import torch, safetensors, transformers, peft
+from tuneserve.merge import merge
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+base, adapter, scratch = sys.argv[1:4]
+merge(base, None, Path(adapter), Path(scratch) / "warm-up")  # one-time allocations: thread pools, arenas
+gc.collect()
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS watermark (VmHWM) to the current RSS
+before = status("VmRSS")
+merge(base, None, Path(adapter), Path(scratch) / "merged")
+print("PEAK_GROWTH", status("VmHWM") - before)
+"""
+
+
+def test_merge_peak_memory_stays_bounded_on_a_model_four_times_larger(tmp_path):
+    """Merging a 260 MB checkpoint (10 shards) may grow the process's peak resident memory by at most 64 MB:
+    the merge holds one tensor (and the adapter) at a time, never the model or a whole shard."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tuneserve.tiny import build_tiny_model
+
+    allowed = 64 * 2**20
+    base = build_tiny_model(tmp_path / "big", CORPUS, hidden_size=1024, num_layers=16, max_shard_size="30MB")
+    size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    assert size > 4 * allowed
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                  init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(base).save_pretrained(adapter)
+    (adapter / "training_meta.json").write_text(json.dumps({"end_of_turn": "<|im_end|>", "dtype": "bfloat16"}))
+    del model, peft_model
+    res = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(base), str(adapter), str(tmp_path)],
+                         env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    growth = int(res.stdout.split("PEAK_GROWTH")[1])
+    assert growth < allowed, f"peak memory grew by {growth / 2**20:.0f} MB merging a {size / 2**20:.0f} MB model"
+    assert len(merged_tensors(tmp_path / "merged")) == len(merged_tensors(base))
+
+
+# ------------------------------------------------------------------------------------------- merge base
+def test_dequantized_merge_replays_the_weights_the_4bit_model_computed_with(trained_output, chatml_base):
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    from safetensors.torch import load_file
+
+    from tuneserve.config import load_train_config
+    from tuneserve.merge import nf4_roundtrip
+    from tuneserve.model import load_model, resolve_placement
+    from tuneserve.tokenizer import prepare_tokenizer
+
+    meta = json.loads((trained_output / "adapter" / "training_meta.json").read_text())
+    cfg = load_train_config({"BASE_MODEL": str(chatml_base), "DATASET": str(trained_output / "data" / "train.jsonl")})
+    model = load_model(cfg, prepare_tokenizer(cfg, needs_template=True), resolve_placement(cfg))
+    original = load_file(str(chatml_base / "model.safetensors"))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert sorted(layers) == meta["quantization"]["modules"]
+    for name, layer in layers.items():
+        in_training = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        assert (nf4_roundtrip(original[f"{name}.weight"], meta["quantization"]) == in_training).all(), name
+
+
+def test_verify_reports_how_far_each_merge_base_is_from_the_adapter_model(trained_output):
+    report = json.loads((trained_output / "verify.json").read_text())
+    fid = report["fidelity"]
+    assert set(fid) == {"original", "dequantized"}
+    # Replaying the NF4 round trip leaves only bfloat16 rounding between merged and adapter model.
+    assert fid["dequantized"]["max_prob_diff"] < fid["original"]["max_prob_diff"]
+    assert fid["dequantized"]["max_prob_diff"] <= 0.05
+    assert report["checks"]["fidelity"]["tolerance"] == 0.25  # MERGE_BASE=original over NF4
+
+
+def test_merge_base_dequantized_through_the_entrypoint(tmp_path, trained_output, chatml_base, qa_dataset):
+    out = copy_output(trained_output, tmp_path / "out")
+    res = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out),
+                     "MERGE_BASE": "dequantized"}, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "training already done" in res.stderr and "merge: adapter into the dequantized" in res.stderr
+    report = json.loads((out / "verify.json").read_text())
+    assert report["checks"]["fidelity"] == {"passed": True, "max_prob_diff": report["fidelity"]["dequantized"][
+        "max_prob_diff"], "tolerance": 0.05, "merge_base": "dequantized"}
+
+
+# ------------------------------------------------------------------------------------------- servable folder
+@pytest.mark.parametrize("template,eot", [("chatml", "<|im_end|>"), ("gemma", "<end_of_turn>"),
+                                          ("llama3", "<|eot_id|>")])
+def test_merged_folder_is_self_sufficient_with_stop_ids_repaired(tmp_path, template, eot):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from tuneserve.merge import merge
+    from tuneserve.tiny import build_tiny_model
+
+    base = build_tiny_model(tmp_path / "base", CORPUS, template=template)
+    base_gen = json.loads((base / "generation_config.json").read_text())
+    assert base_gen["eos_token_id"] != AutoTokenizer.from_pretrained(base).convert_tokens_to_ids(eot)
+    adapter = train_adapter(tmp_path, base)
+    out = merge(str(base), None, adapter, tmp_path / "merged").folder
+
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    tok = AutoTokenizer.from_pretrained(out)
+    template_text = (out / "chat_template.jinja").read_text()
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == template_text
+    assert eot in template_text and tok.chat_template == template_text
+    gen = GenerationConfig.from_pretrained(out)
+    assert set(gen.eos_token_id) == {tok.eos_token_id, tok.convert_tokens_to_ids(eot)}
+    info = json.loads((out / "merge_info.json").read_text())
+    assert info["end_of_turn"] == eot and set(info["stop_token_ids"]) == set(gen.eos_token_id)
+
+
+def test_nan_adapter_fails_verification_with_exit_4(tmp_path, trained_output, chatml_base, qa_dataset):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = copy_output(trained_output, tmp_path / "out")
+    shutil.rmtree(out / "merged")
+    (out / "verify.json").unlink()
+    weights = out / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    for k in tensors:
+        if "lora_B" in k:
+            tensors[k] = torch.full_like(tensors[k], float("nan"))
+    save_file(tensors, str(weights))
+    res = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out)}, cwd=tmp_path)
+    assert res.returncode == ExitCode.VERIFY, res.stderr[-3000:]
+    assert "verification failed, nothing will be published" in res.stderr
+    assert "logits are not finite" in res.stderr
+    report = json.loads((out / "verify.json").read_text())
+    assert report["passed"] is False and report["checks"]["finite_logits"]["passed"] is False
+
+
+def test_verify_generations_and_model_card(trained_output):
+    report = json.loads((trained_output / "verify.json").read_text())
+    assert report["passed"] and report["checks"]["stops"]["stopped"] == report["checks"]["stops"]["of"] == 4
+    answers = dict(QA)
+    for s in report["samples"]:
+        assert s["stopped"] and s["generation"] == answers[s["prompt"][-1]["content"]] == s["reference"]
+    card = (trained_output / "merged" / "README.md").read_text()
+    assert f"vllm serve {trained_output / 'merged'}" in card and "docker run --gpus all -p 8000:8000" in card
+    assert '"LORA_R": 32' in card and "Passed: **True**" in card
+
+
+# ------------------------------------------------------------------------------------------- streaming I/O
+def test_streamed_safetensors_match_the_library(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tuneserve import stream
+
+    tensors = {"a": torch.randn(3, 5, dtype=torch.bfloat16), "b": torch.arange(7, dtype=torch.int64),
+               "c": torch.randn(2, 2, 2, dtype=torch.float16), "empty": torch.zeros(0, 4), "s": torch.tensor(3.5)}
+    lib = tmp_path / "lib.safetensors"
+    save_file(tensors, str(lib), metadata={"format": "pt"})
+    read = dict((e.name, t) for e, t in stream.iter_tensors(lib))
+    assert set(read) == set(tensors) and all(torch.equal(read[k], tensors[k]) for k in tensors)
+    ours = tmp_path / "ours.safetensors"
+    writer = stream.Writer(ours, [(k, stream.CODES[str(t.dtype)[6:]], tuple(t.shape)) for k, t in tensors.items()],
+                           {"format": "pt"})
+    for k, t in tensors.items():
+        writer.write(k, t)
+    writer.close()
+    loaded = load_file(str(ours))
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    from safetensors import safe_open
+
+    with safe_open(str(ours), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
