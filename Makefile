@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 TRAIN_PY := $(VENV_TRAIN)/bin/python
 REQ_TRAIN := requirements/train.txt requirements/test.txt requirements/constraints.txt
 
-.PHONY: help setup test test-fast readme lock clean
+.PHONY: help setup demo test test-fast readme lock clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ $(VENV_TRAIN)/.installed: $(REQ_TRAIN)
 	$(TRAIN_PY) -m pip install --quiet --disable-pip-version-check \
 	    -r requirements/train.txt -r requirements/test.txt -c requirements/constraints.txt
 	touch $@
+
+demo: setup ## The main job on a tiny local model: text-to-SQL data, train, merge, verify, evaluate (CPU, offline)
+	PYTHONPATH=. $(TRAIN_PY) -m tuneserve.demo
 
 test: setup ## Run the whole test suite (CPU, offline; trains tiny models through real 4-bit layers)
 	PYTHONPATH=. $(TRAIN_PY) -m pytest $(PYTEST_ARGS)

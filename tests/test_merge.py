@@ -76,7 +76,9 @@ def test_added_tokens_resized_vocabulary_merge_equals_peft(tmp_path, pt_base):
     from tuneserve.merge import merge
 
     adapter = train_adapter(tmp_path, pt_base, CHAT_TEMPLATE="chatml")
-    out = merge(str(pt_base), None, adapter, tmp_path / "merged").folder
+    result = merge(str(pt_base), None, adapter, tmp_path / "merged")
+    out = result.folder
+    assert result.method == "sharded"
     assert_equal_to_peft(pt_base, adapter, out)
     vocab = json.loads((pt_base / "config.json").read_text())["vocab_size"]
     assert json.loads((out / "config.json").read_text())["vocab_size"] == vocab + 2
@@ -91,7 +93,9 @@ def test_tied_multi_shard_base_with_modules_to_save_merge_equals_peft(tmp_path):
                             num_layers=4, max_shard_size="300KB")
     assert len(list(base.glob("*.safetensors"))) > 1 and (base / "model.safetensors.index.json").is_file()
     adapter = train_adapter(tmp_path, base, LORA_MODULES_TO_SAVE="embed_tokens,lm_head")
-    out = merge(str(base), None, adapter, tmp_path / "merged").folder
+    result = merge(str(base), None, adapter, tmp_path / "merged")
+    out = result.folder
+    assert result.method == "sharded"
     assert_equal_to_peft(base, adapter, out)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(merged_tensors(out))

@@ -81,7 +81,8 @@ def test_qlora_learns_the_pairs_and_stops_at_end_of_turn(tmp_path, chatml_base, 
 def test_base_model_with_added_template_tokens_trains_new_rows(tmp_path, pt_base, qa_dataset):
     out = tmp_path / "out"
     res = run_train({"BASE_MODEL": str(pt_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out),
-                     "CHAT_TEMPLATE": "chatml", "MAX_STEPS": "2", "PER_DEVICE_TRAIN_BATCH_SIZE": "4"}, cwd=tmp_path)
+                     "CHAT_TEMPLATE": "chatml", "MAX_STEPS": "2", "PER_DEVICE_TRAIN_BATCH_SIZE": "4", "MERGE": "false"},
+                    cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "added them as special tokens" in res.stderr and "resized the embeddings" in res.stderr
     adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -99,7 +100,7 @@ def test_base_model_with_added_template_tokens_trains_new_rows(tmp_path, pt_base
 
 def test_plain_lora_without_quantization(tmp_path, chatml_base, qa_dataset):
     res = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(tmp_path / "o"),
-                     "LOAD_IN_4BIT": "false", "MAX_STEPS": "1", "DTYPE": "float32"}, cwd=tmp_path)
+                     "LOAD_IN_4BIT": "false", "MAX_STEPS": "1", "DTYPE": "float32", "MERGE": "false"}, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "==== train: LoRA SFT on cpu (float32) ====" in res.stderr
 
@@ -155,7 +156,7 @@ def test_sigterm_saves_checkpoint_exits_143_and_rerun_resumes_to_the_same_final_
                                                                                       qa_dataset):
     out = tmp_path / "out"
     env = {"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out), "MAX_STEPS": "400",
-           "SAVE_STEPS": "1000", "PER_DEVICE_TRAIN_BATCH_SIZE": "2", "LOGGING_STEPS": "1"}
+           "SAVE_STEPS": "1000", "PER_DEVICE_TRAIN_BATCH_SIZE": "2", "LOGGING_STEPS": "1", "MERGE": "false"}
     proc = _start(env, tmp_path)
     _wait_for(proc, "'loss'")  # the first logged step: training is under way
     proc.send_signal(signal.SIGTERM)
@@ -190,7 +191,7 @@ def test_sigterm_before_training_exits_143_without_checkpoint(tmp_path, chatml_b
 def test_corrupted_newest_checkpoint_is_skipped(tmp_path, chatml_base, qa_dataset):
     out = tmp_path / "out"
     env = {"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out), "MAX_STEPS": "6",
-           "SAVE_STEPS": "3", "SAVE_TOTAL_LIMIT": "3", "PER_DEVICE_TRAIN_BATCH_SIZE": "2"}
+           "SAVE_STEPS": "3", "SAVE_TOTAL_LIMIT": "3", "PER_DEVICE_TRAIN_BATCH_SIZE": "2", "MERGE": "false"}
     assert run_train({**env, "MAX_STEPS": "6"}, cwd=tmp_path).returncode == 0
     # Simulate a run killed while writing checkpoint-6 (truncated weights) and one killed before the
     # marker of a checkpoint-9 was written; the finished adapter is gone so training must run again.
@@ -215,15 +216,16 @@ def test_corrupted_newest_checkpoint_is_skipped(tmp_path, chatml_base, qa_datase
 def test_hf_token_appears_in_no_output_and_no_file(tmp_path, chatml_base, qa_dataset):
     secret = "hf_TESTSECRETdoNotLeak987654321"
     out = tmp_path / "out"
+    # The whole job (train, merge, verify, card) on the pairs it learns, so every artifact is written.
     env = {"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out), "HF_TOKEN": secret,
-           "MAX_STEPS": "2", "SAVE_STEPS": "1", "LOG_LEVEL": "debug"}
+           "LOG_LEVEL": "debug", **LEARN_ENV, "SAVE_STEPS": "30"}
     runs = [run_train(env, cwd=tmp_path), run_train(env, "--print-config", cwd=tmp_path),
             run_train(env, "--check", cwd=tmp_path)]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
     for r in runs:
         assert secret not in r.stdout and secret not in r.stderr
     files = [p for p in out.rglob("*") if p.is_file()]
-    assert any(p.name == "training_args.bin" for p in files)
+    assert {"training_args.bin", "README.md", "verify.json", "config.json"} <= {p.name for p in files}
     for p in files:
         assert secret.encode() not in p.read_bytes(), p
 
@@ -234,7 +236,7 @@ def test_token_file_is_used_and_never_written(tmp_path, chatml_base, qa_dataset)
     token_file.write_text(secret + "\n")
     out = tmp_path / "out"
     res = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out),
-                     "HF_TOKEN_FILE": str(token_file), "MAX_STEPS": "1"}, cwd=tmp_path)
+                     "HF_TOKEN_FILE": str(token_file), "MAX_STEPS": "1", "MERGE": "false"}, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert secret not in res.stdout + res.stderr
     assert all(secret.encode() not in p.read_bytes() for p in out.rglob("*") if p.is_file())

@@ -93,6 +93,10 @@ def read_adapter(adapter_dir: Path) -> AdapterParts:
             parts.replace[name.replace(".modules_to_save.weight", ".weight")] = t
         elif name.endswith(".original_module.weight"):
             continue
+        elif name.endswith(".token_adapter.base_layer.weight"):
+            # PEFT saves the whole embedding when it was resized in training (save_embedding_layers): the base
+            # rows plus the new ones, which the trainable-token values below then overwrite.
+            parts.replace[name.replace(".token_adapter.base_layer.weight", ".weight")] = t
         elif name.endswith(".token_adapter.trainable_tokens_delta"):
             module = name[: -len(".token_adapter.trainable_tokens_delta")]
             short = module.split(".")[-1]
