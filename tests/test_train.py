@@ -177,10 +177,12 @@ def test_sigterm_saves_checkpoint_exits_143_and_rerun_resumes_to_the_same_final_
     assert state["global_step"] == 400 and state["log_history"][0]["step"] == 1
 
 
-def test_sigterm_before_training_exits_143_without_checkpoint(tmp_path, chatml_base, qa_dataset):
+def test_sigterm_before_training_exits_143_without_checkpoint(tmp_path, chatml_base):
+    # 30,000 rows take many seconds to tokenize: the signal lands in the preflight, before training.
+    big = write_jsonl(tmp_path / "big.jsonl", qa_messages() * 3750)
     out = tmp_path / "out"
-    proc = _start({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out)}, tmp_path)
-    _wait_for(proc, "==== preflight")
+    proc = _start({"BASE_MODEL": str(chatml_base), "DATASET": str(big), "OUTPUT_DIR": str(out)}, tmp_path)
+    _wait_for(proc, "30000 training rows")
     proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=120)[0]
     assert proc.returncode == ExitCode.TERMINATED, rest[-2000:]

@@ -138,6 +138,8 @@ class Prefix:
     whole_name_first: bool = False
     # Variables that share the prefix but belong to someone else (e.g. bitsandbytes' BNB_CUDA_VERSION).
     foreign: tuple[str, ...] = ()
+    # Where the field table comes from when it is not in passthrough_fields.json (field -> value kinds).
+    fields: Callable[[], Mapping[str, list[str]]] | None = None
 
 
 def convert_kinds(raw: str, kinds: list[str]) -> Any:
@@ -272,7 +274,7 @@ class Schema:
             for p in self.prefixes:
                 if not key.startswith(p.prefix) or key in p.foreign:
                     continue
-                fields = tables[p.table]
+                fields = p.fields() if p.fields is not None else tables[p.table]
                 candidates = [key[len(p.prefix):].lower()]
                 if p.whole_name_first:
                     candidates.insert(0, key.lower())

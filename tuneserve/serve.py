@@ -1,0 +1,298 @@
+"""Serving: validate the environment, then exec vLLM's OpenAI-compatible server in this process.
+
+`python -m entrypoints.serve` is the serving image's command. The configuration is checked before vLLM
+is imported (exit 2 with every problem listed), the vLLM argv is built from it, and the process is
+replaced by vLLM's server (os.execve), so signals from `docker stop` or Kubernetes reach vLLM directly.
+
+- The API key goes to vLLM through VLLM_API_KEY, never argv (argv is readable in /proc by anyone).
+- Stop ids: when the chat template ends an assistant turn with a token the model's generation_config does
+  not list (an untouched base served with LoRA adapters, or a Hub model), a repaired generation_config is
+  written to a scratch folder and handed to vLLM with --generation-config; the model folder is not touched.
+- LORA_ADAPTERS serves the base plus adapters with --enable-lora and --max-lora-rank from the adapters'
+  own configs; adapters vLLM cannot serve (modules_to_save, trainable tokens, DoRA) are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tuneserve.exitcodes import ConfigError
+from tuneserve.settings import Prefix, Schema, Settings, Var
+
+log = logging.getLogger(__name__)
+
+VLLM_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+G_MODEL, G_SERVER, G_LIMITS, G_ADAPTERS = "Model", "Server", "Limits and parallelism", "LoRA adapters"
+
+SERVE_VARS = [
+    Var("MODEL_ID", "str", None, "Model to serve: Hub id or local directory (e.g. the training OUTPUT_DIR/merged on "
+        "a shared volume).", G_MODEL, required=True),
+    Var("MODEL_REVISION", "str", None, "Hub revision of MODEL_ID.", G_MODEL),
+    Var("SERVED_MODEL_NAME", "str", None, "Name clients use in requests (/v1/models); default: MODEL_ID.", G_MODEL),
+    Var("TRUST_REMOTE_CODE", "bool", False, "Allow code from the model repository to run.", G_MODEL),
+    Var("DTYPE", "str", "auto", "Weights and activations dtype.", G_MODEL,
+        choices=("auto", "bfloat16", "float16", "float32", "half", "float")),
+    Var("HF_TOKEN", "str", None, "Hugging Face token for private/gated models.", G_MODEL, secret=True),
+    Var("HOST", "str", "0.0.0.0", "Address to listen on.", G_SERVER),
+    Var("PORT", "int", 8000, "Port to listen on.", G_SERVER, minimum=1, maximum=65535),
+    Var("API_KEY", "str", None, "Require this key (Authorization: Bearer) on /v1 requests.", G_SERVER, secret=True),
+    Var("API_KEY_FILE", "str", None, "File holding the API key (e.g. a mounted Secret); used when API_KEY is "
+        "unset.", G_SERVER),
+    Var("MAX_MODEL_LEN", "int", None, "Longest prompt + answer in tokens; longer requests get 400. Default: the "
+        "model's.", G_LIMITS, minimum=16),
+    Var("MAX_OUTPUT_TOKENS", "int", 2048, "Server-wide cap on the tokens of one answer.", G_LIMITS, minimum=1),
+    Var("MAX_NUM_SEQS", "int", None, "Most sequences batched at once.", G_LIMITS, minimum=1),
+    Var("GPU_MEMORY_UTILIZATION", "float", 0.9, "Fraction of GPU memory vLLM may use.", G_LIMITS,
+        exclusive_minimum=0.0, maximum=1.0),
+    Var("TENSOR_PARALLEL_SIZE", "int", None, "GPUs one replica spans. Default: every visible GPU (1 on the "
+        "CPU).", G_LIMITS, minimum=1),
+    Var("ENABLE_PREFIX_CACHING", "bool", None, "Reuse the KV cache of shared prompt prefixes. Default: vLLM's.",
+        G_LIMITS),
+    Var("LORA_ADAPTERS", "str", None, "Serve MODEL_ID plus LoRA adapters: name=path_or_hub_id,... Clients pick "
+        "one with \"model\": \"name\".", G_ADAPTERS),
+    Var("LOG_LEVEL", "str", "info", "Log level of this entrypoint.", G_SERVER,
+        choices=("debug", "info", "warning", "error")),
+    Var("ENV_FILE", "str", None, "A .env file to read (default: ./.env when present).", G_SERVER),
+]
+
+# vLLM flags the variables above set; VLLM_ARG_* naming them is an error that points to the variable.
+MANAGED_FLAGS = {
+    "model": "use MODEL_ID", "revision": "use MODEL_REVISION", "served_model_name": "use SERVED_MODEL_NAME",
+    "trust_remote_code": "use TRUST_REMOTE_CODE", "dtype": "use DTYPE", "host": "use HOST", "port": "use PORT",
+    "api_key": "use API_KEY or API_KEY_FILE (a key in argv is readable by every process on the machine)",
+    "max_model_len": "use MAX_MODEL_LEN", "max_num_seqs": "use MAX_NUM_SEQS",
+    "gpu_memory_utilization": "use GPU_MEMORY_UTILIZATION", "tensor_parallel_size": "use TENSOR_PARALLEL_SIZE",
+    "enable_prefix_caching": "use ENABLE_PREFIX_CACHING", "enable_lora": "use LORA_ADAPTERS",
+    "lora_modules": "use LORA_ADAPTERS", "max_lora_rank": "set from the adapters' own configs",
+    "generation_config": "stop ids are repaired by the entrypoint; use VLLM_ARG_OVERRIDE_GENERATION_CONFIG "
+    "for sampling defaults",
+}
+
+
+def _vllm_fields() -> dict[str, list[str]]:
+    from tuneserve import vllm_flags
+
+    kinds = {"bool": ["bool"], "int": ["int"], "float": ["float"], "str": ["str"], "list": ["str"]}
+    return {flag[2:].replace("-", "_"): kinds[spec["kind"]] for flag, spec in vllm_flags.load().items()}
+
+
+PREFIXES = [Prefix("VLLM_ARG_", "vllm", "vLLM's OpenAI server (vllm serve --help)", MANAGED_FLAGS,
+                   fields=_vllm_fields)]
+
+
+def parse_adapters(text: str) -> list[tuple[str, str]]:
+    out = []
+    for item in (p.strip() for p in text.split(",") if p.strip()):
+        name, sep, ref = item.partition("=")
+        if not sep or not name.strip() or not ref.strip():
+            raise ValueError(f"{item!r} is not name=path_or_hub_id")
+        out.append((name.strip(), ref.strip()))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError("adapter names must be unique")
+    return out
+
+
+def _validate(s: Settings) -> list[str]:
+    problems = []
+    port = os.environ.get("VLLM_PORT", "")
+    if port.startswith("tcp://"):
+        problems.append(f"VLLM_PORT={port!r} was injected by Kubernetes for a Service named 'vllm' and breaks vLLM: "
+                        "set enableServiceLinks: false on the pod (the manifests in k8s/ do) or rename the Service")
+    if s.lora_adapters is not None:
+        try:
+            parse_adapters(s.lora_adapters)
+        except ValueError as exc:
+            problems.append(f"LORA_ADAPTERS={s.lora_adapters!r}: {exc}")
+    if s.api_key_file and not s.api_key and not Path(s.api_key_file).is_file():
+        problems.append(f"API_KEY_FILE={s.api_key_file!r}: no such file")
+    ref = s.model_id
+    if ref and (ref.startswith(("/", ".", "~")) or os.path.exists(ref)) and not Path(ref).expanduser().is_dir():
+        problems.append(f"MODEL_ID={ref!r}: no such directory")
+    flags = {}
+    try:
+        from tuneserve import vllm_flags
+
+        flags = vllm_flags.load()
+    except OSError:
+        pass
+    for field_name, value in s.extras.get("vllm", {}).items():
+        spec = flags.get("--" + field_name.replace("_", "-"), {})
+        if "choices" in spec and str(value) not in spec["choices"]:
+            problems.append(f"VLLM_ARG_{field_name.upper()}={value!r}: expected one of {', '.join(spec['choices'])}")
+        if spec.get("kind") == "bool" and value is False and not spec.get("negatable"):
+            problems.append(f"VLLM_ARG_{field_name.upper()}=false: this flag can only be switched on")
+    return problems
+
+
+SERVE_SCHEMA = Schema("serve", SERVE_VARS, PREFIXES, _validate)
+
+
+# --------------------------------------------------------------------------------------------- adapters
+ALLOWED_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices
+
+
+def adapter_config(ref: str, revision: str | None = None) -> tuple[Path, dict]:
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        folder = p
+    else:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(ref, revision=revision))
+    cfg_path = folder / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"LORA_ADAPTERS: {ref!r} has no adapter_config.json (is it a PEFT LoRA adapter?)")
+    return folder, json.loads(cfg_path.read_text())
+
+
+def check_adapter(name: str, ref: str, config: dict) -> int:
+    """The adapter's largest rank; ConfigError when vLLM cannot serve it."""
+    reasons = []
+    if config.get("peft_type", "LORA") != "LORA":
+        reasons.append(f"it is a {config.get('peft_type')} adapter, not LoRA")
+    if config.get("use_dora"):
+        reasons.append("it uses DoRA")
+    if config.get("modules_to_save"):
+        reasons.append(f"it trains whole modules (modules_to_save={config['modules_to_save']})")
+    if config.get("trainable_token_indices"):
+        reasons.append("it trains embedding rows of added tokens (trainable_token_indices)")
+    if reasons:
+        raise ConfigError(f"LORA_ADAPTERS: adapter {name!r} ({ref}) cannot be served by vLLM as an adapter: "
+                          f"{'; '.join(reasons)}. Merge it into the base instead (the training image does this with "
+                          "MERGE=true) and serve the merged folder with MODEL_ID")
+    ranks = [config.get("r", 8), *(config.get("rank_pattern") or {}).values()]
+    return max(ranks)
+
+
+# --------------------------------------------------------------------------------------------- stop ids
+def repaired_generation_config(model: str, revision: str | None, end_of_turn: str | None = None) -> Path | None:
+    """A generation_config folder whose eos ids include the chat template's end-of-turn token, or None when the
+    model's own generation_config already has it. Written to a scratch folder; the model is not touched."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from tuneserve.tokenizer import find_end_of_turn
+
+    tok = AutoTokenizer.from_pretrained(model, revision=revision)
+    if not isinstance(tok.chat_template, str):
+        return None
+    try:
+        eot = end_of_turn or find_end_of_turn(tok)
+    except ConfigError as exc:
+        log.warning("cannot tell which token ends an assistant turn (%s); serving with the model's stop ids",
+                    exc.message.splitlines()[-1])
+        return None
+    try:
+        gen = GenerationConfig.from_pretrained(model, revision=revision)
+    except OSError:
+        from transformers import AutoConfig
+
+        gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model, revision=revision))
+    eos = gen.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    ids = [i for i in (tok.eos_token_id, tok.convert_tokens_to_ids(eot)) if i is not None]
+    if all(i in eos for i in ids):
+        return None
+    gen.eos_token_id = eos + [i for i in ids if i not in eos]
+    folder = Path(tempfile.mkdtemp(prefix="tuneserve-generation-config-"))
+    gen.save_pretrained(folder)
+    log.info("the model's generation_config lacks the end-of-turn token %r: serving with stop ids %s "
+             "(from %s; the model folder is unchanged)", eot, gen.eos_token_id, folder)
+    return folder
+
+
+# --------------------------------------------------------------------------------------------- argv
+def visible_gpus() -> int:
+    for var in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
+        value = os.environ.get(var)
+        if value is not None and value not in ("all", ""):
+            return 0 if value in ("none", "void", "-1") else len([d for d in value.split(",") if d.strip()])
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def _flag_args(field_name: str, value: Any) -> list[str]:
+    from tuneserve import vllm_flags
+
+    flag = "--" + field_name.replace("_", "-")
+    spec = vllm_flags.load().get(flag, {})
+    if spec.get("kind") == "bool":
+        return [flag] if value else ([f"--no-{flag[2:]}"] if spec.get("negatable") else [])
+    if spec.get("kind") == "list":
+        return [flag, *str(value).split()]
+    return [flag, str(value)]
+
+
+def build_command(cfg: Settings) -> tuple[list[str], dict[str, str]]:
+    """(argv after `python -m <vllm module>`, environment additions). Reads adapters and tokenizers."""
+    args = ["--model", cfg.model_id, "--host", cfg.host, "--port", str(cfg.port), "--dtype", cfg.dtype,
+            "--served-model-name", cfg.served_model_name or cfg.model_id,
+            "--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
+    if cfg.model_revision:
+        args += ["--revision", cfg.model_revision]
+    if cfg.trust_remote_code:
+        args.append("--trust-remote-code")
+    if cfg.max_model_len:
+        args += ["--max-model-len", str(cfg.max_model_len)]
+    if cfg.max_num_seqs:
+        args += ["--max-num-seqs", str(cfg.max_num_seqs)]
+    tp = cfg.tensor_parallel_size or max(1, visible_gpus())
+    args += ["--tensor-parallel-size", str(tp)]
+    if cfg.enable_prefix_caching is not None:
+        args.append("--enable-prefix-caching" if cfg.enable_prefix_caching else "--no-enable-prefix-caching")
+    end_of_turn = None
+    if cfg.lora_adapters:
+        modules, ranks = [], []
+        for name, ref in parse_adapters(cfg.lora_adapters):
+            folder, config = adapter_config(ref)
+            ranks.append(check_adapter(name, ref, config))
+            modules.append(f"{name}={folder}")
+            meta = folder / "training_meta.json"
+            if meta.is_file():
+                end_of_turn = end_of_turn or json.loads(meta.read_text()).get("end_of_turn")
+        rank = next((r for r in ALLOWED_RANKS if r >= max(ranks)), None)
+        if rank is None:
+            raise ConfigError(f"LORA_ADAPTERS: rank {max(ranks)} is above vLLM's largest --max-lora-rank "
+                              f"({ALLOWED_RANKS[-1]}); merge the adapter instead")
+        args += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(len(modules)),
+                 "--lora-modules", *modules]
+    gen_dir = repaired_generation_config(cfg.model_id, cfg.model_revision, end_of_turn)
+    if gen_dir is not None:
+        args += ["--generation-config", str(gen_dir)]
+    override = {"max_new_tokens": cfg.max_output_tokens}
+    extras = dict(cfg.extras.get("vllm", {}))
+    if "override_generation_config" in extras:
+        try:
+            override = {**override, **json.loads(extras.pop("override_generation_config"))}
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"VLLM_ARG_OVERRIDE_GENERATION_CONFIG: invalid JSON ({exc.msg})") from None
+    args += ["--override-generation-config", json.dumps(override)]
+    for field_name, value in extras.items():
+        args += _flag_args(field_name, value)
+    env: dict[str, str] = {}
+    key = cfg.api_key or (Path(cfg.api_key_file).read_text().strip() if cfg.api_key_file else None)
+    if key:
+        env["VLLM_API_KEY"] = key
+    return args, env
+
+
+def run(cfg: Settings, check_only: bool = False) -> int:
+    args, env_add = build_command(cfg)
+    argv = [sys.executable, "-m", VLLM_MODULE, *args]
+    log.info("vLLM command: %s%s", " ".join(argv[1:]), " (API key from VLLM_API_KEY)" if env_add else "")
+    if check_only:
+        return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, {**os.environ, **env_add})
+    return 0  # not reached
