@@ -24,9 +24,10 @@ RTOL = 2**-8
 def peft_reference(base: Path, adapter: Path) -> dict:
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+    from trl.trainer.utils import create_model_from_path
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    model = create_model_from_path(str(base), dtype=torch.bfloat16)  # the class the config names
     tok = AutoTokenizer.from_pretrained(adapter)
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tok))
@@ -45,7 +46,11 @@ def merged_tensors(folder: Path) -> dict:
 def assert_equal_to_peft(base: Path, adapter: Path, merged: Path) -> None:
     import torch
 
+    from tuneserve.merge import checkpoint_names
+
     ref, ours = peft_reference(base, adapter), merged_tensors(merged)
+    names = checkpoint_names(merged, list(ours))  # checkpoint names -> module names, as transformers loads them
+    ours = {names[k] or k: v for k, v in ours.items()}
     config = json.loads((merged / "config.json").read_text())
     if config.get("tie_word_embeddings", False):
         ref.pop("lm_head.weight", None)  # tied: not stored, as save_pretrained does
@@ -102,6 +107,23 @@ def test_tied_multi_shard_base_with_modules_to_save_merge_equals_peft(tmp_path):
     assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in base.glob("*.safetensors"))
     # The trained output layer differs from the trained embeddings, so the merged model must not tie them.
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_multimodal_base_fine_tunes_on_text_rows_and_merges(tmp_path):
+    """A Gemma 3 image-text-to-text base (the Gemma guide's 4B+ case) loads as its own class, trains on text
+    rows, and merges like PEFT does."""
+    from tuneserve.merge import merge
+    from tuneserve.tiny import build_tiny_multimodal
+
+    base = build_tiny_multimodal(tmp_path / "gemma3", CORPUS)
+    assert json.loads((base / "config.json").read_text())["architectures"] == ["Gemma3ForConditionalGeneration"]
+    adapter = train_adapter(tmp_path, base)
+    assert json.loads((adapter / "training_meta.json").read_text())["end_of_turn"] == "<end_of_turn>"
+    result = merge(str(base), None, adapter, tmp_path / "merged")
+    assert result.method == "sharded"
+    assert_equal_to_peft(base, adapter, result.folder)
+    assert json.loads((result.folder / "config.json").read_text())["architectures"] == [
+        "Gemma3ForConditionalGeneration"]
 
 
 # ------------------------------------------------------------------------------------------- memory bound

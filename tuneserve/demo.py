@@ -3,11 +3,13 @@
 1. generate a text-to-SQL dataset in the style of the Gemma guide (schema + question -> SQL that runs on
    sqlite), with held-out rows;
 2. build a small local base model (a Qwen2 architecture with a BPE tokenizer trained on the domain's text;
-   its ChatML template ends assistant turns with <|im_end|>, not eos);
+   its ChatML template ends assistant turns with <|im_end|>, not eos) and pretrain it briefly on plain
+   text of the domain, as a real base has seen SQL before it is fine-tuned;
 3. run the training image's command, `python -m entrypoints.train`, configured by environment variables
-   only (the guide's column recipe): train, merge, verify, evaluate;
-4. print the held-out answers next to the expected SQL, and the fraction whose SQL runs on sqlite and
-   returns the expected rows.
+   only (the guide's column recipe): QLoRA, merge, verify, evaluate;
+4. serve the merged model with the serving image's command, `python -m entrypoints.serve` (real vLLM, CPU);
+5. ask the held-out questions over HTTP with the openai client and print the answers next to the expected
+   SQL, and the fraction whose SQL runs on sqlite and returns the expected rows.
 """
 
 from __future__ import annotations
@@ -23,9 +25,8 @@ from tuneserve import textsql
 
 REPO = Path(__file__).resolve().parents[1]
 
-TRAIN_ROWS, TEST_ROWS = 1000, 20
-# Settings for a randomly initialised tiny base: the output layer and embeddings are trained with the
-# adapter (as the Gemma guide does with modules_to_save), a higher learning rate, no gradient clipping.
+TRAIN_ROWS, TEST_ROWS, PRETRAIN_ROWS = 1000, 20, 3000
+STEPS = 5
 DEMO_ENV = {
     "SYSTEM_PROMPT": textsql.SYSTEM_PROMPT,
     "USER_TEMPLATE": textsql.USER_TEMPLATE,
@@ -34,21 +35,21 @@ DEMO_ENV = {
     "EVAL_SQL_EXECUTION": "true",
     "EVAL_MAX_NEW_TOKENS": "48",
     "VERIFY_MAX_NEW_TOKENS": "64",
-    "LORA_R": "64",
-    "LORA_ALPHA": "128",
-    "LORA_MODULES_TO_SAVE": "lm_head,embed_tokens",
-    "LEARNING_RATE": "3e-3",
+    "LORA_R": "32",
+    "LORA_ALPHA": "64",
+    "LEARNING_RATE": "2e-3",
     "MAX_GRAD_NORM": "1.0",
-    "NUM_TRAIN_EPOCHS": "3",
+    "NUM_TRAIN_EPOCHS": "2",
     "PER_DEVICE_TRAIN_BATCH_SIZE": "8",
     "GRADIENT_ACCUMULATION_STEPS": "1",
     "LOGGING_STEPS": "25",
     "SAVE_STEPS": "100",
 }
+SERVE_PYTHON = Path(os.environ.get("SERVE_PYTHON", REPO / ".venv-serve" / "bin" / "python"))
 
 
 def banner(step: int, text: str) -> None:
-    print(f"\n==> [{step}/4] {text}", flush=True)
+    print(f"\n==> [{step}/{STEPS}] {text}", flush=True)
 
 
 def write_dataset(folder: Path) -> None:
@@ -56,6 +57,33 @@ def write_dataset(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, part in (("train", rows[:TRAIN_ROWS]), ("test", rows[TRAIN_ROWS:])):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 600) -> None:
+    import urllib.request
+
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited {proc.returncode}; its log: {log}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    print(f"  ready after {time.monotonic() - start:.0f}s", flush=True)
+                    return
+        except OSError:
+            pass
+        print(f"  waiting for {url}/health ({time.monotonic() - start:.0f}s)", end="\r", flush=True)
+        time.sleep(2)
+    raise SystemExit(f"the server was not ready in {timeout:.0f}s; its log: {log}")
 
 
 def main() -> int:
@@ -67,13 +95,19 @@ def main() -> int:
     write_dataset(data)
     print(json.dumps(json.loads((data / "test.jsonl").read_text().splitlines()[0]), indent=2))
 
-    banner(2, f"tiny local base model (Qwen2 architecture, 4 layers, hidden 256) -> {base}")
+    banner(2, f"tiny local base model (Qwen2 architecture, 4 layers, hidden 256), pretrained on SQL text -> {base}")
     if not (base / "config.json").is_file():
-        from tuneserve.tiny import build_tiny_model
+        from tuneserve.tiny import build_tiny_model, pretrain
 
-        build_tiny_model(base, textsql.corpus(), template="chatml", hidden_size=256, num_layers=4, vocab_size=1500)
+        tmp = work / ".base.tmp"
+        build_tiny_model(tmp, textsql.corpus(), template="chatml", hidden_size=256, num_layers=4, vocab_size=1500)
+        rows = textsql.generate(PRETRAIN_ROWS, seed=777)
+        pretrain(tmp, [f"{r['sql_context']}\n{r['sql_prompt']}\n{r['sql']}" for r in rows])
+        tmp.rename(base)
+    else:
+        print(f"  reusing {base}")
 
-    banner(3, "python -m entrypoints.train (QLoRA on the CPU, then merge, verify, evaluate)")
+    banner(3, "python -m entrypoints.train: QLoRA on the CPU, merge, verify, evaluate")
     env = {**os.environ, "BASE_MODEL": str(base), "DATASET": str(data), "OUTPUT_DIR": str(out),
            "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **DEMO_ENV}
     for key in [k for k in env if k.startswith(("HUB_", "PUSH_"))]:
@@ -83,16 +117,40 @@ def main() -> int:
         print(f"training exited {code}", file=sys.stderr)
         return code
 
-    banner(4, "held-out questions answered by the merged model")
-    report = json.loads((out / "eval.json").read_text())
-    questions = [json.loads(line)["sql_prompt"] for line in (data / "test.jsonl").read_text().splitlines()]
-    for item in report["answers"]:
-        q = questions[item["row"]]
-        mark = "OK " if item.get("sql_matches") else ("RUN" if item.get("sql_runs") else "ERR")
-        print(f"[{mark}] {q}\n      expected: {item['reference']}\n      answer:   {item['answer']}")
-    print(f"\nSQL that runs on sqlite: {report['sql_executes']:.0%}; returns the expected rows: "
-          f"{report['sql_execution_match']:.0%} of {report['sql_rows']} held-out questions "
-          f"(exact match {report['exact_match']:.0%}). Merged model: {out / 'merged'}. "
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    banner(4, f"python -m entrypoints.serve: vLLM on {out / 'merged'} at {url}")
+    log = work / "serve.log"
+    serve_env = {**os.environ, "MODEL_ID": str(out / "merged"), "SERVED_MODEL_NAME": "text-to-sql",
+                 "HOST": "127.0.0.1", "PORT": str(port), "MAX_MODEL_LEN": "512", "HF_HUB_OFFLINE": "1",
+                 "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), "PYTHONPATH": str(REPO)}
+    server = subprocess.Popen([str(SERVE_PYTHON), "-m", "entrypoints.serve"], env=serve_env, cwd=REPO,
+                              stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        wait_ready(server, url, log)
+        banner(5, "held-out questions over HTTP (openai client), SQL checked on sqlite")
+        import openai
+
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
+        runs = matches = stops = 0
+        for r in rows:
+            reply = client.chat.completions.create(model="text-to-sql", temperature=0, max_tokens=64, messages=[
+                {"role": "system", "content": textsql.SYSTEM_PROMPT},
+                {"role": "user", "content": textsql.USER_TEMPLATE.format(**r)}])
+            answer = reply.choices[0].message.content.strip()
+            res = textsql.execution_match(answer, r["sql"], r["sql_context"])
+            runs, matches = runs + res.runs, matches + res.matches
+            stops += reply.choices[0].finish_reason == "stop"
+            mark = "OK " if res.matches else ("RUN" if res.runs else "ERR")
+            print(f"[{mark}] {r['sql_prompt']}\n      expected: {r['sql']}\n      answer:   {answer}")
+    finally:
+        server.send_signal(15)
+        server.wait(timeout=120)
+    n = len(rows)
+    print(f"\nOver HTTP: the SQL runs on sqlite for {runs}/{n} held-out questions and returns the expected rows for "
+          f"{matches}/{n} ({matches / n:.0%}); {stops}/{n} answers ended with finish_reason 'stop'.\n"
+          f"Merged model: {out / 'merged'}; evaluation figures: {out / 'verify.json'}. "
           f"Took {time.monotonic() - start:.0f}s.")
     return 0
 

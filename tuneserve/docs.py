@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tuneserve.config import TRAIN_SCHEMA
 from tuneserve.exitcodes import EXIT_CODE_HELP, ExitCode
+from tuneserve.serve import SERVE_SCHEMA
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -22,7 +23,8 @@ def exit_codes_table() -> str:
 
 
 def sections() -> dict[str, str]:
-    return {"train-variables": TRAIN_SCHEMA.markdown_table(), "exit-codes": exit_codes_table()}
+    return {"train-variables": TRAIN_SCHEMA.markdown_table(), "serve-variables": SERVE_SCHEMA.markdown_table(),
+            "exit-codes": exit_codes_table()}
 
 
 def render(text: str) -> str:

@@ -142,6 +142,33 @@ def weight_map(folder: Path) -> dict[str, str]:
         return {k: "model.safetensors" for k in f.keys()}
 
 
+def checkpoint_names(base_dir: Path, keys: list[str]) -> dict[str, str | None]:
+    """Checkpoint tensor name -> the model's parameter name, renamed the way transformers renames keys when it
+    loads the checkpoint (e.g. Gemma 3's `language_model.model.*` -> `model.language_model.*`). None marks a
+    key transformers converts rather than renames (fused or split tensors): the sharded merge cannot map it."""
+    import torch
+    import transformers
+    from transformers import AutoConfig
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    config = AutoConfig.from_pretrained(base_dir)
+    arch = getattr(transformers, (config.architectures or [""])[0], None)
+    if arch is None:
+        return {k: k for k in keys}
+    with torch.device("meta"):
+        model = arch(config)
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta_state = model.state_dict()
+    out: dict[str, str | None] = {}
+    for key in keys:
+        new, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
+        out[key] = None if converted is not None else new
+    return out
+
+
 # --------------------------------------------------------------------------------------------- arithmetic
 def lora_merge(w, a, b, scaling: float):
     """PEFT's merge of one LoRA target, in the float32 path PEFT takes for an adapter autocast to float32."""
@@ -188,17 +215,18 @@ def _quantized_names(meta: dict) -> set[str]:
     return {f"{m}.weight" for m in quant.get("modules", [])}
 
 
-def plan_problems(parts: AdapterParts, wmap: dict[str, str]) -> list[str]:
-    """Why the sharded path cannot merge this adapter (empty: it can)."""
+def plan_problems(parts: AdapterParts, names: dict[str, str | None]) -> list[str]:
+    """Why the sharded path cannot merge this adapter (empty: it can). `names`: checkpoint -> model names."""
     problems = [f"unsupported adapter tensor {k}" for k in parts.unsupported]
+    model_names = {v for v in names.values() if v is not None}
     for name in list(parts.lora) + list(parts.replace) + list(parts.rows):
-        if name not in wmap and not (name.startswith("lm_head") and name in parts.replace):
+        if name not in model_names and not (name.startswith("lm_head") and name in parts.replace):
             problems.append(f"{name} is not a tensor of the base checkpoint")
     return problems
 
 
 def merge_sharded(base_dir: Path, adapter_dir: Path, out: Path, merge_base: str, meta: dict,
-                  parts: AdapterParts, wmap: dict[str, str]) -> tuple[int, int, dict]:
+                  parts: AdapterParts, wmap: dict[str, str], names: dict[str, str | None]) -> tuple[int, int, dict]:
     """Write the merged shards into `out`, one tensor at a time (stream.py). Returns (tensors changed, shards
     written, config changes)."""
     import torch
@@ -217,7 +245,8 @@ def merge_sharded(base_dir: Path, adapter_dir: Path, out: Path, merge_base: str,
             vocab = max(vocab, t.shape[0])
     for name, (idx, _) in parts.rows.items():
         vocab = max(vocab, max(idx) + 1)
-    extra = {n: t for n, t in parts.replace.items() if n not in wmap}  # e.g. lm_head of a tied base
+    model_names = {v for v in names.values() if v is not None}
+    extra = {n: t for n, t in parts.replace.items() if n not in model_names}  # e.g. lm_head of a tied base
     shards = sorted(set(wmap.values()))
     new_map: dict[str, str] = {}
     changed = 0
@@ -225,13 +254,12 @@ def merge_sharded(base_dir: Path, adapter_dir: Path, out: Path, merge_base: str,
         entries, metadata, _ = stream.read_header(base_dir / shard)
         layout = []
         for e in entries:
-            shape = e.shape
-            if e.name in parts.replace:
-                shape = tuple(parts.replace[e.name].shape)
-            elif e.name in parts.rows:
-                shape = (max(shape[0], max(parts.rows[e.name][0]) + 1), *shape[1:])
-            if vocab and len(shape) == 2 and shape[0] < vocab and ("embed_tokens" in e.name or
-                                                                   e.name.startswith("lm_head")):
+            shape, m = e.shape, names.get(e.name) or e.name
+            if m in parts.replace:
+                shape = tuple(parts.replace[m].shape)
+            elif m in parts.rows:
+                shape = (max(shape[0], max(parts.rows[m][0]) + 1), *shape[1:])
+            if vocab and len(shape) == 2 and shape[0] < vocab and ("embed_tokens" in m or "lm_head" in m):
                 raise ConfigError(f"{e.name} has {shape[0]} rows but the trained vocabulary has {vocab}; the "
                                   "adapter does not hold the added rows")
             layout.append((e.name, e.dtype, shape))
@@ -242,17 +270,18 @@ def merge_sharded(base_dir: Path, adapter_dir: Path, out: Path, merge_base: str,
         writer = stream.Writer(out / shard, layout, {**metadata, "format": "pt"})
         try:
             for e, t in stream.iter_tensors(base_dir / shard):
-                if e.name in quantized:
+                m = names.get(e.name) or e.name  # adapter and training metadata use the model's names
+                if m in quantized:
                     t = nf4_roundtrip(t, quant)
-                if e.name in parts.replace:
-                    t = parts.replace[e.name].to(t.dtype)
+                if m in parts.replace:
+                    t = parts.replace[m].to(t.dtype)
                     changed += 1
-                elif e.name in parts.lora:
-                    a, b, scaling = parts.lora[e.name]
+                elif m in parts.lora:
+                    a, b, scaling = parts.lora[m]
                     t = lora_merge(t, a, b, scaling)
                     changed += 1
-                if e.name in parts.rows:
-                    idx, values = parts.rows[e.name]
+                if m in parts.rows:
+                    idx, values = parts.rows[m]
                     t = _grow_rows(t, max(idx) + 1)
                     t = t.index_copy(0, torch.tensor(idx), values.to(t.dtype))
                     changed += 1
@@ -374,9 +403,10 @@ def merge(base_model: str, revision: str | None, adapter_dir: Path, out: Path, m
     parts = read_adapter(adapter_dir)
     wmap = weight_map(base_dir) if (base_dir / WEIGHTS_INDEX).is_file() or (base_dir / "model.safetensors").is_file() \
         else {}
-    problems = ["forced"] if force_peft else plan_problems(parts, wmap) if wmap else ["no safetensors checkpoint"]
+    names = checkpoint_names(base_dir, list(wmap)) if wmap else {}
+    problems = ["forced"] if force_peft else plan_problems(parts, names) if wmap else ["no safetensors checkpoint"]
     if not problems:
-        changed, shards, changes = merge_sharded(base_dir, adapter_dir, tmp, merge_base, meta, parts, wmap)
+        changed, shards, changes = merge_sharded(base_dir, adapter_dir, tmp, merge_base, meta, parts, wmap, names)
         write_config(base_dir, tmp, changes)
         method = "sharded"
     else:

@@ -63,3 +63,61 @@ def build_tiny_model(out_dir: str | Path, texts: list[str], template: str | None
     model.save_pretrained(out, **kwargs)
     tok.save_pretrained(out)
     return out
+
+
+def pretrain(model_dir: str | Path, texts: list[str], epochs: int = 2, batch_size: int = 16, lr: float = 2e-3,
+             seed: int = 0, log_every: int = 50) -> None:
+    """Full-parameter causal-LM training of a tiny model on plain text, so the demo's base "knows" its
+    domain's language before it is fine-tuned, as a real pretrained base would. Saved back in bfloat16."""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    texts = [t + tok.eos_token for t in texts]
+    steps = 0
+    for epoch in range(epochs):
+        random.Random(seed + epoch).shuffle(texts)
+        for i in range(0, len(texts), batch_size):
+            enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True)
+            labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+            loss = model(**enc, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            steps += 1
+            if steps % log_every == 0:
+                print(f"  pretraining: epoch {epoch + 1}/{epochs}, step {steps}, loss {loss.item():.3f}", flush=True)
+    model.to(torch.bfloat16).save_pretrained(model_dir)
+
+
+def build_tiny_multimodal(out_dir: str | Path, texts: list[str], seed: int = 0) -> Path:
+    """A tiny Gemma 3 image-text-to-text model (Gemma3ForConditionalGeneration: SigLIP tower + text model),
+    the class the Gemma guide uses for Gemma 3 4B and larger, to check text-only fine-tuning of such bases."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
+    from transformers.models.siglip.configuration_siglip import SiglipVisionConfig
+
+    out = Path(out_dir)
+    image_tokens = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+    tok = build_tokenizer(texts, template="gemma", extra_special=image_tokens)
+    text = Gemma3TextConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
+                            sliding_window=64)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    ids = tok.convert_tokens_to_ids(image_tokens)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=ids[0],
+                          eoi_token_index=ids[1], image_token_index=ids[2], eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    Gemma3ForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
