@@ -236,3 +236,27 @@ def test_directory_dataset_with_named_splits(tmp_path):
     assert len(shaped.train) == 8 and len(shaped.eval) == 3
     with pytest.raises(DataError, match="has no split 'validation'; it has: train, test"):
         setup(tmp_path, folder, EVAL_SPLIT="validation")
+
+
+def test_sql_schema_comes_from_the_column_or_the_prompts_schema_block():
+    from tuneserve.data import Example
+    from tuneserve.evaluate import clean_sql, sql_context
+
+    with_column = Example(0, "chat", messages=[{"role": "user", "content": "q"}], source={"ctx": "CREATE TABLE a (x INT);"})
+    assert sql_context(with_column, "ctx") == "CREATE TABLE a (x INT);"
+    in_prompt = Example(1, "chat", messages=[{"role": "user", "content": "<SCHEMA>\nCREATE TABLE b (y INT);\n</SCHEMA>\nq"}])
+    assert sql_context(in_prompt, "ctx") == "CREATE TABLE b (y INT);"
+    assert sql_context(Example(2, "chat", messages=[{"role": "user", "content": "q"}]), "ctx") is None
+    assert clean_sql("```sql\nSELECT 1;\n```") == "SELECT 1;" and clean_sql(" SELECT 2; ") == "SELECT 2;"
+
+
+def test_execution_match_compares_rows_not_text():
+    from tuneserve.textsql import execution_match, generate
+
+    ctx = "CREATE TABLE t (a INT, b TEXT); INSERT INTO t VALUES (2, 'x'); INSERT INTO t VALUES (1, 'y');"
+    assert execution_match("SELECT b FROM t", "SELECT b FROM t;", ctx).matches
+    assert execution_match("SELECT b FROM t ORDER BY b DESC", "SELECT b FROM t;", ctx).matches  # unordered reference
+    assert not execution_match("SELECT b FROM t ORDER BY b DESC", "SELECT b FROM t ORDER BY b;", ctx).matches
+    bad = execution_match("SELEC b FROM t", "SELECT b FROM t;", ctx)
+    assert not bad.runs and "syntax error" in bad.error
+    assert all(execution_match(r["sql"], r["sql"], r["sql_context"]).matches for r in generate(200, seed=3))

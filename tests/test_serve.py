@@ -160,7 +160,7 @@ class Server:
 def merged_server(tmp_path_factory, trained_output):
     need_vllm()
     server = Server({"MODEL_ID": str(trained_output / "merged"), "SERVED_MODEL_NAME": "qa-model", "API_KEY": KEY,
-                     "MAX_MODEL_LEN": "128"}, tmp_path_factory.mktemp("serve"))
+                     "MAX_MODEL_LEN": "128", "MAX_OUTPUT_TOKENS": "8"}, tmp_path_factory.mktemp("serve"))
     try:
         server.wait_ready()
         yield server
@@ -210,6 +210,10 @@ def test_api_key_is_required_and_limits_are_applied(merged_server):
     assert too_long.value.status_code == 400
     with urllib.request.urlopen(f"{merged_server.url}/health", timeout=10) as health:
         assert health.status == 200
+    # MAX_OUTPUT_TOKENS caps every answer, whatever the request asks for.
+    long = client.chat.completions.create(model="qa-model", messages=[{"role": "user", "content": "What do bees make?"}],
+                                          max_tokens=100, extra_body={"ignore_eos": True})
+    assert long.usage.completion_tokens == 8 and long.choices[0].finish_reason == "length"
 
 
 @pytest.mark.slow
