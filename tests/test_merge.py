@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, QA, REPO, clean_env, copy_output, qa_messages, run_train, write_jsonl
+from conftest import CORPUS, QA, clean_env, copy_output, qa_messages, run_train, write_jsonl
 from tuneserve.exitcodes import ExitCode
 
 pytestmark = pytest.mark.slow

@@ -65,7 +65,7 @@ def checkpoints(folder: Path) -> list[tuple[int, Path]]:
 def newest_complete(folder: Path, remove_incomplete: bool = True) -> Path | None:
     """The newest complete checkpoint. Incomplete ones newer than it are removed (they hold nothing that
     can be used, and the trainer would later write the same step's folder over their stale files)."""
-    for step, ckpt in checkpoints(folder):
+    for _step, ckpt in checkpoints(folder):
         why = problem(ckpt)
         if why is None:
             return ckpt

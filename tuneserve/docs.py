@@ -32,7 +32,7 @@ def render(text: str) -> str:
         pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
         if not pattern.search(text):
             raise SystemExit(f"README.md lacks the markers of section {name!r}")
-        text = pattern.sub(lambda m: f"{m.group(1)}{body}\n{m.group(2)}", text)
+        text = pattern.sub(lambda m, body=body: f"{m.group(1)}{body}\n{m.group(2)}", text)
     return text
 
 

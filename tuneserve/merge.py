@@ -243,7 +243,7 @@ def merge_sharded(base_dir: Path, adapter_dir: Path, out: Path, merge_base: str,
     for name, t in parts.replace.items():
         if "embed_tokens" in name or name.startswith("lm_head"):
             vocab = max(vocab, t.shape[0])
-    for name, (idx, _) in parts.rows.items():
+    for idx, _ in parts.rows.values():
         vocab = max(vocab, max(idx) + 1)
     model_names = {v for v in names.values() if v is not None}
     extra = {n: t for n, t in parts.replace.items() if n not in model_names}  # e.g. lm_head of a tied base
