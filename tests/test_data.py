@@ -260,3 +260,19 @@ def test_execution_match_compares_rows_not_text():
     bad = execution_match("SELEC b FROM t", "SELECT b FROM t;", ctx)
     assert not bad.runs and "syntax error" in bad.error
     assert all(execution_match(r["sql"], r["sql"], r["sql_context"]).matches for r in generate(200, seed=3))
+
+
+def test_packing_keeps_every_loss_mask(tmp_path):
+    """PACKING=true hands our rows to TRL's best-fit-decreasing packer; the labels (and so the trained end-of-turn
+    tokens) must survive it unchanged."""
+    from trl.data_utils import pack_dataset
+
+    cfg, shaped, info = setup(tmp_path, qa_messages() * 4, PACKING="true")
+    prepared = data.tokenize(cfg, info, shaped, None)
+    packed = pack_dataset(prepared.train, seq_length=cfg.max_seq_length, strategy="bfd")
+    assert len(packed) < len(prepared.train)
+    before = sorted(t for row in prepared.train["labels"] for t in row)
+    after = sorted(t for row in packed["labels"] for t in row)
+    assert before == after
+    eot = info.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert after.count(eot) == len(prepared.train)  # one trained end-of-turn per conversation

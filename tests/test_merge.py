@@ -119,6 +119,8 @@ def test_multimodal_base_fine_tunes_on_text_rows_and_merges(tmp_path):
     assert json.loads((base / "config.json").read_text())["architectures"] == ["Gemma3ForConditionalGeneration"]
     adapter = train_adapter(tmp_path, base)
     assert json.loads((adapter / "training_meta.json").read_text())["end_of_turn"] == "<end_of_turn>"
+    targets = json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
+    assert targets and all(".language_model." in f".{t}." for t in targets)  # text rows: no vision-tower LoRA
     result = merge(str(base), None, adapter, tmp_path / "merged")
     assert result.method == "sharded"
     assert_equal_to_peft(base, adapter, result.folder)

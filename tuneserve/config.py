@@ -75,7 +75,8 @@ TRAIN_VARS = [
     Var("LORA_R", "int", 16, "LoRA rank.", G_LORA, minimum=1),
     Var("LORA_ALPHA", "int", 16, "LoRA alpha (scaling = alpha / r).", G_LORA, minimum=1),
     Var("LORA_DROPOUT", "float", 0.05, "LoRA dropout.", G_LORA, minimum=0.0, maximum=1.0),
-    Var("LORA_TARGET_MODULES", "list", ["all-linear"], "Modules to adapt: all-linear, or a comma/JSON list.",
+    Var("LORA_TARGET_MODULES", "list", ["all-linear"], "Modules to adapt: all-linear (on a multimodal base: those of its language "
+        "model), or a comma/JSON list.",
         G_LORA),
     Var("LORA_MODULES_TO_SAVE", "list", None, "Modules trained in full and saved with the adapter "
         "(e.g. lm_head,embed_tokens, as the Gemma guide does).", G_LORA),

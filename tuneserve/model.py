@@ -56,11 +56,27 @@ def get_quantization_config(cfg: Settings, placement: Placement):
     return BitsAndBytesConfig(**kwargs)
 
 
-def get_peft_config(cfg: Settings, added_token_ids: list[int]):
+def language_model_linears(model) -> list[str] | None:
+    """For a multimodal base, the linear layers of its language model (text rows never reach the vision tower,
+    whose LoRA weights would only cost memory and stop vLLM from serving the adapter). None otherwise."""
+    import torch
+
+    if model is None or getattr(model.config, "vision_config", None) is None:
+        return None
+    names = [n for n, m in model.named_modules()
+             if ".language_model." in f".{n}." and isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+    return names or None
+
+
+def get_peft_config(cfg: Settings, added_token_ids: list[int], model=None):
     from peft import LoraConfig
 
     target = cfg.lora_target_modules
     target = target[0] if target == ["all-linear"] else target
+    if target == "all-linear" and (text_linears := language_model_linears(model)) is not None:
+        log.info("multimodal base: LoRA on the %d linear layers of its language model (all-linear there)",
+                 len(text_linears))
+        target = text_linears
     modules_to_save = list(cfg.lora_modules_to_save or [])
     kwargs = dict(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=target,
                   bias="none", task_type="CAUSAL_LM")

@@ -121,7 +121,7 @@ def train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placemen
         shutil.rmtree(layout.checkpoints)
     model = load_model(cfg, tok_info, placement)
     quantization = describe_quantization(model)
-    peft_config = get_peft_config(cfg, tok_info.added_token_ids)
+    peft_config = get_peft_config(cfg, tok_info.added_token_ids, model)
     args = build_sft_config(cfg, layout, placement, prepared.eval is not None)
     trainer = SFTTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
                          processing_class=tok_info.tokenizer, peft_config=peft_config, callbacks=_callbacks())
