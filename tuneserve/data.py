@@ -24,6 +24,7 @@ from typing import Any
 from tuneserve.config import DATA_EXTENSIONS, looks_local, template_fields
 from tuneserve.exitcodes import ConfigError, DataError
 from tuneserve.settings import Settings
+from tuneserve.tokenizer import render
 
 log = logging.getLogger(__name__)
 
@@ -226,21 +227,17 @@ def shape(cfg: Settings, fmt: str, ds, split: str) -> list[Example]:
 
 
 # ---------------------------------------------------------------------------------------------- encoding
-def _render(tok, messages, add_generation_prompt=False) -> str:
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
 def encode_chat(tok, messages: list[dict], trained_turns: list[int] | None) -> tuple[list[int], list[int]]:
     """input_ids and labels of a conversation; labels are -100 outside the trained turns."""
-    full = _render(tok, messages)
+    full = render(tok, messages)
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     if trained_turns is None:
         return ids, list(ids)
     spans = []
     for i in trained_turns:
-        start = len(_render(tok, messages[:i], add_generation_prompt=True)) if i > 0 else 0
-        upto = _render(tok, messages[: i + 1])
+        start = len(render(tok, messages[:i], add_generation_prompt=True)) if i > 0 else 0
+        upto = render(tok, messages[: i + 1])
         if not full.startswith(upto) or len(upto) < start:
             raise ValueError("the chat template is not prefix-preserving for this conversation (rendering it turn "
                              "by turn does not give prefixes of the whole), so its assistant turns cannot be located")
@@ -306,7 +303,7 @@ def encode_all(cfg: Settings, tok, examples: list[Example], split: str, *, check
     return rows, [r for r, _ in too_long]
 
 
-def check_end_of_turn_trained(tok, eot: str, rows, fmt: str) -> None:
+def check_end_of_turn_trained(tok, eot: str, rows) -> None:
     """Preflight: the token ending the assistant turn is inside the loss of the first conversation."""
     eot_id = tok.convert_tokens_to_ids(eot)
     ex, ids, labels = rows[0]
@@ -359,7 +356,7 @@ def tokenize(cfg: Settings, tok_info, shaped: Shaped, data_dir: Path | None) -> 
     tok = tok_info.tokenizer
     train_rows, dropped = encode_all(cfg, tok, shaped.train, "train")
     if tok_info.end_of_turn is not None:
-        check_end_of_turn_trained(tok, tok_info.end_of_turn, train_rows, shaped.format)
+        check_end_of_turn_trained(tok, tok_info.end_of_turn, train_rows)
     eval_rows = encode_all(cfg, tok, shaped.eval, "eval")[0] if shaped.eval else []
 
     def to_ds(rows):

@@ -128,14 +128,13 @@ def base_files(base_model: str, revision: str | None) -> Path:
 
 
 def weight_map(folder: Path) -> dict[str, str]:
-    """Tensor name -> shard file name of a safetensors checkpoint."""
+    """Tensor name -> shard file name of a safetensors checkpoint; empty when the folder has none."""
     index = folder / WEIGHTS_INDEX
     if index.is_file():
         return json.loads(index.read_text())["weight_map"]
     single = folder / "model.safetensors"
     if not single.is_file():
-        raise ConfigError(f"{folder}: no model.safetensors or {WEIGHTS_INDEX}; the merge reads safetensors "
-                          "checkpoints only")
+        return {}
     from safetensors import safe_open
 
     with safe_open(str(single), "pt") as f:
@@ -315,17 +314,13 @@ def merge_sharded(base_dir: Path, adapter_dir: Path, out: Path, merge_base: str,
 def merge_with_peft(base_ref: str, revision: str | None, adapter_dir: Path, out: Path, dtype_name: str) -> None:
     """Fallback: PEFT's merge_and_unload on the whole model (memory is not bounded)."""
     import torch
-    from peft import PeftModel
-    from transformers import AutoTokenizer
     from trl.trainer.utils import create_model_from_path
+
+    from tuneserve.model import attach_adapter
 
     log.warning("merging with PEFT's merge_and_unload: the whole model is loaded into memory")
     model = create_model_from_path(base_ref, revision=revision, dtype=getattr(torch, dtype_name), device_map=None)
-    tok = AutoTokenizer.from_pretrained(adapter_dir)
-    if len(tok) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tok))
-    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    model.save_pretrained(str(out))
+    attach_adapter(model, adapter_dir).merge_and_unload().save_pretrained(str(out))
 
 
 def _config_dtype(config: dict) -> str:
@@ -401,8 +396,7 @@ def merge(base_model: str, revision: str | None, adapter_dir: Path, out: Path, m
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     parts = read_adapter(adapter_dir)
-    wmap = weight_map(base_dir) if (base_dir / WEIGHTS_INDEX).is_file() or (base_dir / "model.safetensors").is_file() \
-        else {}
+    wmap = weight_map(base_dir)
     names = checkpoint_names(base_dir, list(wmap)) if wmap else {}
     problems = ["forced"] if force_peft else plan_problems(parts, names) if wmap else ["no safetensors checkpoint"]
     if not problems:

@@ -97,6 +97,18 @@ def get_peft_config(cfg: Settings, added_token_ids: list[int], model=None):
         raise ConfigError(f"LoRA configuration rejected by peft.LoraConfig: {exc}") from None
 
 
+def attach_adapter(model, adapter_dir):
+    """PeftModel of `model` + the adapter in `adapter_dir`, the embeddings first grown to the adapter's tokenizer
+    (training added template tokens) the way training grew them."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(adapter_dir)
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok))
+    return PeftModel.from_pretrained(model, str(adapter_dir))
+
+
 def load_model(cfg: Settings, tok_info, placement: Placement):
     """The base model, quantized when LOAD_IN_4BIT, its embeddings resized for added tokens.
 

@@ -115,13 +115,9 @@ def _validate(s: Settings) -> list[str]:
     ref = s.model_id
     if ref and (ref.startswith(("/", ".", "~")) or os.path.exists(ref)) and not Path(ref).expanduser().is_dir():
         problems.append(f"MODEL_ID={ref!r}: no such directory")
-    flags = {}
-    try:
-        from tuneserve import vllm_flags
+    from tuneserve import vllm_flags
 
-        flags = vllm_flags.load()
-    except OSError:
-        pass
+    flags = vllm_flags.load()
     for field_name, value in s.extras.get("vllm", {}).items():
         spec = flags.get("--" + field_name.replace("_", "-"), {})
         if "choices" in spec and str(value) not in spec["choices"]:

@@ -62,8 +62,9 @@ def resolve_template(cfg: Settings, tok) -> tuple[str | None, str, list[str]]:
     return Path(ct).read_text(), f"file:{ct}", template_tokens(Path(ct).read_text())
 
 
-def _render(tok, messages, **kw) -> str:
-    return tok.apply_chat_template(messages, tokenize=False, **kw)
+def render(tok, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """A conversation as text through the tokenizer's chat template."""
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def find_end_of_turn(tok) -> str:
@@ -76,13 +77,13 @@ def find_end_of_turn(tok) -> str:
     special = set(tok.all_special_tokens) | {a.content for a in tok.added_tokens_decoder.values() if a.special}
     messages = PROBE
     try:
-        prefix = _render(tok, messages[:2], add_generation_prompt=True)
-        full = _render(tok, messages)
+        prefix = render(tok, messages[:2], add_generation_prompt=True)
+        full = render(tok, messages)
     except Exception as exc:  # jinja errors: a template that rejects a system turn, say
         try:
             messages = PROBE[1:]
-            prefix = _render(tok, messages[:1], add_generation_prompt=True)
-            full = _render(tok, messages)
+            prefix = render(tok, messages[:1], add_generation_prompt=True)
+            full = render(tok, messages)
         except Exception:
             raise ConfigError(f"chat template cannot render a user/assistant conversation: {exc}") from None
     if not full.startswith(prefix):

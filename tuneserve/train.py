@@ -142,7 +142,6 @@ def train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placemen
     tmp = layout.root / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.save_model(str(tmp))  # adapter weights + config, and the tokenizer (processing_class)
-    tok_info.tokenizer.save_pretrained(str(tmp))
     (tmp / "README.md").unlink(missing_ok=True)  # TRL's generic card; the real one comes with publishing
     write_json_atomic(tmp / "training_meta.json", {
         "base_model": cfg.base_model, "base_model_revision": cfg.base_model_revision,

@@ -83,9 +83,10 @@ def load_merged(folder: Path):
 def load_adapter_model(base_model: str, revision: str | None, adapter_dir: Path, meta: dict):
     """The model as training computed it: base (4-bit when trained so) + adapter."""
     import torch
-    from peft import PeftModel
-    from transformers import AutoTokenizer, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
     from trl.trainer.utils import create_model_from_path
+
+    from tuneserve.model import attach_adapter
 
     dtype = getattr(torch, meta.get("dtype", "bfloat16"))
     kwargs: dict[str, Any] = dict(dtype=dtype, device_map={"": device()})
@@ -96,11 +97,7 @@ def load_adapter_model(base_model: str, revision: str | None, adapter_dir: Path,
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=quant["quant_type"],
             bnb_4bit_use_double_quant=quant["double_quant"], bnb_4bit_compute_dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(adapter_dir)
-    model = create_model_from_path(base_model, **kwargs)
-    if len(tok) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tok))
-    return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    return attach_adapter(create_model_from_path(base_model, **kwargs), adapter_dir).eval()
 
 
 def next_token_logits(model, prompts_ids: list[list[int]]):
@@ -129,11 +126,10 @@ def generate(model, tok, ids: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def _free(*objs) -> None:
+def _release() -> None:
+    """Return the memory of models the caller has just deleted (so the next model can load in its place)."""
     import torch
 
-    for o in objs:
-        del o
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -172,18 +168,21 @@ def verify(merged: Path, adapter_dir: Path, data_dir: Path, base_model: str, rev
         sample_reports.append({"row": p.row, "prompt": p.messages if p.messages is not None else p.text,
                                "reference": p.reference, "generation": tok.decode(gen, skip_special_tokens=True),
                                "generated_tokens": len(gen), "stopped": stopped})
-    _free(model)
+    del model
+    _release()
 
     fidelity: dict[str, Any] = {}
     adapter_model = load_adapter_model(base_model, revision, adapter_dir, meta)
     adapter_logits = next_token_logits(adapter_model, ids)
-    _free(adapter_model)
+    del adapter_model
+    _release()
     fidelity[merge_base] = compare(merged_logits, adapter_logits) if finite else {"max_prob_diff": float("nan")}
     if alternative is not None:
         _, alt_model = load_merged(alternative)
         other = "dequantized" if merge_base == "original" else "original"
         fidelity[other] = compare(next_token_logits(alt_model, ids), adapter_logits)
-        _free(alt_model)
+        del alt_model
+        _release()
 
     diff = fidelity[merge_base]["max_prob_diff"]
     checks = {
