@@ -7,12 +7,17 @@ MAKEFLAGS += --no-builtin-rules
 PYTHON ?= python3
 VENV_TRAIN ?= .venv-train
 VENV_SERVE ?= .venv-serve
+VENV_LINT ?= .venv-lint
 PYTEST_ARGS ?=
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+CONTAINER ?= $(shell command -v docker >/dev/null 2>&1 && echo docker || echo podman)
+IMAGE_TRAIN ?= tuneserve-train:$(VERSION)
+IMAGE_SERVE ?= tuneserve-serve:$(VERSION)
 TRAIN_PY := $(VENV_TRAIN)/bin/python
 REQ_TRAIN := requirements/train.txt requirements/test.txt requirements/constraints.txt
 REQ_SERVE := requirements/serve-cpu.txt requirements/constraints-serve.txt
 
-.PHONY: help setup demo test test-fast readme lock clean
+.PHONY: help setup demo test test-fast test-images image-train image-serve lint lint-docker lint-k8s readme lock clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -38,10 +43,47 @@ demo: setup ## The main job on a tiny local model: text-to-SQL data, train, merg
 	PYTHONPATH=. $(TRAIN_PY) -m tuneserve.demo
 
 test: setup ## Run the whole test suite (CPU, offline; trains tiny models through real 4-bit layers)
-	PYTHONPATH=. $(TRAIN_PY) -m pytest $(PYTEST_ARGS)
+	PYTHONPATH=. $(TRAIN_PY) -m pytest -m "not images" $(PYTEST_ARGS)
 
 test-fast: setup ## Run the tests that do not train a model
-	PYTHONPATH=. $(TRAIN_PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	PYTHONPATH=. $(TRAIN_PY) -m pytest -m "not slow and not images" $(PYTEST_ARGS)
+
+test-images: setup ## Build both images with podman on local Debian bases, then run training and serving in containers
+	images/local/build.sh
+	PYTHONPATH=. $(TRAIN_PY) -m pytest -m images tests/test_images.py $(PYTEST_ARGS)
+
+image-train: ## Build the CUDA training image (Dockerfile.train) as $(IMAGE_TRAIN) with $(CONTAINER)
+	$(CONTAINER) build -f Dockerfile.train -t $(IMAGE_TRAIN) .
+
+image-serve: ## Build the vLLM serving image (Dockerfile.serve) as $(IMAGE_SERVE) with $(CONTAINER)
+	$(CONTAINER) build -f Dockerfile.serve -t $(IMAGE_SERVE) .
+
+$(VENV_LINT)/.installed: requirements/lint.txt
+	$(PYTHON) -m venv $(VENV_LINT)
+	$(VENV_LINT)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements/lint.txt
+	touch $@
+
+lint: lint-docker lint-k8s ## Static checks: hadolint + checkov on the Dockerfiles; kubernetes-validate, checkov, yamllint on k8s/
+
+lint-docker: $(VENV_LINT)/.installed ## hadolint (threshold: warning) and checkov dockerfile + secrets checks on both Dockerfiles
+	$(VENV_LINT)/bin/hadolint --failure-threshold warning Dockerfile.train Dockerfile.serve images/*/Containerfile
+	$(VENV_LINT)/bin/checkov --quiet --compact --skip-download --framework dockerfile secrets \
+	    -f Dockerfile.train -f Dockerfile.serve
+
+# Overlays are rendered by kubectl's built-in kustomize where kubectl is installed (it is on this project's
+# machines), else by k8s/render.py (the subset of kustomize k8s/ uses; tests/test_k8s.py checks it against
+# kubectl). checkov's kubernetes checks read the rendered overlays (base files name images by their kustomize
+# names and get their namespace only when rendered); its secrets scan reads k8s/ itself, where skips are comments.
+KUSTOMIZE ?= $(if $(shell command -v kubectl),kubectl kustomize,$(VENV_LINT)/bin/python k8s/render.py)
+K8S_VERSION ?= 1.37.0
+lint-k8s: $(VENV_LINT)/.installed ## kubernetes-validate --strict, checkov (kubernetes, secrets) and yamllint on k8s/ and its rendered overlays
+	rm -rf build/k8s && mkdir -p build/k8s
+	for overlay in k8s/overlays/*/; do $(KUSTOMIZE) $$overlay > build/k8s/$$(basename $$overlay).yaml; done
+	$(VENV_LINT)/bin/kubernetes-validate --strict --kubernetes-version $(K8S_VERSION) --quiet \
+	    $$(find k8s/base k8s/components -name '*.yaml' ! -name kustomization.yaml | sort) build/k8s/*.yaml
+	$(VENV_LINT)/bin/checkov --quiet --compact --skip-download --framework kubernetes -d build/k8s
+	$(VENV_LINT)/bin/checkov --quiet --compact --skip-download --framework secrets -d k8s
+	$(VENV_LINT)/bin/yamllint --strict -c k8s/.yamllint k8s
 
 readme: setup ## Regenerate the README's variable and exit-code tables from the schema
 	PYTHONPATH=. $(TRAIN_PY) -m tuneserve.docs
@@ -57,4 +99,4 @@ lock: setup ## Regenerate requirements/constraints.txt and the pass-through fiel
 	PYTHONPATH=. $(VENV_SERVE)/bin/python -m tuneserve.vllm_flags
 
 clean: ## Remove the virtual environments and caches
-	rm -rf $(VENV_TRAIN) $(VENV_SERVE) .pytest_cache output
+	rm -rf $(VENV_TRAIN) $(VENV_SERVE) $(VENV_LINT) .pytest_cache output

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,18 @@ def copy_output(src: Path, dst: Path) -> Path:
 
     shutil.copytree(src, dst)
     return dst
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ask(client, model: str) -> list[tuple[str, str]]:
+    out = []
+    for q, _ in QA:
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}], temperature=0,
+                                           max_tokens=32)
+        out.append((r.choices[0].message.content, r.choices[0].finish_reason))
+    return out

@@ -272,6 +272,16 @@ def test_nan_adapter_fails_verification_with_exit_4(tmp_path, trained_output, ch
     assert report["passed"] is False and report["checks"]["finite_logits"]["passed"] is False
 
 
+def test_adapter_and_merged_files_are_readable_by_another_user_of_the_volume(trained_output):
+    # safetensors writes 0600 whatever the umask; a serving container running as another user on the
+    # same volume must still read the adapter (adapter mode) and the merged model.
+    for folder in (trained_output / "adapter", trained_output / "merged"):
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        assert any(p.suffix == ".safetensors" for p in files)
+        for path in files:
+            assert path.stat().st_mode & 0o044 == 0o044, f"{path} is {oct(path.stat().st_mode)}"
+
+
 def test_verify_generations_and_model_card(trained_output):
     report = json.loads((trained_output / "verify.json").read_text())
     assert report["passed"] and report["checks"]["stops"]["stopped"] == report["checks"]["stops"]["of"] == 4

@@ -75,3 +75,17 @@ def write_json_atomic(path: Path, payload: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def readable_as_umask_allows(folder: Path) -> None:
+    """Give the files in `folder` the permissions the process umask allows (0644 under the usual 022).
+
+    safetensors (0.8) writes its files 0600 whatever the umask, so an adapter or model written by the
+    training user could not be read by a serving container running as another user on the same volume.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o666 & ~umask)
+

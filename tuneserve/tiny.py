@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tuneserve.layout import readable_as_umask_allows
 from tuneserve.templates import NAMED_TEMPLATE_TOKENS, named_template
 
 EOS = "<|endoftext|>"
@@ -62,6 +63,7 @@ def build_tiny_model(out_dir: str | Path, texts: list[str], template: str | None
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kwargs)
     tok.save_pretrained(out)
+    readable_as_umask_allows(out)  # a model folder other users (a container's) can read, as downloaded ones are
     return out
 
 
@@ -95,6 +97,7 @@ def pretrain(model_dir: str | Path, texts: list[str], epochs: int = 2, batch_siz
             if steps % log_every == 0:
                 print(f"  pretraining: epoch {epoch + 1}/{epochs}, step {steps}, loss {loss.item():.3f}", flush=True)
     model.to(torch.bfloat16).save_pretrained(model_dir)
+    readable_as_umask_allows(model_dir)
 
 
 def build_tiny_multimodal(out_dir: str | Path, texts: list[str], seed: int = 0) -> Path:
