@@ -58,6 +58,24 @@ image-train: ## Build the CUDA training image (Dockerfile.train) as $(IMAGE_TRAI
 image-serve: ## Build the vLLM serving image (Dockerfile.serve) as $(IMAGE_SERVE) with $(CONTAINER)
 	$(CONTAINER) build -f Dockerfile.serve -t $(IMAGE_SERVE) .
 
+# Benchmarks (issue #8; docs/benchmarks.md). One at a time and niced: the machine is shared. A failing benchmark
+# does not stop the others; the report is regenerated from whatever results exist, then make fails.
+.PHONY: bench bench-smoke
+BENCH ?= merge data train serve images
+BENCH_PY := nice -n 10 env PYTHONPATH=. $(TRAIN_PY)
+$(VENV_TRAIN)/.bench-installed: requirements/bench.txt $(VENV_TRAIN)/.installed
+	$(TRAIN_PY) -m pip install --quiet --disable-pip-version-check -r requirements/bench.txt -c requirements/constraints.txt
+	touch $@
+
+bench: setup $(VENV_TRAIN)/.bench-installed ## Run the benchmarks (about 25 min; BENCH=merge runs one) and regenerate docs/benchmarks.md
+	status=0; for b in $(BENCH); do $(BENCH_PY) -m benchmarks.$$b || status=1; done; \
+	PYTHONPATH=. $(TRAIN_PY) -m benchmarks.report; exit $$status
+
+bench-smoke: setup $(VENV_TRAIN)/.bench-installed ## The benchmarks on tiny sizes (a few minutes); results and report in build/bench/smoke
+	status=0; for b in $(BENCH); do $(BENCH_PY) -m benchmarks.$$b --smoke || status=1; done; \
+	PYTHONPATH=. $(TRAIN_PY) -m benchmarks.report --results-dir build/bench/smoke/results \
+	    --out build/bench/smoke/benchmarks.md; exit $$status
+
 $(VENV_LINT)/.installed: requirements/lint.txt
 	$(PYTHON) -m venv $(VENV_LINT)
 	$(VENV_LINT)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements/lint.txt
@@ -74,11 +92,16 @@ lint-docker: $(VENV_LINT)/.installed ## hadolint (threshold: warning) and checko
 # machines), else by k8s/render.py (the subset of kustomize k8s/ uses; tests/test_k8s.py checks it against
 # kubectl). checkov's kubernetes checks read the rendered overlays (base files name images by their kustomize
 # names and get their namespace only when rendered); its secrets scan reads k8s/ itself, where skips are comments.
+# kubernetes-validate has no schema for custom resources (LeaderWorkerSet): it warns and passes them. k8s/crds.py
+# validates them against their CRD's vendored schema, fails on any other kind without a schema, and writes their
+# pod templates as PodTemplates (build/k8s/crd-pod-templates.yaml) for kubernetes-validate and checkov to check.
 KUSTOMIZE ?= $(if $(shell command -v kubectl),kubectl kustomize,$(VENV_LINT)/bin/python k8s/render.py)
 K8S_VERSION ?= 1.37.0
-lint-k8s: $(VENV_LINT)/.installed ## kubernetes-validate --strict, checkov (kubernetes, secrets) and yamllint on k8s/ and its rendered overlays
+lint-k8s: $(VENV_LINT)/.installed ## kubernetes-validate --strict, CRD schemas, checkov (kubernetes, secrets) and yamllint on k8s/ and its rendered overlays
 	rm -rf build/k8s && mkdir -p build/k8s
 	for overlay in k8s/overlays/*/; do $(KUSTOMIZE) $$overlay > build/k8s/$$(basename $$overlay).yaml; done
+	$(VENV_LINT)/bin/python k8s/crds.py --kubernetes-version $(K8S_VERSION) \
+	    --pod-templates build/k8s/crd-pod-templates.yaml build/k8s/*.yaml
 	$(VENV_LINT)/bin/kubernetes-validate --strict --kubernetes-version $(K8S_VERSION) --quiet \
 	    $$(find k8s/base k8s/components -name '*.yaml' ! -name kustomization.yaml | sort) build/k8s/*.yaml
 	$(VENV_LINT)/bin/checkov --quiet --compact --skip-download --framework kubernetes -d build/k8s
