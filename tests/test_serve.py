@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QA, REPO, clean_env
+from conftest import QA, REPO, ask, clean_env, free_port
 
 SERVE_PYTHON = Path(os.environ.get("SERVE_PYTHON", REPO / ".venv-serve" / "bin" / "python"))
 KEY = "sk-serve-test-KEY123"
@@ -58,12 +57,13 @@ def test_command_keeps_the_key_out_of_argv_and_maps_variables(tmp_path, trained_
 
     cfg = SERVE_SCHEMA.load({"MODEL_ID": str(trained_output / "merged"), "API_KEY": KEY, "MAX_MODEL_LEN": "128",
                              "SERVED_MODEL_NAME": "qa", "ENABLE_PREFIX_CACHING": "false", "MAX_OUTPUT_TOKENS": "64",
-                             "VLLM_ARG_MAX_NUM_BATCHED_TOKENS": "512", "VLLM_ARG_ENFORCE_EAGER": "true"})
+                             "VLLM_ARG_MAX_NUM_BATCHED_TOKENS": "512", "VLLM_ARG_ENFORCE_EAGER": "true",
+                             "PIPELINE_PARALLEL_SIZE": "2"})
     args, env = build_command(cfg)
     assert KEY not in " ".join(args) and env == {"VLLM_API_KEY": KEY}
     joined = " ".join(args)
     for part in ("--served-model-name qa", "--max-model-len 128", "--no-enable-prefix-caching",
-                 "--tensor-parallel-size 1", "--max-num-batched-tokens 512", "--enforce-eager",
+                 "--tensor-parallel-size 1", "--pipeline-parallel-size 2", "--max-num-batched-tokens 512", "--enforce-eager",
                  '--override-generation-config {"max_new_tokens": 64}'):
         assert part in joined, part
     # The merged folder already stops at <|im_end|>: no generation_config override is needed.
@@ -113,12 +113,6 @@ def need_vllm() -> None:
         pytest.skip(f"{SERVE_PYTHON} is missing (make setup creates it)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, env: dict, cwd: Path):
         self.port = free_port()
@@ -166,15 +160,6 @@ def merged_server(tmp_path_factory, trained_output):
         yield server
     finally:
         server.stop()
-
-
-def ask(client, model: str) -> list[tuple[str, str]]:
-    out = []
-    for q, _ in QA:
-        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}], temperature=0,
-                                           max_tokens=32)
-        out.append((r.choices[0].message.content, r.choices[0].finish_reason))
-    return out
 
 
 @pytest.mark.slow

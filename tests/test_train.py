@@ -177,6 +177,27 @@ def test_sigterm_saves_checkpoint_exits_143_and_rerun_resumes_to_the_same_final_
     assert state["global_step"] == 400 and state["log_history"][0]["step"] == 1
 
 
+def test_sigterm_is_not_taken_for_an_ordinary_error_by_except_exception():
+    # The handler raises wherever the main thread is, e.g. inside the tokenizer's `except Exception` around a
+    # chat template; it must still stop the run (it once got swallowed there and training started anyway).
+    import os
+
+    from tuneserve import signals
+    from tuneserve.exitcodes import Terminated
+
+    previous = signal.getsignal(signal.SIGTERM)
+    signals.install()
+    try:
+        with pytest.raises(Terminated):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            except Exception:  # noqa: BLE001 - the point of the test
+                pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_sigterm_before_training_exits_143_without_checkpoint(tmp_path, chatml_base):
     # 30,000 rows take many seconds to tokenize: the signal lands in the preflight, before training.
     big = write_jsonl(tmp_path / "big.jsonl", qa_messages() * 3750)

@@ -10,7 +10,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from tuneserve.exitcodes import EXIT_CODE_HELP, ExitCode, PipelineError
+from tuneserve.exitcodes import EXIT_CODE_HELP, ExitCode, PipelineError, Terminated
 from tuneserve.settings import MASK, Schema, Settings
 
 log = logging.getLogger("tuneserve")
@@ -68,7 +68,7 @@ def run(schema: Schema, stages: Callable[[Settings, bool], int | None], argv: li
             print(json.dumps(cfg.masked(), indent=2, default=str))
             return ExitCode.OK
         return int(stages(cfg, args.check) or ExitCode.OK)
-    except PipelineError as exc:
+    except (PipelineError, Terminated) as exc:
         log.error("%s", exc.message)
         return int(exc.exit_code)
     except KeyboardInterrupt:

@@ -16,9 +16,9 @@ from tuneserve.settings import Prefix, Schema, Settings, Var
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 NAMED_TEMPLATES = ("chatml", "llama3", "gemma")
 
-G_MODEL, G_DATA, G_LOSS, G_QUANT, G_LORA, G_TRAIN, G_MERGE, G_PUBLISH, G_RUN = (
+G_MODEL, G_DATA, G_LOSS, G_QUANT, G_LORA, G_TRAIN, G_DIST, G_MERGE, G_PUBLISH, G_RUN = (
     "Model", "Dataset and formatting", "Loss", "Quantization and precision", "LoRA", "Training",
-    "Merge, verify, evaluate", "Publish", "Run")
+    "Distributed", "Merge, verify, evaluate", "Publish", "Run")
 
 TRAIN_VARS = [
     # ---- model
@@ -137,6 +137,20 @@ TRAIN_VARS = [
         "errors) before exiting 75.", G_PUBLISH, minimum=1),
     Var("PUBLISH_BACKOFF_SECONDS", "float", 5.0, "First retry delay; doubles each attempt.", G_PUBLISH,
         minimum=0.0),
+    # ---- distributed (torch's elastic launcher, i.e. torchrun, underneath; launch.py)
+    Var("NPROC_PER_NODE", "str", "auto", "Training processes on this node, one per GPU: auto = every visible GPU "
+        "(1 on the CPU), or a number. More than one starts them with torchrun's launcher (data parallel).", G_DIST),
+    Var("NNODES", "int", 1, "Nodes taking part (each runs this same command with its own NODE_RANK).", G_DIST,
+        minimum=1),
+    Var("NODE_RANK", "int", 0, "This node's rank, 0 to NNODES-1 (on Kubernetes: the Indexed Job's completion "
+        "index).", G_DIST, minimum=0),
+    Var("MASTER_ADDR", "str", None, "Host of node rank 0, where the group meets (static rendezvous). Required "
+        "when NNODES > 1.", G_DIST),
+    Var("MASTER_PORT", "int", 29500, "Rendezvous port on MASTER_ADDR (NNODES > 1).", G_DIST, minimum=1,
+        maximum=65535),
+    Var("DISTRIBUTED_STRATEGY", "str", "ddp", "ddp: every GPU holds the 4-bit model (the model must fit one GPU). "
+        "fsdp: the model is sharded across GPUs (QLoRA + FSDP: 4-bit storage in the compute dtype); needs "
+        "CUDA.", G_DIST, choices=("ddp", "fsdp")),
     # ---- run
     Var("OUTPUT_DIR", "str", "./output", "Everything the run writes: checkpoints/, adapter/, reports. Rerunning "
         "with the same directory resumes.", G_RUN),
@@ -245,6 +259,16 @@ def _validate(s: Settings) -> list[str]:
         problems.append("MERGE_BASE=dequantized needs LOAD_IN_4BIT=true (there is no 4-bit round trip to replay)")
     if s.lora_target_modules == []:
         problems.append("LORA_TARGET_MODULES is empty: use all-linear or name modules")
+    nproc = s.nproc_per_node
+    if nproc != "auto" and not (nproc.isdigit() and int(nproc) >= 1):
+        problems.append(f"NPROC_PER_NODE={nproc!r}: expected auto or a number of processes (>= 1)")
+    if s.node_rank >= s.nnodes:
+        problems.append(f"NODE_RANK={s.node_rank}: must be below NNODES={s.nnodes} (ranks count from 0)")
+    if s.nnodes > 1 and not s.master_addr:
+        problems.append(f"NNODES={s.nnodes} needs MASTER_ADDR: the host of node rank 0, reachable from every node")
+    if s.distributed_strategy == "fsdp":
+        if s.device == "cpu":
+            problems.append("DISTRIBUTED_STRATEGY=fsdp needs CUDA GPUs; DEVICE=cpu trains with ddp")
     for name in ("OUTPUT_DIR",):
         out = Path(s.get(name))
         if out.exists() and not out.is_dir():

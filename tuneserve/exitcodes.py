@@ -66,5 +66,13 @@ class RetryableError(PipelineError):
     exit_code = ExitCode.RETRYABLE
 
 
-class Terminated(PipelineError):
+class Terminated(BaseException):
+    """SIGTERM. A BaseException, like KeyboardInterrupt: raised by the signal handler wherever the main thread
+    happens to be, it must not be taken for an ordinary error by an `except Exception` there (ours, around
+    a chat template that rejects a row, or a library's)."""
+
     exit_code = ExitCode.TERMINATED
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message

@@ -52,6 +52,9 @@ def get_quantization_config(cfg: Settings, placement: Placement):
 
     kwargs = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                   bnb_4bit_compute_dtype=placement.dtype)
+    if cfg.distributed_strategy == "fsdp":
+        # FSDP flattens parameters of one dtype: the packed 4-bit weights are stored as the compute dtype.
+        kwargs["bnb_4bit_quant_storage"] = placement.dtype
     kwargs.update(cfg.extras.get("bnb", {}))
     return BitsAndBytesConfig(**kwargs)
 
@@ -125,12 +128,14 @@ def load_model(cfg: Settings, tok_info, placement: Placement):
     quant = get_quantization_config(cfg, placement)
     if quant is not None:
         kwargs["quantization_config"] = quant
-    if placement.device == "cuda":
+    if placement.device == "cpu":
+        kwargs["device_map"] = {"": "cpu"}
+    elif cfg.distributed_strategy == "ddp":
         from accelerate import PartialState
 
+        # Data parallel: each process holds the whole 4-bit model on its own GPU.
         kwargs["device_map"] = {"": PartialState().local_process_index}
-    else:
-        kwargs["device_map"] = {"": "cpu"}
+    # fsdp: no device_map, FSDP places and shards the weights itself.
     log.info("loading %s (%s%s, %s)", cfg.base_model, "4-bit NF4, compute " if quant else "", placement.dtype_name,
              placement.device)
     try:

@@ -54,15 +54,24 @@ def merged_id(layout: Layout) -> str:
 
 
 def run(cfg: Settings, check_only: bool = False) -> int:
-    from tuneserve import publish, train
+    from tuneserve import launch, publish, train
 
+    if not check_only and launch.needed(cfg):
+        if not train.adapter_done(Layout.of(cfg.output_dir)):
+            return launch.launch(cfg)  # one process per GPU, each running this function as a worker
+        # Training is done (a retry after a later stage failed): nothing to do together. Node 0 runs the
+        # remaining stages in this process; the other nodes would wait for a rendezvous nobody joins.
+        if cfg.node_rank > 0:
+            log.info("training already done and node %d has nothing else to do; exiting", cfg.node_rank)
+            return 0
     signals.install()
     use_token(cfg)
     layout = Layout.of(cfg.output_dir)
     repos = publish_targets(cfg)
+    main = launch.is_main()  # with several processes, rank 0 alone writes the shared files
 
     banner("preflight")
-    if repos:
+    if repos and main:
         publish.preflight(repos, cfg.publish_retries, cfg.publish_backoff_seconds)
     if check_only or not train.adapter_done(layout):
         from tuneserve import tokenizer
@@ -71,17 +80,21 @@ def run(cfg: Settings, check_only: bool = False) -> int:
         placement = resolve_placement(cfg)
         shaped = data.load_and_shape(cfg)
         tok_info = tokenizer.prepare_tokenizer(cfg, needs_template=shaped.is_chat)
-        prepared = data.tokenize(cfg, tok_info, shaped, None if check_only else layout.data)
+        prepared = data.tokenize(cfg, tok_info, shaped, None if check_only or not main else layout.data)
         if check_only:
             log.info("preflight passed: %s", prepared.stats)
             return 0
-        layout.root.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(layout.config, cfg.masked())
+        if main:
+            layout.root.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(layout.config, cfg.masked())
         mode = "QLoRA" if cfg.load_in_4bit else "LoRA"
         banner(f"train: {mode} SFT on {placement.device} ({placement.dtype_name})")
         train.train(cfg, layout, tok_info, prepared, placement)
     else:
         log.info("training already done: %s holds the adapter; skipping the training stage", layout.adapter)
+    if not main:
+        log.info("rank %d: training done; rank 0 merges, verifies and publishes", launch.rank())
+        return 0
 
     if cfg.merge:
         merge_stage(cfg, layout)

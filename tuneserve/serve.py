@@ -50,8 +50,11 @@ SERVE_VARS = [
     Var("MAX_NUM_SEQS", "int", None, "Most sequences batched at once.", G_LIMITS, minimum=1),
     Var("GPU_MEMORY_UTILIZATION", "float", 0.9, "Fraction of GPU memory vLLM may use.", G_LIMITS,
         exclusive_minimum=0.0, maximum=1.0),
-    Var("TENSOR_PARALLEL_SIZE", "int", None, "GPUs one replica spans. Default: every visible GPU (1 on the "
-        "CPU).", G_LIMITS, minimum=1),
+    Var("TENSOR_PARALLEL_SIZE", "int", None, "GPUs one replica spans (on one node). Default: every visible GPU "
+        "(1 on the CPU).", G_LIMITS, minimum=1),
+    Var("PIPELINE_PARALLEL_SIZE", "int", 1, "Nodes one replica spans (pipeline stages), for models larger than "
+        "one node's GPUs: vLLM's multi-node recipe with Ray (VLLM_ARG_DISTRIBUTED_EXECUTOR_BACKEND=ray).",
+        G_LIMITS, minimum=1),
     Var("ENABLE_PREFIX_CACHING", "bool", None, "Reuse the KV cache of shared prompt prefixes. Default: vLLM's.",
         G_LIMITS),
     Var("LORA_ADAPTERS", "str", None, "Serve MODEL_ID plus LoRA adapters: name=path_or_hub_id,... Clients pick "
@@ -68,6 +71,7 @@ MANAGED_FLAGS = {
     "api_key": "use API_KEY or API_KEY_FILE (a key in argv is readable by every process on the machine)",
     "max_model_len": "use MAX_MODEL_LEN", "max_num_seqs": "use MAX_NUM_SEQS",
     "gpu_memory_utilization": "use GPU_MEMORY_UTILIZATION", "tensor_parallel_size": "use TENSOR_PARALLEL_SIZE",
+    "pipeline_parallel_size": "use PIPELINE_PARALLEL_SIZE",
     "enable_prefix_caching": "use ENABLE_PREFIX_CACHING", "enable_lora": "use LORA_ADAPTERS",
     "lora_modules": "use LORA_ADAPTERS", "max_lora_rank": "set from the adapters' own configs",
     "generation_config": "stop ids are repaired by the entrypoint; use VLLM_ARG_OVERRIDE_GENERATION_CONFIG "
@@ -244,6 +248,8 @@ def build_command(cfg: Settings) -> tuple[list[str], dict[str, str]]:
         args += ["--max-num-seqs", str(cfg.max_num_seqs)]
     tp = cfg.tensor_parallel_size or max(1, visible_gpus())
     args += ["--tensor-parallel-size", str(tp)]
+    if cfg.pipeline_parallel_size > 1:
+        args += ["--pipeline-parallel-size", str(cfg.pipeline_parallel_size)]
     if cfg.enable_prefix_caching is not None:
         args.append("--enable-prefix-caching" if cfg.enable_prefix_caching else "--no-enable-prefix-caching")
     end_of_turn = None

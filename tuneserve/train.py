@@ -14,9 +14,9 @@ import os
 import shutil
 from pathlib import Path
 
-from tuneserve import checkpoints, signals
+from tuneserve import checkpoints, launch, signals
 from tuneserve.exitcodes import ConfigError, Terminated
-from tuneserve.layout import Layout, write_json_atomic
+from tuneserve.layout import Layout, readable_as_umask_allows, write_json_atomic
 from tuneserve.model import Placement
 from tuneserve.settings import Settings
 
@@ -78,6 +78,19 @@ def build_sft_config(cfg: Settings, layout: Layout, placement: Placement, has_ev
     )
     if placement.device == "cpu":
         kwargs["dataloader_pin_memory"] = False
+    if launch.world_size() > 1:
+        # LoRA trains a few matrices of a frozen model: every parameter with a gradient is used each step,
+        # so DDP's search for unused ones is pure overhead; non-reentrant checkpointing is the variant that
+        # works under DDP and FSDP.
+        kwargs["ddp_find_unused_parameters"] = False
+        kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    if cfg.distributed_strategy == "fsdp":
+        # The QLoRA + FSDP recipe (PEFT's and TRL's docs): shard whole decoder layers, load the weights on rank 0
+        # only and broadcast them (CPU-efficient loading), keep the flat parameters as the 4-bit storage
+        # dtype (model.py sets bnb_4bit_quant_storage to the compute dtype so FSDP can flatten them).
+        kwargs["fsdp"] = "full_shard auto_wrap"
+        kwargs["fsdp_config"] = {"cpu_ram_efficient_loading": True, "sync_module_states": True,
+                                 "use_orig_params": False, "backward_prefetch": "backward_pre"}
     kwargs.update(cfg.extras.get("sft", {}))
     if not has_eval:
         kwargs.setdefault("eval_strategy", "no")
@@ -87,26 +100,124 @@ def build_sft_config(cfg: Settings, layout: Layout, placement: Placement, has_ev
         raise ConfigError(f"training configuration rejected by trl.SFTConfig: {exc}") from None
 
 
+def _stop_requested(device) -> bool:
+    """Whether any process got SIGTERM. With several processes they must agree, or one would stop at this
+    step while the others wait for it in the next gradient all-reduce."""
+    if launch.world_size() == 1:
+        return signals.requested()
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if signals.requested() else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _barrier() -> None:
+    if launch.world_size() > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def _callbacks():
     from transformers import TrainerCallback
 
     class MarkCompleteAndStopOnSignal(TrainerCallback):
         """Marks each checkpoint complete once written; on SIGTERM saves one more and stops."""
 
+        stopped_by_signal = False
+
         def on_step_end(self, args, state, control, **kwargs):
-            if signals.requested():
+            if _stop_requested(args.device):
+                self.stopped_by_signal = True
                 control.should_save = True
                 control.should_training_stop = True
             return control
 
         def on_save(self, args, state, control, **kwargs):
+            _barrier()  # every process has written its part (e.g. its RNG state) before the mark
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if ckpt.is_dir():
                     checkpoints.mark_complete(ckpt, state.global_step)
             return control
 
-    return [MarkCompleteAndStopOnSignal()]
+    return MarkCompleteAndStopOnSignal()
+
+
+class RowRecorder:
+    """Wraps the data collator and notes a digest of every row this process trains on: the proof, written to
+    train_report.json, that each process got its own shard of the data (a peer shipped multi-GPU training
+    that silently ran every process on the same rows)."""
+
+    LIMIT = 4096  # digests kept per process; the count is always complete
+
+    def __init__(self, collator):
+        self.collator, self.rows, self.digests = collator, 0, []
+
+    def __call__(self, examples):
+        import hashlib
+
+        for ex in examples:
+            self.rows += 1
+            if len(self.digests) < self.LIMIT:
+                ids = ",".join(map(str, ex["input_ids"]))
+                self.digests.append(hashlib.sha256(ids.encode()).hexdigest()[:16])
+        return self.collator(examples)
+
+
+def _trainable_digest(model) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _per_process_report(trainer, recorder: RowRecorder | None) -> list[dict]:
+    """Each process's rows and trained weights, gathered on every process (rank order)."""
+    record = {"rank": launch.rank(), "world_size": launch.world_size(),
+              "rows_seen": recorder.rows if recorder else None,
+              "row_digests": recorder.digests if recorder else None,
+              "trainable_sha256": _trainable_digest(trainer.model)}
+    if launch.world_size() == 1:
+        return [record]
+    import torch.distributed as dist
+
+    gathered: list = [None] * launch.world_size()
+    dist.all_gather_object(gathered, record)
+    return gathered
+
+
+def _resume_point(cfg: Settings, layout: Layout) -> Path | None:
+    """The checkpoint to resume from. Rank 0 cleans up (incomplete checkpoints, RESUME=false), then every
+    other process reads the same answer from the cleaned folder."""
+    resume = None
+    if launch.is_main():
+        resume = checkpoints.newest_complete(layout.checkpoints) if cfg.resume else None
+        if resume is None and cfg.resume is False and checkpoints.checkpoints(layout.checkpoints):
+            log.info("RESUME=false: starting over; existing checkpoints in %s will be replaced",
+                     layout.checkpoints)
+            shutil.rmtree(layout.checkpoints)
+    _barrier()
+    if not launch.is_main() and cfg.resume:
+        resume = checkpoints.newest_complete(layout.checkpoints, remove_incomplete=False)
+    return resume
+
+
+def _init_process_group(placement: Placement) -> None:
+    """Join the process group before the first collective (the checkpoint choice): accelerate's shared
+    state, which the trainer then reuses (gloo on the CPU, NCCL on GPUs)."""
+    if launch.world_size() > 1:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=placement.device == "cpu")
+        log.info("process %d of %d (local %d, %s backend)", state.process_index, state.num_processes,
+                 state.local_process_index, state.backend)
 
 
 def train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placement) -> Path:
@@ -115,16 +226,20 @@ def train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placemen
 
     from tuneserve.model import get_peft_config, load_model
 
-    resume = checkpoints.newest_complete(layout.checkpoints) if cfg.resume else None
-    if resume is None and cfg.resume is False and checkpoints.checkpoints(layout.checkpoints):
-        log.info("RESUME=false: starting over; existing checkpoints in %s will be replaced", layout.checkpoints)
-        shutil.rmtree(layout.checkpoints)
+    _init_process_group(placement)
+    resume = _resume_point(cfg, layout)
+    # The training arguments first: with FSDP they tell from_pretrained to load on rank 0 only.
+    args = build_sft_config(cfg, layout, placement, prepared.eval is not None)
     model = load_model(cfg, tok_info, placement)
     quantization = describe_quantization(model)
     peft_config = get_peft_config(cfg, tok_info.added_token_ids, model)
-    args = build_sft_config(cfg, layout, placement, prepared.eval is not None)
+    callback = _callbacks()
     trainer = SFTTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
-                         processing_class=tok_info.tokenizer, peft_config=peft_config, callbacks=_callbacks())
+                         processing_class=tok_info.tokenizer, peft_config=peft_config, callbacks=[callback])
+    # Collator copies in data loader worker processes would keep their counts to themselves.
+    recorder = RowRecorder(trainer.data_collator) if args.dataloader_num_workers == 0 else None
+    if recorder:
+        trainer.data_collator = recorder
     trainable, total = trainer.model.get_nb_trainable_parameters()
     log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
     if resume is not None:
@@ -136,12 +251,18 @@ def train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placemen
         log.info("starting training from scratch (no complete checkpoint in %s)", layout.checkpoints)
     with signals.deferred():
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if signals.requested():
+    if callback.stopped_by_signal or signals.requested():
         raise Terminated(f"stopped by SIGTERM at step {trainer.state.global_step}; checkpoint saved in "
                          f"{layout.checkpoints}. Rerun with the same OUTPUT_DIR to resume.")
+    processes = _per_process_report(trainer, recorder)
     tmp = layout.root / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.save_model(str(tmp))  # adapter weights + config, and the tokenizer (processing_class)
+    if launch.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    trainer.save_model(str(tmp))  # every process takes part (FSDP gathers the shards); rank 0 writes
+    _barrier()
+    if not launch.is_main():
+        return layout.adapter
     (tmp / "README.md").unlink(missing_ok=True)  # TRL's generic card; the real one comes with publishing
     write_json_atomic(tmp / "training_meta.json", {
         "base_model": cfg.base_model, "base_model_revision": cfg.base_model_revision,
@@ -151,6 +272,7 @@ def train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placemen
         # What MERGE_BASE=dequantized replays: which weights were 4-bit and how they were quantized.
         "quantization": quantization,
     })
+    readable_as_umask_allows(tmp)
     if layout.adapter.exists():
         shutil.rmtree(layout.adapter)
     os.replace(tmp, layout.adapter)
@@ -158,6 +280,7 @@ def train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placemen
     write_json_atomic(layout.train_report, {
         "metrics": metrics, "global_step": trainer.state.global_step, "data": prepared.stats,
         "log_history": trainer.state.log_history, "resumed_from": str(resume) if resume else None,
+        "processes": processes,
     })
     log.info("training done at step %d; adapter in %s", trainer.state.global_step, layout.adapter)
     return layout.adapter
