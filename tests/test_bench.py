@@ -1,0 +1,148 @@
+"""Benchmarks (issue #8): the smoke variant of every benchmark runs end to end (tiny sizes), writes a result
+file of the expected structure with sane values, and the report is generated from those files alone.
+Timings are never asserted: the benchmarks are not timed tests. Marked slow: it trains and starts vLLM."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, clean_env
+
+pytestmark = pytest.mark.slow
+
+ORDER = ("merge", "data", "train", "serve", "images")
+SERVE_PYTHON = REPO / ".venv-serve" / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    """Every benchmark's --smoke run into one results folder; a failing one fails the test that reads it."""
+    root = tmp_path_factory.mktemp("bench")
+    results = root / "results"
+    for name in ORDER:
+        if name == "serve" and not SERVE_PYTHON.is_file():
+            continue
+        res = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--smoke", "--results-dir", str(results),
+                              "--work-dir", str(root / "work" / name)], env=clean_env(), cwd=REPO,
+                             capture_output=True, text=True, timeout=900)
+        (root / f"{name}.log").write_text(res.stdout + res.stderr)
+        assert res.returncode == 0, f"benchmarks.{name} --smoke exited {res.returncode}:\n{res.stderr[-4000:]}"
+    return results
+
+
+def result(results: Path, name: str) -> dict:
+    path = results / f"{name}.json"
+    assert path.is_file(), f"{name}.json was not written"
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("name", ORDER)
+def test_smoke_result_has_the_documented_structure(smoke, name):
+    if name == "serve" and not SERVE_PYTHON.is_file():
+        pytest.skip(".venv-serve is missing (make setup)")
+    r = result(smoke, name)
+    assert r["name"] == name and r["smoke"] is True
+    assert r["command"] == f"PYTHONPATH=. .venv-train/bin/python -m benchmarks.{name} --smoke"
+    assert r["machine"]["cores"] >= 1 and r["machine"]["memory_gib"] > 0 and r["machine"]["packages"]["torch"]
+    assert r["rows"] and r["figures"]
+    for f in r["figures"]:
+        assert set(f) >= {"key", "label", "value", "unit", "target", "met"}
+        if f["target"] is None:
+            assert f["met"] is None
+        elif f["value"] is None:  # a targeted figure not measured here says why
+            assert f["met"] is None and f["note"].startswith("not run")
+        else:
+            assert isinstance(f["met"], bool)
+    targeted = [f["met"] for f in r["figures"] if f["met"] is not None]
+    assert r["met"] == (all(targeted) if targeted else None)
+    for n in r["not_run"]:
+        assert n["what"] and n["reason"]
+
+
+def figures(r: dict) -> dict:
+    return {f["key"]: f["value"] for f in r["figures"]}
+
+
+def test_merge_smoke_outputs_match_peft_and_memory_is_measured(smoke):
+    r = result(smoke, "merge")
+    f = figures(r)
+    assert f["max_weight_ulps"] <= 1 and f["max_abs_logit_diff"] < 1e-2
+    assert r["setup"]["shards"] > 1 and r["setup"]["comparison"]["tensors_changed_vs_base"] > 0
+    for row in r["rows"]:
+        assert 0 < row["baseline_rss_gib"] <= row["peak_rss_gib"] and row["seconds"] > 0
+
+
+def test_data_smoke_counts_every_position(smoke):
+    r = result(smoke, "data")
+    rows = {row["key"]: row for row in r["rows"]}
+    assert set(rows) == {"ours", "ours-packing", "guide", "trl-defaults"}
+    for row in rows.values():
+        assert row["rows_in"] == r["setup"]["rows"] and row["samples_per_second"] > 0
+        assert 0 < row["real_tokens"] <= row["positions"] and 0 < row["real_fraction"] <= 1
+        assert 0 < row["loss_tokens"] <= row["real_tokens"]
+    # Our default batches one row at a time: nothing is padded. The guide and PACKING=true pack rows.
+    assert rows["ours"]["real_fraction"] == 1 and rows["ours"]["batch_size"] == 1
+    assert rows["guide"]["packing"] and rows["guide"]["sequences"] < rows["guide"]["rows_in"]
+    assert 0 < rows["ours-packing"]["pack_fill"] <= 1
+    # Ours trains on the answer only, the guide (TRL's default) on every token.
+    assert rows["ours"]["loss_tokens"] < rows["guide"]["loss_tokens"]
+
+
+def test_train_smoke_measures_both_sides_and_marks_gpu_rows(smoke):
+    r = result(smoke, "train")
+    rows = {row["key"]: row for row in r["rows"]}
+    assert set(rows) == {"ours", "guide"}
+    for row in rows.values():
+        assert row["tokens_per_second"] > 0 and row["tokens"] > 0 and row["peak_rss_gib"] > 0
+    # The guide trains lm_head and embed_tokens in full; ours trains the LoRA weights only.
+    assert rows["guide"]["trainable_parameters"] > rows["ours"]["trainable_parameters"]
+    if r["machine"]["gpu"] is None:
+        assert any(n["reason"] == "no GPU" for n in r["not_run"])
+        gpu = {f["key"]: f for f in r["figures"]}["gpu_tokens_ratio"]
+        assert gpu["value"] is None and gpu["target"] == ">= 1.5"
+
+
+def test_serve_smoke_runs_the_load_generator_without_failures(smoke):
+    if not SERVE_PYTHON.is_file():
+        pytest.skip(".venv-serve is missing (make setup)")
+    r = result(smoke, "serve")
+    assert figures(r)["failed_requests"] == 0 and figures(r)["ours_startup_s"] > 0
+    for row in r["rows"]:
+        assert row["completed"] == row["prompts"] and row["output_throughput"] > 0
+        assert 0 < row["p50_ttft_ms"] <= row["p99_ttft_ms"]
+
+
+def test_images_smoke_reports_sizes_or_says_the_images_are_missing(smoke):
+    r = result(smoke, "images")
+    built = [row for row in r["rows"] if row["unpacked_gb"]]
+    if not built:
+        assert any("make test-images" in n["reason"] for n in r["not_run"])
+    for row in built:
+        assert row["unpacked_gb"] > 0
+
+
+def test_report_is_generated_from_the_result_files(smoke, tmp_path):
+    out = tmp_path / "benchmarks.md"
+    res = subprocess.run([sys.executable, "-m", "benchmarks.report", "--results-dir", str(smoke), "--out", str(out)],
+                         env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = out.read_text()
+    for name in ORDER:
+        r = json.loads((smoke / f"{name}.json").read_text()) if (smoke / f"{name}.json").is_file() else None
+        if r is None:
+            assert f"| {ORDER.index(name) + 1}. {name} | not run yet" in text
+            continue
+        assert f"`{r['command']}`" in text and r["title"] in text
+        for f in r["figures"]:
+            if f["target"]:
+                assert f["target"] in text
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "benchmarks" / "merge.png").is_file()
