@@ -146,3 +146,10 @@ def test_report_is_generated_from_the_result_files(smoke, tmp_path):
     except ImportError:
         return
     assert (tmp_path / "benchmarks" / "merge.png").is_file()
+
+
+def test_readme_image_sizes_are_generated_from_the_committed_results():
+    from benchmarks import common, report
+
+    readme = (REPO / "README.md").read_text()
+    assert report.image_sizes(common.RESULTS) in readme, "run `python -m benchmarks.report` to update README.md"

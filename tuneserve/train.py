@@ -178,12 +178,13 @@ def _trainable_digest(model) -> str:
     return h.hexdigest()
 
 
-def _per_process_report(trainer, recorder: RowRecorder | None) -> list[dict]:
-    """Each process's rows and trained weights, gathered on every process (rank order)."""
+def _per_process_report(trainer, recorder: RowRecorder | None, sharded: bool) -> list[dict]:
+    """Each process's rows and trained weights, gathered on every process (rank order). With FSDP each
+    process holds a different shard of the weights, so there is no whole-weights digest to compare."""
     record = {"rank": launch.rank(), "world_size": launch.world_size(),
               "rows_seen": recorder.rows if recorder else None,
               "row_digests": recorder.digests if recorder else None,
-              "trainable_sha256": _trainable_digest(trainer.model)}
+              "trainable_sha256": None if sharded else _trainable_digest(trainer.model)}
     if launch.world_size() == 1:
         return [record]
     import torch.distributed as dist
@@ -254,7 +255,7 @@ def train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placemen
     if callback.stopped_by_signal or signals.requested():
         raise Terminated(f"stopped by SIGTERM at step {trainer.state.global_step}; checkpoint saved in "
                          f"{layout.checkpoints}. Rerun with the same OUTPUT_DIR to resume.")
-    processes = _per_process_report(trainer, recorder)
+    processes = _per_process_report(trainer, recorder, sharded=cfg.distributed_strategy == "fsdp")
     tmp = layout.root / ".adapter.tmp"
     if launch.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
