@@ -20,14 +20,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 from benchmarks import common
+from tuneserve.health import free_port, wait_healthy
 
 TITLE = "Serving: python -m entrypoints.serve vs vLLM started directly"
 INPUT_LEN, OUTPUT_LEN = 128, 64
@@ -73,12 +72,6 @@ def _model(spec: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- servers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_settings(merged: Path, port: int) -> dict[str, str]:
     return {"MODEL_ID": str(merged), "SERVED_MODEL_NAME": "bench", "HOST": "127.0.0.1", "PORT": str(port),
             "MAX_MODEL_LEN": "512"}
@@ -112,17 +105,16 @@ class Server:
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self) -> float:
-        while time.monotonic() - self.start < READY_TIMEOUT_S:
+        """Seconds from the server's start to its first healthy answer."""
+        def check_alive():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.kind} server exited {self.proc.returncode}; log: {self.log}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as r:
-                    if r.status == 200:
-                        return time.monotonic() - self.start
-            except OSError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"{self.kind} server not ready after {READY_TIMEOUT_S}s; log: {self.log}")
+
+        try:
+            wait_healthy(self.url, check_alive, READY_TIMEOUT_S - (time.monotonic() - self.start), interval=0.25)
+        except TimeoutError:
+            raise RuntimeError(f"{self.kind} server not ready after {READY_TIMEOUT_S}s; log: {self.log}") from None
+        return time.monotonic() - self.start
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tuneserve.health import free_port  # noqa: F401 - shared by the server tests
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -94,12 +95,6 @@ def copy_output(src: Path, dst: Path) -> Path:
 
     shutil.copytree(src, dst)
     return dst
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ask(client, model: str) -> list[tuple[str, str]]:

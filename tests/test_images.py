@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import LEARN_ENV, QA, REPO, ask, free_port
+from conftest import LEARN_ENV, QA, REPO, ask
+from tuneserve.health import free_port, wait_healthy
 
 pytestmark = pytest.mark.images
 
@@ -177,18 +176,14 @@ def test_serving_image_answers_chat_completions_from_the_merged_folder(trained_v
            "-e", "MAX_MODEL_LEN=128", "-e", "API_KEY", "-e", "VLLM_CPU_KVCACHE_SPACE=1", IMAGE_SERVE,
            env={"API_KEY": KEY})
     try:
-        deadline = time.monotonic() + 420
-        while True:
+        def check_alive():
             state = podman("inspect", "--format", "{{.State.Running}}", name).stdout.strip()
             assert state == "true", "server exited:\n" + podman("logs", name, check=False).stderr[-4000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "not ready:\n" + podman("logs", name, check=False).stderr[-4000:]
-            time.sleep(2)
+
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}", check_alive, timeout=420, interval=2)
+        except TimeoutError:
+            raise AssertionError("not ready:\n" + podman("logs", name, check=False).stderr[-4000:]) from None
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY)
         assert ask(client, "qa-model") == [(a, "stop") for _, a in QA]
         # SIGTERM from `podman stop` reaches vLLM (the entrypoint exec'd it): a clean exit, not a kill.

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -124,20 +123,16 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 300) -> None:
-        import urllib.request
+        from tuneserve.health import wait_healthy
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def check_alive():
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(1)
-        raise AssertionError(f"server not ready in {timeout}s:\n{self.log.read_text()[-4000:]}")
+
+        try:
+            wait_healthy(self.url, check_alive, timeout)
+        except TimeoutError:
+            raise AssertionError(f"server not ready in {timeout}s:\n{self.log.read_text()[-4000:]}") from None
 
     def stop(self) -> int:
         if self.proc.poll() is None:

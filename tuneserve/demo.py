@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from tuneserve import textsql
+from tuneserve.health import free_port, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,31 +60,19 @@ def write_dataset(folder: Path) -> None:
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 600) -> None:
-    import urllib.request
-
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
+    def check_alive():
         if proc.poll() is not None:
             raise SystemExit(f"the server exited {proc.returncode}; its log: {log}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    print(f"  ready after {time.monotonic() - start:.0f}s", flush=True)
-                    return
-        except OSError:
-            pass
-        print(f"  waiting for {url}/health ({time.monotonic() - start:.0f}s)", end="\r", flush=True)
-        time.sleep(2)
-    raise SystemExit(f"the server was not ready in {timeout:.0f}s; its log: {log}")
+
+    def progress(elapsed: float) -> None:
+        print(f"  waiting for {url}/health ({elapsed:.0f}s)", end="\r", flush=True)
+
+    try:
+        waited = wait_healthy(url, check_alive, timeout, interval=2, progress=progress)
+    except TimeoutError:
+        raise SystemExit(f"the server was not ready in {timeout:.0f}s; its log: {log}") from None
+    print(f"  ready after {waited:.0f}s", flush=True)
 
 
 def main() -> int:
