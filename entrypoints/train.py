@@ -16,4 +16,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    from tuneserve import launch  # noqa: PLC0415
+
+    if launch.in_worker():
+        launch.end_worker(code)  # skips the interpreter's teardown of torch's process group (see there)
+    raise SystemExit(code)

@@ -5,7 +5,9 @@ outcome as the pipeline's own exit code.
 `python -m entrypoints.train` runs this when NPROC_PER_NODE resolves to more than one process or
 NNODES > 1. Each worker runs the same command with torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT) set; in a worker this stage is skipped, and train.py trains data-parallel
-(DDP, or FSDP with DISTRIBUTED_STRATEGY=fsdp). Rank 0 alone then merges, verifies and publishes.
+(DDP, or FSDP with DISTRIBUTED_STRATEGY=fsdp) and exits (`end_worker`). This process, on node 0, then
+merges, verifies and publishes by itself, once every worker has exited 0: the later stages start with
+the GPUs' memory released and never run inside the process group.
 
 Why the launcher's Python API rather than exec'ing `torchrun`: torchrun exits 1 whatever its workers
 exited with, and the Kubernetes Job acts on our exit codes (2, 3, 4 fail at once; 75, 143 retry).
@@ -30,9 +32,21 @@ log = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT = 600
 
 
+# Set in the environment the workers inherit from our launcher: they train and exit; the launcher finishes.
+WORKER_MARK = "TUNESERVE_LAUNCHED_WORKER"
+
+
 def in_worker() -> bool:
     """True inside a process started by torchrun's launcher (ours or a user's own `torchrun`)."""
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def runs_final_stages(cfg: Settings) -> bool:
+    """Whether this process merges, verifies and publishes: the only process; our launcher on node 0, after
+    its workers exit; or rank 0 when a user's own `torchrun` started the processes (nobody waits for them)."""
+    if in_worker():
+        return is_main() and WORKER_MARK not in os.environ
+    return cfg.node_rank == 0
 
 
 def rank() -> int:
@@ -60,6 +74,20 @@ def nproc_per_node(cfg: Settings) -> int:
 
 def needed(cfg: Settings) -> bool:
     return not in_worker() and (cfg.nnodes > 1 or nproc_per_node(cfg) > 1)
+
+
+def end_worker(code: int) -> None:
+    """How a process started by a torchrun launcher ends once its work is done: at once, without the
+    interpreter's teardown. Torch's process groups are not safe to tear down there: left alive, gloo's
+    threads can abort the finished process at exit (SIGABRT, "terminate called without an active
+    exception": pytorch/pytorch#190489); destroyed with `destroy_process_group()` while the DDP model still
+    references the group, the process can hang in ~ProcessGroupGloo joining its threads (the first seen in
+    this project's CI, the second in its tests). Either turns a finished run into a failed or stuck one. Every file has been written and
+    closed by now, and the launcher only needs the exit code."""
+    logging.shutdown()  # flush the log handlers, as the interpreter's exit would
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def exit_code_of(code: int) -> int:
@@ -90,6 +118,7 @@ def launch(cfg: Settings, argv: list[str] | None = None) -> int:
                           **rdzv)
     log.info("starting %d training processes on this node (node %d of %d, %s, world size %d)", nproc,
              cfg.node_rank, cfg.nnodes, cfg.distributed_strategy, nproc * cfg.nnodes)
+    os.environ[WORKER_MARK] = "1"
     try:
         elastic_launch(config, sys.executable)("-m", "entrypoints.train", *(argv or []))
     except ChildFailedError as exc:
@@ -102,4 +131,7 @@ def launch(cfg: Settings, argv: list[str] | None = None) -> int:
         log.error("stopped by %s: the training processes saved a checkpoint and exited. Rerun with the same "
                   "OUTPUT_DIR to resume.", signal.Signals(exc.sigval).name)
         return 128 + int(exc.sigval)
+    finally:
+        del os.environ[WORKER_MARK]
+    log.info("all %d training processes on this node finished and exited", nproc)
     return int(ExitCode.OK)

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from tuneserve import data, signals
-from tuneserve.exitcodes import VerifyError
+from tuneserve.exitcodes import ExitCode, VerifyError
 from tuneserve.layout import Layout, write_json_atomic
 from tuneserve.settings import Settings
 
@@ -56,27 +56,29 @@ def merged_id(layout: Layout) -> str:
 def run(cfg: Settings, check_only: bool = False) -> int:
     from tuneserve import launch, publish, train
 
-    if not check_only and launch.needed(cfg):
-        if not train.adapter_done(Layout.of(cfg.output_dir)):
-            return launch.launch(cfg)  # one process per GPU, each running this function as a worker
-        # Training is done (a retry after a later stage failed): nothing to do together. Node 0 runs the
-        # remaining stages in this process; the other nodes would wait for a rendezvous nobody joins.
-        if cfg.node_rank > 0:
-            log.info("training already done and node %d has nothing else to do; exiting", cfg.node_rank)
-            return 0
     signals.install()
     use_token(cfg)
     layout = Layout.of(cfg.output_dir)
     repos = publish_targets(cfg)
-    main = launch.is_main()  # with several processes, rank 0 alone writes the shared files
+    # More than one process: this one starts them (one per GPU) and waits; they train and exit.
+    starts_group = not check_only and launch.needed(cfg)
+    finisher = launch.runs_final_stages(cfg)  # the one process that merges, verifies and publishes
 
     banner("preflight")
-    if repos and main:
+    if repos and finisher:
         publish.preflight(repos, cfg.publish_retries, cfg.publish_backoff_seconds)
-    if check_only or not train.adapter_done(layout):
+    if not check_only and train.adapter_done(layout):
+        log.info("training already done: %s holds the adapter; skipping the training stage", layout.adapter)
+    elif starts_group:
+        code = launch.launch(cfg)
+        signals.install()  # the launcher leaves its own SIGTERM handler in place
+        if code != ExitCode.OK:
+            return code
+    else:
         from tuneserve import tokenizer
         from tuneserve.model import resolve_placement
 
+        main = launch.is_main()  # with several processes, rank 0 alone writes the shared files
         placement = resolve_placement(cfg)
         shaped = data.load_and_shape(cfg)
         tok_info = tokenizer.prepare_tokenizer(cfg, needs_template=shaped.is_chat)
@@ -90,10 +92,10 @@ def run(cfg: Settings, check_only: bool = False) -> int:
         mode = "QLoRA" if cfg.load_in_4bit else "LoRA"
         banner(f"train: {mode} SFT on {placement.device} ({placement.dtype_name})")
         train.train(cfg, layout, tok_info, prepared, placement)
-    else:
-        log.info("training already done: %s holds the adapter; skipping the training stage", layout.adapter)
-    if not main:
-        log.info("rank %d: training done; rank 0 merges, verifies and publishes", launch.rank())
+    if not finisher:
+        who = f"rank {launch.rank()}" if launch.in_worker() else f"node {cfg.node_rank}"
+        log.info("%s: nothing else to do here; %s merges, verifies and publishes", who,
+                 "the launcher on node 0" if launch.in_worker() else "node 0")
         return 0
 
     if cfg.merge:

@@ -252,7 +252,7 @@ def train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placemen
         log.info("starting training from scratch (no complete checkpoint in %s)", layout.checkpoints)
     with signals.deferred():
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if callback.stopped_by_signal or signals.requested():
+    if callback.stopped_by_signal:  # the same answer in every process (the callback all-reduces it)
         raise Terminated(f"stopped by SIGTERM at step {trainer.state.global_step}; checkpoint saved in "
                          f"{layout.checkpoints}. Rerun with the same OUTPUT_DIR to resume.")
     processes = _per_process_report(trainer, recorder, sharded=cfg.distributed_strategy == "fsdp")
@@ -262,26 +262,32 @@ def train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placemen
     _barrier()
     trainer.save_model(str(tmp))  # every process takes part (FSDP gathers the shards); rank 0 writes
     _barrier()
-    if not launch.is_main():
-        return layout.adapter
+    if launch.is_main():
+        _install_adapter(tmp, layout, meta={
+            "base_model": cfg.base_model, "base_model_revision": cfg.base_model_revision,
+            "end_of_turn": tok_info.end_of_turn, "added_tokens": tok_info.added_tokens,
+            "template_source": tok_info.template_source, "dtype": placement.dtype_name,
+            "load_in_4bit": cfg.load_in_4bit, "global_step": trainer.state.global_step,
+            # What MERGE_BASE=dequantized replays: which weights were 4-bit and how they were quantized.
+            "quantization": quantization,
+        }, report={
+            "metrics": dict(result.metrics), "global_step": trainer.state.global_step, "data": prepared.stats,
+            "log_history": trainer.state.log_history, "resumed_from": str(resume) if resume else None,
+            "processes": processes,
+        })
+    if signals.requested():  # SIGTERM after the last step: nothing lost, the adapter is complete
+        raise Terminated(f"stopped by SIGTERM after training finished; the adapter is in {layout.adapter}. "
+                         "Rerun with the same OUTPUT_DIR to merge, verify and publish.")
+    return layout.adapter
+
+
+def _install_adapter(tmp: Path, layout: Layout, meta: dict, report: dict) -> None:
+    """Rank 0: the saved adapter gets its metadata and replaces OUTPUT_DIR/adapter in one rename."""
     (tmp / "README.md").unlink(missing_ok=True)  # TRL's generic card; the real one comes with publishing
-    write_json_atomic(tmp / "training_meta.json", {
-        "base_model": cfg.base_model, "base_model_revision": cfg.base_model_revision,
-        "end_of_turn": tok_info.end_of_turn, "added_tokens": tok_info.added_tokens,
-        "template_source": tok_info.template_source, "dtype": placement.dtype_name,
-        "load_in_4bit": cfg.load_in_4bit, "global_step": trainer.state.global_step,
-        # What MERGE_BASE=dequantized replays: which weights were 4-bit and how they were quantized.
-        "quantization": quantization,
-    })
+    write_json_atomic(tmp / "training_meta.json", meta)
     readable_as_umask_allows(tmp)
     if layout.adapter.exists():
         shutil.rmtree(layout.adapter)
     os.replace(tmp, layout.adapter)
-    metrics = dict(result.metrics)
-    write_json_atomic(layout.train_report, {
-        "metrics": metrics, "global_step": trainer.state.global_step, "data": prepared.stats,
-        "log_history": trainer.state.log_history, "resumed_from": str(resume) if resume else None,
-        "processes": processes,
-    })
-    log.info("training done at step %d; adapter in %s", trainer.state.global_step, layout.adapter)
-    return layout.adapter
+    write_json_atomic(layout.train_report, report)
+    log.info("training done at step %d; adapter in %s", report["global_step"], layout.adapter)
