@@ -77,13 +77,13 @@ def needed(cfg: Settings) -> bool:
 
 
 def end_worker(code: int) -> None:
-    """How a process started by a torchrun launcher ends once its work is done: at once, without the
+    """How a process started by a torchrun launcher ends, whatever its outcome: at once, without the
     interpreter's teardown. Torch's process groups are not safe to tear down there: left alive, gloo's
-    threads can abort the finished process at exit (SIGABRT, "terminate called without an active
-    exception": pytorch/pytorch#190489); destroyed with `destroy_process_group()` while the DDP model still
-    references the group, the process can hang in ~ProcessGroupGloo joining its threads (the first seen in
-    this project's CI, the second in its tests). Either turns a finished run into a failed or stuck one. Every file has been written and
-    closed by now, and the launcher only needs the exit code."""
+    threads can abort a finished process at exit (SIGABRT, "terminate called without an active exception":
+    pytorch/pytorch#190489); destroyed with `destroy_process_group()` while the DDP model still references
+    the group, the process can hang in ~ProcessGroupGloo joining its threads. Both were seen in this
+    project's tests; either turns a finished run into a failed or stuck one. The pipeline has written and
+    closed its files by now, and the launcher only needs the exit code."""
     logging.shutdown()  # flush the log handlers, as the interpreter's exit would
     sys.stdout.flush()
     sys.stderr.flush()
