@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -63,6 +64,22 @@ def test_two_processes_split_the_data_reduce_gradients_and_merge_once(tmp_path, 
     assert "training already done" in again.stderr and "verification already passed" in again.stderr
     other = run_train({**env, "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.255.255.1"}, cwd=tmp_path)
     assert other.returncode == 0 and "node 1: nothing else to do here" in other.stderr, other.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_under_a_users_own_torchrun_rank_0_merges_once_after_training(tmp_path, chatml_base, qa_dataset):
+    out = tmp_path / "out"
+    env = clean_env(**{**LEARN_ENV, **TWO, "BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset),
+                       "OUTPUT_DIR": str(out), "PER_DEVICE_TRAIN_BATCH_SIZE": "4"})
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "entrypoints.train"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "starting 2 training processes" not in res.stderr  # torchrun's workers start no launcher of their own
+    assert "rank 1: nothing else to do here" in res.stderr
+    assert res.stderr.count("==== merge") == 1 and res.stderr.count("==== verify") == 1
+    assert json.loads((out / "verify.json").read_text())["passed"] is True
+    assert [p["rank"] for p in json.loads((out / "train_report.json").read_text())["processes"]] == [0, 1]
 
 
 @pytest.mark.slow
