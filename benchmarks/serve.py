@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from benchmarks import common
-from tuneserve.health import free_port, wait_healthy
+from tuneserve.health import free_port, stop_server, wait_healthy
 
 TITLE = "Serving: python -m entrypoints.serve vs vLLM started directly"
 INPUT_LEN, OUTPUT_LEN = 128, 64
@@ -117,13 +117,7 @@ class Server:
         return time.monotonic() - self.start
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_server(self.proc)
         try:  # vLLM's engine process, if it outlived the server (its own process group, started here)
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:

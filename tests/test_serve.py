@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import QA, REPO, ask, clean_env, free_port
+from tuneserve.health import stop_server, wait_healthy
 
 SERVE_PYTHON = Path(os.environ.get("SERVE_PYTHON", REPO / ".venv-serve" / "bin" / "python"))
 KEY = "sk-serve-test-KEY123"
@@ -123,8 +123,6 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 300) -> None:
-        from tuneserve.health import wait_healthy
-
         def check_alive():
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
@@ -135,14 +133,7 @@ class Server:
             raise AssertionError(f"server not ready in {timeout}s:\n{self.log.read_text()[-4000:]}") from None
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_server(self.proc)
 
 
 @pytest.fixture(scope="module")

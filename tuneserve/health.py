@@ -1,9 +1,11 @@
-"""Waiting for a local OpenAI-compatible server (vLLM) to answer GET /health: used by the demo, the
-benchmarks and the tests that start servers, each of which starts and watches its server its own way."""
+"""Waiting for a local OpenAI-compatible server (vLLM) to answer GET /health, and stopping it: used by the
+demo, the benchmarks and the tests that start servers, each of which starts and watches its server its own
+way."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
@@ -35,3 +37,16 @@ def wait_healthy(url: str, check_alive: Callable[[], None], timeout: float, inte
         if progress is not None:
             progress(elapsed)
         time.sleep(interval)
+
+
+def stop_server(proc: subprocess.Popen, grace: float = 60) -> int:
+    """SIGTERM, as `docker stop` and the kubelet send it; SIGKILL if the server is still up after `grace`
+    seconds. Returns the exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
