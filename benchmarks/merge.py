@@ -66,12 +66,11 @@ def build_inputs(work: Path, shapes: dict, shard_size: str) -> tuple[Path, Path,
 
 def _build(spec: dict) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import Gemma3ForCausalLM
     from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
 
     from tuneserve import textsql
-    from tuneserve.tiny import build_tokenizer
+    from tuneserve.tiny import build_tokenizer, save_random_adapter
 
     base, adapter = Path(spec["base"]), Path(spec["adapter"])
     tok = build_tokenizer(textsql.corpus(), template="gemma", vocab_size=1500)
@@ -83,11 +82,7 @@ def _build(spec: dict) -> dict:
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(base, max_shard_size=spec["shard_size"])
     tok.save_pretrained(base)
-    peft_model = get_peft_model(model, LoraConfig(**LORA, init_lora_weights=False))  # random B: weights change
-    peft_model.save_pretrained(adapter)
-    tok.save_pretrained(adapter)
-    (adapter / "training_meta.json").write_text(json.dumps({"end_of_turn": "<end_of_turn>", "dtype": "bfloat16",
-                                                            "base_model": str(base)}))
+    peft_model = save_random_adapter(model, tok, adapter, "<end_of_turn>", {"base_model": str(base)}, **LORA)
     lora_params = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
     largest = max(p.numel() * p.element_size() for p in model.parameters())
     return {"parameters": params, "lora_parameters": lora_params, "largest_tensor_bytes": largest,

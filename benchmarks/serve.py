@@ -50,23 +50,18 @@ def prepare_model(work: Path) -> Path:
 
 def _model(spec: dict) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tuneserve import textsql
     from tuneserve.merge import merge
-    from tuneserve.tiny import build_tiny_model
+    from tuneserve.tiny import build_tiny_model, save_random_adapter
 
     work = Path(spec["work"])
     base = build_tiny_model(work / "base", textsql.corpus(), template="chatml", hidden_size=256, num_layers=4,
                             vocab_size=1500)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear",
-                                                  init_lora_weights=False))
     adapter = work / "adapter"
-    peft_model.save_pretrained(adapter)
-    AutoTokenizer.from_pretrained(base).save_pretrained(adapter)
-    (adapter / "training_meta.json").write_text(json.dumps({"end_of_turn": "<|im_end|>", "dtype": "bfloat16"}))
+    save_random_adapter(model, AutoTokenizer.from_pretrained(base), adapter, "<|im_end|>", r=16, lora_alpha=16)
     merge(str(base), None, adapter, work / "merged")
     return {}
 

@@ -152,24 +152,18 @@ def test_merge_peak_memory_stays_bounded_on_a_model_four_times_larger(tmp_path):
     """Merging a 260 MB checkpoint (10 shards) may grow the process's peak resident memory by at most 64 MB:
     the merge holds one tensor (and the adapter) at a time, never the model or a whole shard."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuneserve.tiny import build_tiny_model
+    from tuneserve.tiny import build_tiny_model, save_random_adapter
 
     allowed = 64 * 2**20
     base = build_tiny_model(tmp_path / "big", CORPUS, hidden_size=1024, num_layers=16, max_shard_size="30MB")
     size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     assert size > 4 * allowed
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
-                                                  init_lora_weights=False))
     adapter = tmp_path / "adapter"
-    peft_model.save_pretrained(adapter)
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(base).save_pretrained(adapter)
-    (adapter / "training_meta.json").write_text(json.dumps({"end_of_turn": "<|im_end|>", "dtype": "bfloat16"}))
+    peft_model = save_random_adapter(model, AutoTokenizer.from_pretrained(base), adapter, "<|im_end|>", r=8,
+                                     lora_alpha=16)
     del model, peft_model
     res = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(base), str(adapter), str(tmp_path)],
                          env=clean_env(), capture_output=True, text=True, timeout=600)

@@ -67,6 +67,24 @@ def build_tiny_model(out_dir: str | Path, texts: list[str], template: str | None
     return out
 
 
+def save_random_adapter(model, tokenizer, out_dir: str | Path, end_of_turn: str, meta: dict | None = None,
+                        **lora):
+    """Wrap `model` in an all-linear LoRA adapter whose A and B are both random (PEFT's default B is zero,
+    so merging it would change nothing) and save it as training does: the adapter, the tokenizer and
+    training_meta.json. `lora` goes to LoraConfig. Returns the PEFT model."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    out = Path(out_dir)
+    peft_model = get_peft_model(model, LoraConfig(**{"target_modules": "all-linear", **lora}, init_lora_weights=False))
+    peft_model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "training_meta.json").write_text(json.dumps({"end_of_turn": end_of_turn, "dtype": "bfloat16",
+                                                        **(meta or {})}))
+    return peft_model
+
+
 def pretrain(model_dir: str | Path, texts: list[str], epochs: int = 2, batch_size: int = 16, lr: float = 2e-3,
              seed: int = 0, log_every: int = 50) -> None:
     """Full-parameter causal-LM training of a tiny model on plain text, so the demo's base "knows" its
