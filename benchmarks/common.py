@@ -16,6 +16,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -197,8 +198,14 @@ def reset_peak() -> None:
 RESULT_TAG = "BENCH_RESULT "
 
 
-def child_result(payload: dict) -> None:
-    print(RESULT_TAG + json.dumps(payload, default=str), flush=True)
+def answered_as_child(args: argparse.Namespace, measurements: dict[str, Callable[[dict], dict]]) -> bool:
+    """In a process started by `run_child`: take the one measurement its spec's `kind` names, print the result
+    for the parent and return True (the benchmark's main then exits). False in the benchmark's own process."""
+    if not args.child:
+        return False
+    spec = json.loads(args.child)
+    print(RESULT_TAG + json.dumps(measurements[spec["kind"]](spec), default=str), flush=True)
+    return True
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -133,15 +133,9 @@ def _variant(spec: dict) -> dict:
             "padding_free": bool(getattr(trainer, "padding_free", False)), **stats}
 
 
-def child(spec: dict) -> None:
-    fn = {"model": _model, "variant": _variant}[spec["kind"]]
-    common.child_result(fn(spec))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = common.parse_args("data", __doc__, argv)
-    if args.child:
-        child(json.loads(args.child))
+    if common.answered_as_child(args, {"model": _model, "variant": _variant}):
         return 0
     started = time.monotonic()
     rows_in = 200 if args.smoke else 10_000

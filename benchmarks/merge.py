@@ -190,15 +190,9 @@ def _compare(spec: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- main
-def child(spec: dict) -> None:
-    fn = {"build": _build, "merge": _merge, "compare": _compare}[spec["kind"]]
-    common.child_result(fn(spec))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = common.parse_args("merge", __doc__, argv)
-    if args.child:
-        child(json.loads(args.child))
+    if common.answered_as_child(args, {"build": _build, "merge": _merge, "compare": _compare}):
         return 0
     started = time.monotonic()
     work = args.work_dir

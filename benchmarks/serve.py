@@ -145,19 +145,13 @@ def load(server: Server, merged: Path, plan: dict, out: Path) -> dict[int, dict]
     return results
 
 
-def child(spec: dict) -> None:
-    fn = {"model": _model}[spec["kind"]]
-    common.child_result(fn(spec))
-
-
 def _mean(xs: list[float]) -> float:
     return round(statistics.mean(xs), 3)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = common.parse_args("serve", __doc__, argv)
-    if args.child:
-        child(json.loads(args.child))
+    if common.answered_as_child(args, {"model": _model}):
         return 0
     started = time.monotonic()
     plan = SMOKE if args.smoke else FULL

@@ -183,11 +183,6 @@ def trl_trainer():
     return trl.SFTTrainer  # the timed subclass once _install_timer ran
 
 
-def child(spec: dict) -> None:
-    fn = {"model": _model, "run": _run}[spec["kind"]]
-    common.child_result(fn(spec))
-
-
 def mfu(r: dict, gpu: str | None) -> float | None:
     peak = next((v for k, v in PEAK_BF16.items() if gpu and k in gpu), None)
     if peak is None or r.get("device") != "cuda":
@@ -198,8 +193,7 @@ def mfu(r: dict, gpu: str | None) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = common.parse_args("train", __doc__, argv)
-    if args.child:
-        child(json.loads(args.child))
+    if common.answered_as_child(args, {"model": _model, "run": _run}):
         return 0
     started = time.monotonic()
     gpu = common.gpu_name()
