@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import LEARN_ENV, QA, REPO, ask
+from conftest import LEARN_ENV, QA, REPO, ask, clean_env
 from tuneserve.health import free_port, wait_healthy
 
 pytestmark = pytest.mark.images
@@ -192,3 +193,22 @@ def test_serving_image_answers_chat_completions_from_the_merged_folder(trained_v
         assert code == "0", podman("logs", name, check=False).stderr[-3000:]
     finally:
         podman("rm", "--force", name, check=False)
+
+
+def test_images_benchmark_smoke_measures_both_built_images(tmp_path):
+    """The images benchmark (make bench) reads the images this lane built; its smoke run sizes each of them."""
+    from test_bench import assert_documented_structure
+
+    results = tmp_path / "results"
+    res = subprocess.run([sys.executable, "-m", "benchmarks.images", "--smoke", "--results-dir", str(results),
+                          "--work-dir", str(tmp_path / "work")], env=clean_env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    r = json.loads((results / "images.json").read_text())
+    assert_documented_structure(r, "images")
+    rows = {row["key"]: row for row in r["rows"]}
+    assert {"train", "serve", "vllm", "serve-added"} <= set(rows), r["not_run"]
+    for key in ("train", "serve", "vllm"):
+        assert rows[key]["unpacked_gb"] > 0 and rows[key]["layers"] > 0
+    # The serving image is its vLLM base plus our layers: strictly larger, by what those layers add.
+    assert 0 < rows["serve-added"]["unpacked_gb"] < rows["serve"]["unpacked_gb"]
