@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -419,8 +420,10 @@ def merge(base_model: str, revision: str | None, adapter_dir: Path, out: Path, m
         changed, shards, method = len(parts.lora), len(list(tmp.glob("*.safetensors"))), "peft"
     servable = make_servable(tmp, base_dir, adapter_dir, meta)
     result = MergeResult(out, method, merge_base, round(time.perf_counter() - start, 3), changed, shards)
+    # merge_id names this merge's output: a verification applies to it alone (a re-merge, even of the same
+    # adapter in the same time, is verified again).
     (tmp / "merge_info.json").write_text(json.dumps({
-        "method": method, "merge_base": merge_base, "tensors_merged": changed, "shards": shards,
+        "merge_id": uuid.uuid4().hex, "method": method, "merge_base": merge_base, "tensors_merged": changed, "shards": shards,
         "seconds": result.seconds, "base_model": base_model, "base_model_revision": revision,
         "stop_token_ids": servable["eos_token_id"], "end_of_turn": servable["end_of_turn"]}, indent=2) + "\n")
     if out.exists():
