@@ -67,13 +67,17 @@ def _model(spec: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- servers
+BENCH_KEY = "sk-bench-local-only"  # both servers require it; the load generator sends it (OPENAI_API_KEY)
+
+
 def serve_settings(merged: Path, port: int) -> dict[str, str]:
     return {"MODEL_ID": str(merged), "SERVED_MODEL_NAME": "bench", "HOST": "127.0.0.1", "PORT": str(port),
-            "MAX_MODEL_LEN": "512"}
+            "MAX_MODEL_LEN": "512", "API_KEY": BENCH_KEY}
 
 
 def server_argv(kind: str, merged: Path, port: int) -> tuple[list[str], dict[str, str]]:
-    """(argv, environment) of one server. `direct` runs vLLM with the argv our entrypoint would exec."""
+    """(argv, environment) of one server. `direct` runs vLLM with the argv our entrypoint would exec, less our
+    gate (tuneserve.gate): vLLM's own key check, no limits, no drain."""
     env = common.clean_env(VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                            VLLM_NO_USAGE_STATS="1")
     settings = serve_settings(merged, port)
@@ -81,10 +85,14 @@ def server_argv(kind: str, merged: Path, port: int) -> tuple[list[str], dict[str
         return [str(common.SERVE_PYTHON), "-m", "entrypoints.serve"], {**env, **settings}
     import contextlib
 
-    from tuneserve.serve import SERVE_SCHEMA, build_command
+    from tuneserve.gate import GATE_ENV
+    from tuneserve.serve import GATE_MIDDLEWARE, SERVE_SCHEMA, build_command
 
     with contextlib.chdir(merged.parent):  # where no developer's ./.env is read
         args, extra_env = build_command(SERVE_SCHEMA.load(settings))
+    gate = args.index(GATE_MIDDLEWARE)
+    del args[gate - 1:gate + 1]
+    extra_env.pop(GATE_ENV)
     return [str(common.SERVE_PYTHON), "-m", "vllm.entrypoints.openai.api_server", *args], {**env, **extra_env}
 
 
@@ -129,7 +137,7 @@ def load(server: Server, merged: Path, plan: dict, out: Path) -> dict[int, dict]
             "--ignore-eos", "--seed", "0", "--disable-tqdm",
             "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
             "--save-result", "--result-dir", str(out), "--result-filename", f"{server.kind}.json"]
-    res = subprocess.run(argv, env=common.clean_env(), cwd=out, capture_output=True, text=True, timeout=1800)
+    res = subprocess.run(argv, env=common.clean_env(OPENAI_API_KEY=BENCH_KEY), cwd=out, capture_output=True, text=True, timeout=1800)
     (out / f"{server.kind}.log").write_text(res.stdout + "\n--- stderr ---\n" + res.stderr)
     if res.returncode != 0:
         raise RuntimeError(f"vllm bench serve against {server.kind} exited {res.returncode}:\n{res.stderr[-3000:]}")

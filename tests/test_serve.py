@@ -43,8 +43,8 @@ def test_serve_configuration_errors_exit_2_all_at_once(tmp_path):
                      "VLLM_ARG_KV_CACHE_DTYPE": "int3", "VLLM_PORT": "tcp://10.0.0.1:8000"}, cwd=tmp_path)
     assert out.returncode == 2
     err = out.stderr
-    assert "found 7 configuration problems" in err and "Traceback" not in err
-    for expected in ("MODEL_ID is required", "PORT='http'", "LORA_ADAPTERS='broken': 'broken' is not name=",
+    assert "found 8 configuration problems" in err and "Traceback" not in err
+    for expected in ("MODEL_ID is required", "no API key", "PORT='http'", "LORA_ADAPTERS='broken': 'broken' is not name=",
                      "VLLM_ARG_NOPE: VLLM_ARG_* variables set fields of vLLM", "VLLM_ARG_API_KEY: vLLM",
                      "VLLM_ARG_KV_CACHE_DTYPE='int3': expected one of", "VLLM_PORT='tcp://10.0.0.1:8000' was "
                      "injected by Kubernetes"):
@@ -59,7 +59,7 @@ def test_command_keeps_the_key_out_of_argv_and_maps_variables(tmp_path, trained_
                              "VLLM_ARG_MAX_NUM_BATCHED_TOKENS": "512", "VLLM_ARG_ENFORCE_EAGER": "true",
                              "PIPELINE_PARALLEL_SIZE": "2"})
     args, env = build_command(cfg)
-    assert KEY not in " ".join(args) and env == {"VLLM_API_KEY": KEY}
+    assert KEY not in " ".join(args) and env["VLLM_API_KEY"] == KEY and KEY not in env["TUNESERVE_GATE"]
     joined = " ".join(args)
     for part in ("--served-model-name qa", "--max-model-len 128", "--no-enable-prefix-caching",
                  "--tensor-parallel-size 1", "--pipeline-parallel-size 2", "--max-num-batched-tokens 512", "--enforce-eager",
@@ -77,7 +77,8 @@ def test_adapter_mode_sets_rank_and_stop_ids_without_touching_the_base(tmp_path,
     from tuneserve.serve import SERVE_SCHEMA, build_command
 
     before = (chatml_base / "generation_config.json").read_bytes()
-    cfg = SERVE_SCHEMA.load({"MODEL_ID": str(chatml_base), "LORA_ADAPTERS": f"qa={trained_output / 'adapter'}"})
+    cfg = SERVE_SCHEMA.load({"MODEL_ID": str(chatml_base), "LORA_ADAPTERS": f"qa={trained_output / 'adapter'}",
+                             "API_KEY": KEY})
     args, _ = build_command(cfg)
     joined = " ".join(args)
     assert "--enable-lora --max-lora-rank 32 --max-loras 1" in joined  # trained with LORA_R=32
@@ -94,14 +95,89 @@ def test_adapters_vllm_cannot_serve_are_refused_with_advice(tmp_path, trained_ou
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["modules_to_save"] = ["lm_head", "embed_tokens"]
     (adapter / "adapter_config.json").write_text(json.dumps(config))
-    out = run_serve({"MODEL_ID": str(chatml_base), "LORA_ADAPTERS": f"mts={adapter}"}, "--check", cwd=tmp_path)
+    out = run_serve({"MODEL_ID": str(chatml_base), "LORA_ADAPTERS": f"mts={adapter}", "API_KEY": KEY}, "--check",
+                    cwd=tmp_path)
     assert out.returncode == 2
     assert "cannot be served by vLLM as an adapter: it trains whole modules" in out.stderr
     assert "Merge it into the base instead" in out.stderr
     config.update(modules_to_save=None, use_dora=True)
     (adapter / "adapter_config.json").write_text(json.dumps(config))
-    out = run_serve({"MODEL_ID": str(chatml_base), "LORA_ADAPTERS": f"dora={adapter}"}, "--check", cwd=tmp_path)
+    out = run_serve({"MODEL_ID": str(chatml_base), "LORA_ADAPTERS": f"dora={adapter}", "API_KEY": KEY}, "--check",
+                    cwd=tmp_path)
     assert out.returncode == 2 and "it uses DoRA" in out.stderr
+
+
+@pytest.mark.parametrize("env, message", [
+    ({}, "no API key: set API_KEY or API_KEY_FILE"),
+    ({"API_KEY": ""}, "API_KEY: the key is empty or blank"),
+    ({"API_KEY": "  \t"}, "API_KEY: the key is empty or blank"),
+    ({"API_KEY_FILE": "empty.key"}, "API_KEY_FILE='empty.key': the key is empty or blank"),
+    ({"API_KEY_FILE": "blank.key"}, "API_KEY_FILE='blank.key': the key is empty or blank"),
+    ({"API_KEY_FILE": "missing.key"}, "API_KEY_FILE='missing.key': no such file"),
+    ({"API_KEY": "k", "VLLM_API_KEY": "k"}, "VLLM_API_KEY is set: use API_KEY or API_KEY_FILE"),
+    ({"API_KEY": "k", "VLLM_SERVER_DEV_MODE": "1"}, "VLLM_SERVER_DEV_MODE is set"),
+    ({"ALLOW_UNAUTHENTICATED": "true", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true"},
+     "VLLM_ALLOW_RUNTIME_LORA_UPDATING is set"),
+    ({"API_KEY": "k", "VLLM_ARG_SHUTDOWN_TIMEOUT": "10"}, "use DRAIN_SECONDS"),
+])
+def test_server_fails_closed_without_a_usable_key_or_with_dev_switches(tmp_path, env, message):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "empty.key").write_text("")
+    (tmp_path / "blank.key").write_text(" \n\n")
+    out = run_serve({"MODEL_ID": str(tmp_path / "model"), **env}, "--check", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_opt_ins_start_without_a_key_and_with_dev_switches(tmp_path, trained_output):
+    env = {"MODEL_ID": str(trained_output / "merged"), "ALLOW_UNAUTHENTICATED": "true", "VLLM_SERVER_DEV_MODE": "1",
+           "ALLOW_VLLM_DEV_SWITCHES": "true"}
+    out = run_serve(env, "--check", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "no API key: ALLOW_UNAUTHENTICATED" in out.stderr
+
+
+def test_the_gate_is_the_outermost_middleware_and_gets_its_settings(tmp_path, trained_output):
+    from tuneserve.gate import GATE_ENV
+    from tuneserve.serve import GATE_MIDDLEWARE, SERVE_SCHEMA, build_command
+
+    (tmp_path / "key").write_text("sk-from-a-file\n")
+    cfg = SERVE_SCHEMA.load({"MODEL_ID": str(trained_output / "merged"), "API_KEY_FILE": str(tmp_path / "key"),
+                             "VLLM_ARG_MIDDLEWARE": "my.Middleware", "MAX_CHOICES": "3"})
+    args, env = build_command(cfg)
+    middleware = [args[i + 1] for i, a in enumerate(args) if a == "--middleware"]
+    assert middleware == ["my.Middleware", GATE_MIDDLEWARE]  # vLLM adds them in order: the last is outermost
+    assert env["VLLM_API_KEY"] == "sk-from-a-file"
+    gate = json.loads(env[GATE_ENV])
+    assert gate["auth"] is True and gate["max_choices"] == 3 and gate["max_output_tokens"] == 2048
+    assert "sk-from-a-file" not in env[GATE_ENV] and "sk-from-a-file" not in " ".join(args)
+
+
+@pytest.mark.parametrize("body, problem", [
+    ({"n": 4, "max_tokens": 10}, None),
+    ({"n": 5}, "n=5 is more than this server allows per request (MAX_CHOICES=4)"),
+    ({"best_of": 6, "n": 1}, "best_of=6 is more than this server allows"),
+    ({"n": 4, "max_tokens": 60}, "may generate 240 tokens (4 choices x 60 tokens), more than this server allows "
+                                 "per request (MAX_REQUEST_OUTPUT_TOKENS=200)"),
+    ({"n": 3, "max_tokens": 100}, None),  # each answer is capped at MAX_OUTPUT_TOKENS: 3 x 64 = 192
+    ({"n": 2}, None),  # no max_tokens: MAX_OUTPUT_TOKENS (64) per choice
+    ({"n": 4}, "may generate 256 tokens (4 choices x 64 tokens)"),
+    ({"max_tokens": 10_000}, None),  # capped by MAX_OUTPUT_TOKENS: one choice of 64
+    ({"prompt": ["a", "b", "c", "d"], "max_tokens": 60}, "may generate 240 tokens (4 prompts x 1 choices x 60"),
+    ({"prompt": "one prompt", "max_completion_tokens": 50, "n": 4}, None),
+    ({"messages": [[{"role": "user", "content": "a"}]] * 5, "max_tokens": 50}, "250 tokens (5 prompts x 1 choices"),
+    ({"messages": [{"role": "user", "content": "a"}] * 5, "max_tokens": 50}, None),  # one conversation
+    ({"token_ids": [1, 2], "sampling_params": {"n": 9}}, "n=9 is more than"),
+    ({"n": "many"}, None),  # the wrong type is vLLM's to reject
+    (["not", "an", "object"], None),
+])
+def test_generation_limits_count_choices_prompts_and_tokens(body, problem):
+    from tuneserve.gate import check_generation_limits
+
+    found = check_generation_limits(body, max_choices=4, max_request_output_tokens=200, max_output_tokens=64)
+    assert (found is None) == (problem is None), found
+    if problem is not None:
+        assert problem in found[0]
 
 
 # ------------------------------------------------------------------------------------------- real vLLM
@@ -135,12 +211,47 @@ class Server:
     def stop(self) -> int:
         return stop_server(self.proc)
 
+    def engine(self):
+        """vLLM's engine core process (a child of the server), to stall and resume it."""
+        import psutil
+
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            if "EngineCore" in " ".join(child.cmdline()) or "EngineCore" in child.name():
+                return child
+        raise AssertionError("no EngineCore process under the server")
+
+    def request(self, path: str, body: object = None, key: str | None = None,
+                method: str | None = None) -> tuple[int, dict | str]:
+        """(status, parsed JSON or text) of one request; never raises for an HTTP error status."""
+        import urllib.error
+        import urllib.request
+
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        if key is not None:
+            req.add_header("Authorization", f"Bearer {key}")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                status, text = r.status, r.read().decode("utf-8", "replace")
+        except urllib.error.HTTPError as e:
+            status, text = e.code, e.read().decode("utf-8", "replace")
+        try:
+            return status, json.loads(text)
+        except ValueError:
+            return status, text
+
+
+LIMITS = {"MAX_OUTPUT_TOKENS": "8", "MAX_CHOICES": "4", "MAX_REQUEST_OUTPUT_TOKENS": "16",
+          "MAX_REQUEST_BYTES": "65536", "MAX_TOKENIZE_BYTES": "4096", "LIVE_TIMEOUT": "3", "LIVE_CACHE_SECONDS": "1"}
+CHAT = {"model": "qa-model", "messages": [{"role": "user", "content": "What do bees make?"}], "max_tokens": 4}
+
 
 @pytest.fixture(scope="module")
 def merged_server(tmp_path_factory, trained_output):
     need_vllm()
     server = Server({"MODEL_ID": str(trained_output / "merged"), "SERVED_MODEL_NAME": "qa-model", "API_KEY": KEY,
-                     "MAX_MODEL_LEN": "128", "MAX_OUTPUT_TOKENS": "8"}, tmp_path_factory.mktemp("serve"))
+                     "MAX_MODEL_LEN": "128", **LIMITS}, tmp_path_factory.mktemp("serve"))
     try:
         server.wait_ready()
         yield server
@@ -157,49 +268,201 @@ def test_served_merged_model_answers_exactly_and_stops(merged_server):
     assert [m.id for m in client.models.list().data] == ["qa-model"]
 
 
-@pytest.mark.slow
-def test_api_key_is_required_and_limits_are_applied(merged_server):
-    import urllib.error
-    import urllib.request
+def served_routes(log: str) -> dict[str, set[str]]:
+    """path -> methods, from the route table vLLM logs at start (every route and mount of the running app)."""
+    import re
 
-    import openai
-
-    with pytest.raises(openai.AuthenticationError) as err:
-        openai.OpenAI(base_url=f"{merged_server.url}/v1", api_key="wrong").models.list()
-    assert err.value.status_code == 401
-    request = urllib.request.Request(f"{merged_server.url}/v1/models")
-    with pytest.raises(urllib.error.HTTPError) as no_key:
-        urllib.request.urlopen(request, timeout=10)
-    assert no_key.value.code == 401
-    request.add_header("Authorization", f"Bearer {KEY}")
-    with urllib.request.urlopen(request, timeout=10) as ok:
-        assert ok.status == 200
-    client = openai.OpenAI(base_url=f"{merged_server.url}/v1", api_key=KEY)
-    with pytest.raises(openai.BadRequestError) as too_long:
-        client.chat.completions.create(model="qa-model", messages=[{"role": "user", "content": "bees " * 400}],
-                                       max_tokens=8)
-    assert too_long.value.status_code == 400
-    with urllib.request.urlopen(f"{merged_server.url}/health", timeout=10) as health:
-        assert health.status == 200
-    # MAX_OUTPUT_TOKENS caps every answer, whatever the request asks for.
-    long = client.chat.completions.create(model="qa-model", messages=[{"role": "user", "content": "What do bees make?"}],
-                                          max_tokens=100, extra_body={"ignore_eos": True})
-    assert long.usage.completion_tokens == 8 and long.choices[0].finish_reason == "length"
+    routes: dict[str, set[str]] = {}
+    for path, kind, rest in re.findall(r"Route: (\S+), (Methods|Endpoint): (.+)", log):
+        routes.setdefault(path, set()).update(m.strip() for m in rest.split(",") if kind == "Methods")
+    return routes
 
 
 @pytest.mark.slow
-def test_sigterm_stops_the_server_cleanly(tmp_path, trained_output):
+def test_every_route_the_server_lists_needs_the_key_except_probes_and_metrics(merged_server):
+    import re
+
+    from tuneserve.gate import PUBLIC
+
+    routes = served_routes(merged_server.log.read_text())
+    # The list is the server's own, whatever this vLLM version serves (SageMaker's /invocations among them).
+    assert len(routes) > 20 and "/invocations" in routes and "/v1/chat/completions" in routes
+    open_routes = []
+    for path, methods in sorted(routes.items()):
+        concrete = re.sub(r"\{[^}]+\}", "x", path)
+        for method in sorted(methods - {"HEAD"}) or ["GET", "POST"]:
+            body = {} if method in ("POST", "PUT", "PATCH") else None
+            for key in (None, "wrong-" + KEY, KEY[:-1]):
+                status, answer = merged_server.request(concrete, body, key=key, method=method)
+                if path in PUBLIC:
+                    assert status != 401, (method, path)
+                elif status != 401:
+                    open_routes.append((method, path, key, status))
+                else:
+                    assert answer["error"]["code"] == "invalid_api_key", answer  # OpenAI's error shape
+    assert not open_routes, f"answered without the right key: {open_routes}"
+    for probe in ("/health", "/ping", "/live", "/metrics"):
+        assert merged_server.request(probe)[0] == 200, probe
+    # With the key, a route vLLM does not guard itself answers: SageMaker's chat route.
+    status, answer = merged_server.request("/invocations", CHAT, key=KEY)
+    assert status == 200 and answer["choices"][0]["message"]["content"], answer
+    assert KEY not in merged_server.log.read_text()
+
+
+@pytest.mark.slow
+def test_limits_are_enforced_before_any_work_and_the_server_stays_healthy(merged_server):
+    import http.client
+
+    cases = [
+        ("/v1/chat/completions", {**CHAT, "n": 5}, 400, "MAX_CHOICES=4"),
+        ("/invocations", {**CHAT, "n": 5}, 400, "MAX_CHOICES=4"),
+        ("/v1/chat/completions", {**CHAT, "n": 3, "max_tokens": 8}, 400, "MAX_REQUEST_OUTPUT_TOKENS=16"),
+        ("/v1/completions", {"model": "qa-model", "prompt": ["a", "b", "c"], "max_tokens": 8}, 400,
+         "MAX_REQUEST_OUTPUT_TOKENS=16"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * 70_000}]}, 413,
+         "MAX_REQUEST_BYTES=65536"),
+        ("/tokenize", {"model": "qa-model", "prompt": "bees " * 1000}, 413, "MAX_TOKENIZE_BYTES=4096"),
+    ]
+    for path, body, code, limit in cases:
+        status, answer = merged_server.request(path, body, key=KEY)
+        assert status == code and limit in answer["error"]["message"], (path, status, answer)
+        ok, reply = merged_server.request("/v1/chat/completions", {**CHAT, "n": 2}, key=KEY)
+        assert ok == 200 and len(reply["choices"]) == 2, reply
+        assert merged_server.request("/health")[0] == 200
+    # A chunked body declares no length: it is counted as it arrives.
+    conn = http.client.HTTPConnection("127.0.0.1", merged_server.port, timeout=60)
+    conn.putrequest("POST", "/v1/chat/completions")
+    for name, value in (("Authorization", f"Bearer {KEY}"), ("Content-Type", "application/json"),
+                        ("Transfer-Encoding", "chunked")):
+        conn.putheader(name, value)
+    conn.endheaders()
+    try:
+        for _ in range(20):
+            chunk = b" " * 8192
+            conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        conn.send(b"0\r\n\r\n")
+    except OSError:
+        pass  # the server may answer and close before the whole body is sent
+    response = conn.getresponse()
+    assert response.status == 413 and b"MAX_REQUEST_BYTES" in response.read()
+    conn.close()
+    assert merged_server.request("/tokenize", {"model": "qa-model", "prompt": "bees"}, key=KEY)[0] == 200
+    # MAX_OUTPUT_TOKENS caps every answer, whatever the request asks for; too long a prompt is a 400.
+    status, reply = merged_server.request("/v1/chat/completions", {**CHAT, "max_tokens": 100, "ignore_eos": True},
+                                          key=KEY)
+    assert status == 200 and reply["usage"]["completion_tokens"] == 8, reply
+    long_prompt = {**CHAT, "messages": [{"role": "user", "content": "bees " * 400}]}
+    assert merged_server.request("/v1/chat/completions", long_prompt, key=KEY)[0] == 400
+
+
+@pytest.mark.slow
+def test_live_fails_while_the_engine_is_stalled_though_health_says_200(merged_server):
+    import signal
+    import time
+
+    status, answer = merged_server.request("/live")
+    assert status == 200 and answer["status"] == "ok", answer
+    engine = merged_server.engine()
+    engine.send_signal(signal.SIGSTOP)  # the engine stops making progress; the API process is untouched
+    try:
+        time.sleep(1.5)  # past LIVE_CACHE_SECONDS
+        started = time.monotonic()
+        status, answer = merged_server.request("/live")
+        waited = time.monotonic() - started
+        assert status == 503 and answer["error"]["code"] == "engine_stalled", answer
+        assert 3 <= waited < 10  # LIVE_TIMEOUT=3: the probe answers, it does not hang
+        assert merged_server.request("/health")[0] == 200  # what /health cannot see
+    finally:
+        engine.send_signal(signal.SIGCONT)
+    status, answer = merged_server.request("/live")
+    assert status == 200 and answer["check"] == "generated", answer
+
+
+def open_stream(port: int, max_tokens: int):
+    """A streamed chat request; returns (connection, response) once its first event arrived."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps(
+        {**CHAT, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}),
+        {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    first = response.readline()
+    assert first.startswith(b"data: {"), first
+    return conn, response
+
+
+def read_events(response) -> list[str]:
+    """The stream's remaining data events, until the server closes it."""
+    events = []
+    while line := response.readline():
+        if line.startswith(b"data: "):
+            events.append(line[6:].strip().decode())
+    return events
+
+
+@pytest.mark.slow
+def test_sigterm_drains_then_ends_every_open_stream_and_exits_cleanly(tmp_path, trained_output):
+    import signal
+    import threading
+    import time
+
     need_vllm()
-    server = Server({"MODEL_ID": str(trained_output / "merged")}, tmp_path)
+    drain = 4
+    server = Server({"MODEL_ID": str(trained_output / "merged"), "SERVED_MODEL_NAME": "qa-model", "API_KEY": KEY,
+                     "MAX_MODEL_LEN": "1024", "MAX_OUTPUT_TOKENS": "1000", "DRAIN_SECONDS": str(drain)}, tmp_path)
+    engine = None
     try:
         server.wait_ready()
         # The entrypoint exec'd vLLM: the process we started is the server itself, so SIGTERM reaches it.
         cmdline = Path(f"/proc/{server.proc.pid}/cmdline").read_bytes().split(b"\0")
         assert b"vllm.entrypoints.launchers.api_server.entry" in cmdline
+        engine = server.engine()
+        streams = {name: open_stream(server.port, n) for name, n in (("long1", 900), ("long2", 900), ("short", 20))}
+        ended: dict[str, tuple[float, list[str]]] = {}
+
+        def follow(name):
+            events = read_events(streams[name][1])
+            ended[name] = (time.monotonic(), events)
+
+        readers = [threading.Thread(target=follow, args=(name,)) for name in streams]
+        for t in readers:
+            t.start()
+        sigterm = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        # Readiness fails at once and new requests are turned away while the drain runs.
+        deadline = time.monotonic() + 2
+        while server.request("/health")[0] != 503:
+            assert time.monotonic() < deadline, "/health still 200 after SIGTERM"
+            time.sleep(0.05)
+        status, answer = server.request("/v1/chat/completions", CHAT, key=KEY)
+        assert status == 503 and answer["error"]["code"] == "draining", answer
+        assert server.request("/live")[0] == 200  # liveness does not restart a draining pod
+        # The short request in flight finishes normally; then the engine stalls, so the long ones cannot.
+        readers[2].join(timeout=30)
+        engine.send_signal(signal.SIGSTOP)
+        at, events = ended["short"]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+        for t in readers[:2]:
+            t.join(timeout=drain + 20)
+        for name in ("long1", "long2"):
+            at, events = ended[name]
+            error = json.loads(events[-1])["error"]
+            assert error["code"] == "draining" and f"DRAIN_SECONDS={drain}" in error["message"], events[-3:]
+            assert "[DONE]" not in events
+            assert drain - 0.5 <= at - sigterm <= drain + 5, at - sigterm  # ended when the budget ran out
+        engine.send_signal(signal.SIGCONT)
+        code = server.proc.wait(timeout=30)
+        took = time.monotonic() - sigterm
     finally:
-        code = server.stop()
+        if engine is not None and engine.is_running():
+            engine.send_signal(signal.SIGCONT)
+        server.stop()
     assert code == 0, server.log.read_text()[-3000:]
-    assert "Shutting down" in server.log.read_text() or "shutdown" in server.log.read_text().lower()
+    assert took < drain + 20, took  # within k8s/base/serve-deployment.yaml's grace period
+    log = server.log.read_text()
+    assert "SIGTERM: draining 3 request(s)" in log and "2 request(s) still open after" in log
 
 
 @pytest.mark.slow
@@ -208,13 +471,14 @@ def test_adapter_mode_answers_like_the_merged_model(tmp_path, trained_output, ch
 
     need_vllm()
     server = Server({"MODEL_ID": str(chatml_base), "LORA_ADAPTERS": f"qa={trained_output / 'adapter'}",
-                     "MAX_MODEL_LEN": "128"}, tmp_path)
+                     "MAX_MODEL_LEN": "128", "ALLOW_UNAUTHENTICATED": "true"}, tmp_path)
     try:
         server.wait_ready()
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
         assert ask(client, "qa") == [(a, "stop") for _, a in QA]
     finally:
         server.stop()
+    assert "(no API key: ALLOW_UNAUTHENTICATED)" in server.log.read_text()
 
 
 def test_vllm_flag_table_matches_the_installed_vllm():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -110,7 +111,8 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     banner(4, f"python -m entrypoints.serve: vLLM on {out / 'merged'} at {url}")
     log = work / "serve.log"
-    serve_env = {**os.environ, "MODEL_ID": str(out / "merged"), "SERVED_MODEL_NAME": "text-to-sql",
+    key = secrets.token_urlsafe(24)  # the server refuses to start without one
+    serve_env = {**os.environ, "API_KEY": key, "MODEL_ID": str(out / "merged"), "SERVED_MODEL_NAME": "text-to-sql",
                  "HOST": "127.0.0.1", "PORT": str(port), "MAX_MODEL_LEN": "512", "HF_HUB_OFFLINE": "1",
                  "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), "PYTHONPATH": str(REPO)}
     server = subprocess.Popen([str(SERVE_PYTHON), "-m", "entrypoints.serve"], env=serve_env, cwd=REPO,
@@ -120,7 +122,7 @@ def main() -> int:
         banner(5, "held-out questions over HTTP (openai client), SQL checked on sqlite")
         import openai
 
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key)
         rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
         runs = matches = stops = 0
         for r in rows:

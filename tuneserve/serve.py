@@ -4,6 +4,9 @@
 is imported (exit 2 with every problem listed), the vLLM argv is built from it, and the process is
 replaced by vLLM's server (os.execve), so signals from `docker stop` or Kubernetes reach vLLM directly.
 
+- Every route goes through tuneserve.gate (vLLM's `--middleware` hook): the API key on every route but the
+  probes and /metrics, request limits, the drain on SIGTERM and the /live probe. No key is a configuration
+  error unless ALLOW_UNAUTHENTICATED=true.
 - The API key goes to vLLM through VLLM_API_KEY, never argv (argv is readable in /proc by anyone).
 - Stop ids: when the chat template ends an assistant turn with a token the model's generation_config does
   not list (an untouched base served with LoRA adapters, or a Hub model), a repaired generation_config is
@@ -23,12 +26,21 @@ from pathlib import Path
 from typing import Any
 
 from tuneserve.exitcodes import ConfigError
+from tuneserve.gate import GATE_ENV, gate_settings
 from tuneserve.settings import Prefix, Schema, Settings, Var
 
 log = logging.getLogger(__name__)
 
 VLLM_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 G_MODEL, G_SERVER, G_LIMITS, G_ADAPTERS = "Model", "Server", "Limits and parallelism", "LoRA adapters"
+GATE_MIDDLEWARE = "tuneserve.gate.Gate"
+# vLLM environment switches that open routes with no business on a production server.
+DEV_SWITCHES = {
+    "VLLM_SERVER_DEV_MODE": "adds development routes (/reset_prefix_cache, /sleep, /collective_rpc: arbitrary "
+                            "calls into the workers, ...)",
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "lets any caller load an adapter from a path or Hub id at run time "
+                                        "(/v1/load_lora_adapter)",
+}
 
 SERVE_VARS = [
     Var("MODEL_ID", "str", None, "Model to serve: Hub id or local directory (e.g. the training OUTPUT_DIR/merged on "
@@ -41,12 +53,31 @@ SERVE_VARS = [
     Var("HF_TOKEN", "str", None, "Hugging Face token for private/gated models.", G_MODEL, secret=True),
     Var("HOST", "str", "0.0.0.0", "Address to listen on.", G_SERVER),
     Var("PORT", "int", 8000, "Port to listen on.", G_SERVER, minimum=1, maximum=65535),
-    Var("API_KEY", "str", None, "Require this key (Authorization: Bearer) on /v1 requests.", G_SERVER, secret=True),
+    Var("API_KEY", "str", None, "Require this key (Authorization: Bearer) on every route except /health, /ping, "
+        "/live and /metrics. Empty or blank is an error.", G_SERVER, secret=True),
     Var("API_KEY_FILE", "str", None, "File holding the API key (e.g. a mounted Secret); used when API_KEY is "
-        "unset.", G_SERVER),
+        "unset. A missing, empty or blank file is an error.", G_SERVER),
+    Var("ALLOW_UNAUTHENTICATED", "bool", False, "Serve every route without a key. Without it, starting with no "
+        "API_KEY or API_KEY_FILE is an error.", G_SERVER),
+    Var("ALLOW_VLLM_DEV_SWITCHES", "bool", False, "Allow VLLM_SERVER_DEV_MODE and VLLM_ALLOW_RUNTIME_LORA_UPDATING "
+        "(routes that reach into the workers or load adapters on request); refused otherwise.", G_SERVER),
+    Var("DRAIN_SECONDS", "float", 30.0, "On SIGTERM: /health answers 503 and new requests 503 at once; requests in "
+        "flight get this long to finish, then each is ended (a stream with an error event) and the server exits.",
+        G_SERVER, minimum=0),
+    Var("LIVE_TIMEOUT", "float", 20.0, "/live (liveness): seconds a 1-token generation may take before the engine "
+        "counts as stalled (503).", G_SERVER, exclusive_minimum=0.0),
+    Var("LIVE_CACHE_SECONDS", "float", 10.0, "/live answers 200 without generating when the engine produced a "
+        "token (a probe or a streamed answer) this recently.", G_SERVER, minimum=0),
     Var("MAX_MODEL_LEN", "int", None, "Longest prompt + answer in tokens; longer requests get 400. Default: the "
         "model's.", G_LIMITS, minimum=16),
     Var("MAX_OUTPUT_TOKENS", "int", 2048, "Server-wide cap on the tokens of one answer.", G_LIMITS, minimum=1),
+    Var("MAX_CHOICES", "int", 8, "Most choices one request may ask for (n, best_of); more: 400.", G_LIMITS,
+        minimum=1),
+    Var("MAX_REQUEST_OUTPUT_TOKENS", "int", 8192, "Most tokens one request may generate: prompts x choices x "
+        "max_tokens (MAX_OUTPUT_TOKENS when absent); more: 400.", G_LIMITS, minimum=1),
+    Var("MAX_REQUEST_BYTES", "int", 1048576, "Largest request body in bytes; larger: 413.", G_LIMITS, minimum=1024),
+    Var("MAX_TOKENIZE_BYTES", "int", 262144, "Largest /tokenize or /detokenize body in bytes; larger: 413.",
+        G_LIMITS, minimum=1024),
     Var("MAX_NUM_SEQS", "int", None, "Most sequences batched at once.", G_LIMITS, minimum=1),
     Var("GPU_MEMORY_UTILIZATION", "float", 0.9, "Fraction of GPU memory vLLM may use.", G_LIMITS,
         exclusive_minimum=0.0, maximum=1.0),
@@ -76,6 +107,7 @@ MANAGED_FLAGS = {
     "lora_modules": "use LORA_ADAPTERS", "max_lora_rank": "set from the adapters' own configs",
     "generation_config": "stop ids are repaired by the entrypoint; use VLLM_ARG_OVERRIDE_GENERATION_CONFIG "
     "for sampling defaults",
+    "shutdown_timeout": "use DRAIN_SECONDS (the gate drains on SIGTERM and ends open streams)",
 }
 
 
@@ -114,8 +146,11 @@ def _validate(s: Settings) -> list[str]:
             parse_adapters(s.lora_adapters)
         except ValueError as exc:
             problems.append(f"LORA_ADAPTERS={s.lora_adapters!r}: {exc}")
-    if s.api_key_file and not s.api_key and not Path(s.api_key_file).is_file():
-        problems.append(f"API_KEY_FILE={s.api_key_file!r}: no such file")
+    problems += _key_problems(s)
+    for name, why in DEV_SWITCHES.items():
+        if os.environ.get(name, "0").strip().lower() not in ("", "0", "false") and not s.allow_vllm_dev_switches:
+            problems.append(f"{name} is set: it {why}. Unset it, or set ALLOW_VLLM_DEV_SWITCHES=true to accept that "
+                            "(the API key still guards those routes)")
     ref = s.model_id
     if ref and (ref.startswith(("/", ".", "~")) or os.path.exists(ref)) and not Path(ref).expanduser().is_dir():
         problems.append(f"MODEL_ID={ref!r}: no such directory")
@@ -129,6 +164,33 @@ def _validate(s: Settings) -> list[str]:
         if spec.get("kind") == "bool" and value is False and not spec.get("negatable"):
             problems.append(f"VLLM_ARG_{field_name.upper()}=false: this flag can only be switched on")
     return problems
+
+
+def api_key(s: Settings) -> str | None:
+    """The key from API_KEY, else from the API_KEY_FILE file (None when neither is set)."""
+    if s.api_key is not None:
+        return s.api_key
+    return Path(s.api_key_file).read_text() if s.api_key_file else None
+
+
+def _key_problems(s: Settings) -> list[str]:
+    if "VLLM_API_KEY" in os.environ:
+        return ["VLLM_API_KEY is set: use API_KEY or API_KEY_FILE (the entrypoint hands the key to vLLM itself)"]
+    if s.api_key is None and s.api_key_file and not Path(s.api_key_file).is_file():
+        return [f"API_KEY_FILE={s.api_key_file!r}: no such file"]
+    try:
+        key = api_key(s)
+    except (OSError, UnicodeDecodeError) as exc:
+        return [f"API_KEY_FILE={s.api_key_file!r}: cannot be read ({type(exc).__name__})"]
+    if key is None:
+        if s.allow_unauthenticated:
+            return []
+        return ["no API key: set API_KEY or API_KEY_FILE (e.g. a mounted Secret), or ALLOW_UNAUTHENTICATED=true to "
+                "serve every route to anyone who can reach the port"]
+    if not key.strip():
+        source = "API_KEY" if s.api_key is not None else f"API_KEY_FILE={s.api_key_file!r}"
+        return [f"{source}: the key is empty or blank (an empty Secret?); a server would accept any request"]
+    return []
 
 
 SERVE_SCHEMA = Schema("serve", SERVE_VARS, PREFIXES, _validate)
@@ -295,17 +357,23 @@ def build_command(cfg: Settings) -> tuple[list[str], dict[str, str]]:
     args += ["--override-generation-config", json.dumps(override)]
     for field_name, value in extras.items():
         args += _flag_args(field_name, value)
-    env: dict[str, str] = {}
-    key = cfg.api_key or (Path(cfg.api_key_file).read_text().strip() if cfg.api_key_file else None)
-    if key:
-        env["VLLM_API_KEY"] = key
+    args += ["--middleware", GATE_MIDDLEWARE]  # last added is outermost: it sees every request first
+    key = api_key(cfg)
+    env = {GATE_ENV: gate_settings(
+        auth=key is not None, max_request_bytes=cfg.max_request_bytes, max_tokenize_bytes=cfg.max_tokenize_bytes,
+        max_choices=cfg.max_choices, max_request_output_tokens=cfg.max_request_output_tokens,
+        max_output_tokens=cfg.max_output_tokens, drain_seconds=cfg.drain_seconds, live_timeout=cfg.live_timeout,
+        live_cache_seconds=cfg.live_cache_seconds)}
+    if key is not None:
+        env["VLLM_API_KEY"] = key.strip()
     return args, env
 
 
 def run(cfg: Settings, check_only: bool = False) -> int:
     args, env_add = build_command(cfg)
     argv = [sys.executable, "-m", VLLM_MODULE, *args]
-    log.info("vLLM command: %s%s", " ".join(argv[1:]), " (API key from VLLM_API_KEY)" if env_add else "")
+    log.info("vLLM command: %s%s", " ".join(argv[1:]),
+             " (API key from VLLM_API_KEY)" if "VLLM_API_KEY" in env_add else " (no API key: ALLOW_UNAUTHENTICATED)")
     if check_only:
         return 0
     sys.stdout.flush()
