@@ -187,6 +187,16 @@ def test_serving_image_answers_chat_completions_from_the_merged_folder(trained_v
             raise AssertionError("not ready:\n" + podman("logs", name, check=False).stderr[-4000:]) from None
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY)
         assert ask(client, "qa-model") == [(a, "stop") for _, a in QA]
+        # The gate is in the image: a route vLLM leaves open wants the key; the liveness probe does not.
+        import urllib.error
+        import urllib.request
+
+        with pytest.raises(urllib.error.HTTPError) as keyless:
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=b"{}"),
+                                   timeout=30)
+        assert keyless.value.code == 401
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/live", timeout=30) as live:
+            assert live.status == 200
         # SIGTERM from `podman stop` reaches vLLM (the entrypoint exec'd it): a clean exit, not a kill.
         podman("stop", "--time", "60", name)
         code = podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()

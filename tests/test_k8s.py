@@ -24,6 +24,7 @@ import yaml
 
 from tuneserve.config import TRAIN_SCHEMA
 from tuneserve.exitcodes import ExitCode
+from tuneserve.gate import PROBES
 from tuneserve.layout import Layout
 from tuneserve.serve import SERVE_SCHEMA
 
@@ -57,7 +58,8 @@ SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.i
                 "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
                 "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
                 "net.ipv4.tcp_keepalive_probes"}
-HEALTH_PATH = "/health"  # vLLM's readiness route (README: Serving)
+HEALTH_PATH = "/health"  # vLLM's readiness route; 503 once the gate drains (README: Serving)
+LIVE_PATH = "/live"  # the gate's forward-progress route
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"  # an Indexed Job pod's index
 LWS_API = "leaderworkerset.x-k8s.io/v1"
 LWS_WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
@@ -413,13 +415,16 @@ def test_probes_and_ports_match_the_serve_entrypoint(rendered, overlay):
     port = int(env.get("PORT", SERVE_SCHEMA.by_name["PORT"].default))
     assert env.get("HOST", SERVE_SCHEMA.by_name["HOST"].default) == "0.0.0.0"
     assert [p["containerPort"] for p in container["ports"]] == [port]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe, path in (("startupProbe", HEALTH_PATH), ("readinessProbe", HEALTH_PATH), ("livenessProbe", LIVE_PATH)):
         get = container[probe]["httpGet"]
-        assert get["path"] == HEALTH_PATH and container_port(container, get["port"]) == port, probe
+        assert get["path"] == path and container_port(container, get["port"]) == port, probe
+        assert get["path"] in PROBES, f"{probe}: the kubelet sends no API key"
     startup, liveness = container["startupProbe"], container["livenessProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "model load needs minutes"
     assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 60, "a restart reloads the model"
-    assert liveness["timeoutSeconds"] >= 5
+    # /live may take LIVE_TIMEOUT to answer 503; a probe that gives up first would count a slow success as failure.
+    live_timeout = float(env.get("LIVE_TIMEOUT", SERVE_SCHEMA.by_name["LIVE_TIMEOUT"].default))
+    assert liveness["timeoutSeconds"] > live_timeout
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true" and int(annotations["prometheus.io/port"]) == port
     assert annotations["prometheus.io/path"] == "/metrics"
@@ -435,7 +440,7 @@ def test_termination_lets_in_flight_requests_finish(rendered, overlay):
     objects = rendered[overlay]
     deployment = server(objects)
     container = main_container(deployment)
-    drain = int(effective_env(objects, container)["VLLM_ARG_SHUTDOWN_TIMEOUT"])  # vLLM's default 0 aborts
+    drain = float(effective_env(objects, container)["DRAIN_SECONDS"])
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert drain > 0 and pre_stop > 0
     assert pod_spec(deployment)["terminationGracePeriodSeconds"] >= pre_stop + drain
@@ -477,6 +482,26 @@ def test_network_policies_select_both_pods(rendered, overlay):
             # Nothing connects to a single-node training pod; the pods of a multi-node group connect to each other.
             assert job["spec"].get("completionMode") == "Indexed", "nothing connects to the training pod"
             assert rule["from"] == [{"podSelector": policy["spec"]["podSelector"]}], "only the group's own pods"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_api_port_admits_labelled_clients_the_gateway_and_monitoring_only(rendered, overlay):
+    objects = rendered[overlay]
+    deployment = server(objects)
+    own = deployment["spec"]["template"]["metadata"]["labels"]
+    allowed = [{"podSelector": {"matchLabels": {"tuneserve.io/client": "true"}}},
+               {"namespaceSelector": {"matchLabels": {"tuneserve.io/gateway": "true"}}},
+               {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    peers = []
+    for policy in policies_selecting(objects, deployment):
+        for rule in policy["spec"].get("ingress", []):
+            assert rule.get("from"), f"{policy['metadata']['name']}: a rule without `from` admits every pod"
+            for peer in rule["from"]:
+                group = peer.get("podSelector", {}).get("matchLabels", {}).items() <= own.items() and \
+                    "namespaceSelector" not in peer and peer.get("podSelector", {}).get("matchLabels")
+                assert peer in allowed or group, f"{policy['metadata']['name']} admits {peer}"
+                peers.append(peer)
+    assert all(p in peers for p in allowed)
 
 
 # ------------------------------------------------------------------------------------------------ hand-offs
@@ -685,7 +710,7 @@ def test_leaderworkerset_service_reaches_leaders_only_and_workers_outlive_the_dr
     assert not selector.items() <= worker["spec"]["template"]["metadata"]["labels"].items()
     assert selector[LWS_WORKER_INDEX_LABEL] == "0"
     serve, ray_worker = main_container(leader), main_container(worker)
-    drain = int(effective_env(objects, serve)["VLLM_ARG_SHUTDOWN_TIMEOUT"])
+    drain = float(effective_env(objects, serve)["DRAIN_SECONDS"])
     leader_stop = serve["lifecycle"]["preStop"]["sleep"]["seconds"]
     worker_stop = ray_worker["lifecycle"]["preStop"]["sleep"]["seconds"]
     # The leader's pipeline needs the workers until it has drained.
