@@ -67,7 +67,7 @@ def test_plain_prompt_completion_from_parquet_masks_the_prompt(tmp_path):
     assert shaped.format == "prompt_completion" and not shaped.is_chat
     tok = info.tokenizer
     ex = next(e for e in shaped.train if e.completion == "Paris")
-    ids, labels = data.encode(tok, ex)
+    [(ids, labels)], _ = data.encode(tok, ex)
     assert trained_text(tok, ids, labels) == "Paris" + tok.eos_token
     assert masked_text(tok, ids, labels) == "What is the capital of France? "
 
@@ -78,7 +78,7 @@ def test_conversational_prompt_completion_trains_only_the_completion(tmp_path):
     cfg, shaped, info = setup(tmp_path, rows)
     assert shaped.format == "conversational_prompt_completion"
     ex = next(e for e in shaped.train if e.messages[-1]["content"] == "Ice")
-    ids, labels = data.encode(info.tokenizer, ex)
+    [(ids, labels)], _ = data.encode(info.tokenizer, ex)
     assert trained_text(info.tokenizer, ids, labels) == "Ice<|im_end|>\n"
 
 
@@ -87,7 +87,7 @@ def test_plain_text_from_csv_trains_every_token_and_ends_with_eos(tmp_path):
     path.write_text("body\n" + "".join(f'"{q} {a}"\n' for q, a in QA))
     cfg, shaped, info = setup(tmp_path, path, TEXT_FIELD="body")
     assert shaped.format == "text"
-    ids, labels = data.encode(info.tokenizer, shaped.train[0])
+    [(ids, labels)], _ = data.encode(info.tokenizer, shaped.train[0])
     assert ids == labels and ids[-1] == info.tokenizer.eos_token_id
 
 
@@ -100,7 +100,7 @@ def test_text_to_sql_column_recipe_builds_the_guides_conversations(tmp_path):
     ex = next(e for e in shaped.train if e.messages[-1]["content"] == "SELECT name FROM users;")
     assert ex.messages[0] == {"role": "system", "content": system}
     assert ex.messages[1]["content"] == user.format(**SQL_ROWS[1])
-    ids, labels = data.encode(info.tokenizer, ex)
+    [(ids, labels)], _ = data.encode(info.tokenizer, ex)
     # Gemma folds the system prompt into the user turn; only the model turn and <end_of_turn> are trained.
     assert trained_text(info.tokenizer, ids, labels) == "SELECT name FROM users;<end_of_turn>\n"
     assert info.end_of_turn == "<end_of_turn>"
@@ -116,7 +116,7 @@ def test_loss_mask_trains_answer_and_end_of_turn_not_prompt(tmp_path, template, 
     cfg, shaped, info = setup(tmp_path, rows, template=template)
     tok = info.tokenizer
     assert info.end_of_turn == eot and eot != tok.eos_token
-    ids, labels = data.encode(tok, shaped.train[0])
+    [(ids, labels)], _ = data.encode(tok, shaped.train[0])
     trained = trained_text(tok, ids, labels)
     assert trained.count(eot) == 2  # both assistant turns end with a trained end-of-turn token
     assert "Shakespeare" in trained and "Ice" in trained
@@ -128,7 +128,7 @@ def test_loss_mask_trains_answer_and_end_of_turn_not_prompt(tmp_path, template, 
 
 def test_assistant_only_loss_false_trains_everything(tmp_path):
     cfg, shaped, info = setup(tmp_path, qa_messages(), ASSISTANT_ONLY_LOSS="false")
-    ids, labels = data.encode(info.tokenizer, shaped.train[0])
+    [(ids, labels)], _ = data.encode(info.tokenizer, shaped.train[0])
     assert ids == labels
 
 
@@ -141,7 +141,7 @@ def test_end_of_turn_survives_collation_when_pad_equals_eos_equals_end_of_turn(t
     cfg, shaped, info = setup(tmp_path, qa_messages(), CHAT_TEMPLATE=template)
     tok = info.tokenizer
     assert info.end_of_turn == tok.eos_token == tok.pad_token
-    rows = [dict(zip(("input_ids", "labels"), data.encode(tok, ex))) for ex in shaped.train[:3]]
+    rows = [dict(zip(("input_ids", "labels"), data.encode(tok, ex)[0][0])) for ex in shaped.train[:3]]
     batch = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)(rows)
     for i, row in enumerate(rows):
         real_eos = [p for p, t in enumerate(row["input_ids"]) if t == tok.eos_token_id]
@@ -162,7 +162,7 @@ def test_base_tokenizer_gets_template_tokens_added(tmp_path):
     assert info.added_tokens == ["<|im_start|>", "<|im_end|>"]
     assert info.added_token_ids == [len(tok) - 2, len(tok) - 1]
     assert info.end_of_turn == "<|im_end|>"
-    ids, labels = data.encode(tok, shaped.train[0])
+    [(ids, labels)], _ = data.encode(tok, shaped.train[0])
     assert tok.convert_tokens_to_ids("<|im_end|>") in [t for t, lbl in zip(ids, labels) if lbl != -100]
 
 

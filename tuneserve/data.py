@@ -4,10 +4,16 @@ Formats are detected from the columns: conversational `messages` (or ShareGPT `c
 `prompt`/`completion` (plain strings or message lists), plain text (TEXT_FIELD), or any columns turned
 into conversations by USER_TEMPLATE/ASSISTANT_FIELD/SYSTEM_PROMPT (the text-to-SQL guide's recipe).
 
-Rows are tokenized here rather than by SFTTrainer: the loss mask of a conversation is computed by
-rendering it with the chat template turn by turn (the text each assistant turn adds, its end-of-turn
-token included, is trained), which works for any prefix-preserving template, with or without
-`{% generation %}` markers (TRL's `assistant_only_loss` needs those markers or one of its bundled
+Rows are tokenized here rather than by SFTTrainer, and each assistant turn is trained on what serving
+will show the model: for turn i, the prompt is the template's rendering of messages[:i] with
+add_generation_prompt=True, and the target is what the template renders for the turn after the text it
+shares with that prompt (the answer, any reasoning the template keeps for the last turn, the end-of-turn
+token). Where every such prompt + target is a prefix of the whole conversation's rendering (a
+prefix-preserving template), the conversation is one sequence with those spans in the loss. Where it is
+not (a template that rewrites earlier turns, e.g. drops their reasoning, or whose generation prompt opens
+a thinking channel the rendered turn lacks), the conversation becomes one sequence per assistant turn.
+The rule follows from the template's own rendering; no model family is special-cased, and no
+`{% generation %}` markers are needed (TRL's `assistant_only_loss` needs them or one of its bundled
 training templates). It also gives the exact token length of every row, so overlong rows are named
 before any compute. SFTTrainer receives `input_ids` + `labels` and uses them as they are.
 """
@@ -30,6 +36,8 @@ log = logging.getLogger(__name__)
 
 ROW = "__row__"  # original row number, kept through shuffling so errors name the user's rows
 ROLES = ("system", "user", "assistant", "tool")
+# Message fields besides role and content that templates read (Qwen3's reasoning_content, gpt-oss's thinking).
+EXTRA_MESSAGE_FIELDS = ("reasoning_content", "thinking", "name")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "tool": "tool"}
 MAX_LISTED = 20
@@ -160,7 +168,8 @@ def _check_messages(value: Any, where: str) -> list[dict]:
             raise ValueError(f"{where}[{i}]: role {m['role']!r} is not one of {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
             raise ValueError(f"{where}[{i}]: content must be a string, got {type(m['content']).__name__}")
-        out.append({"role": m["role"], "content": m["content"]})
+        extra = {k: m[k] for k in EXTRA_MESSAGE_FIELDS if isinstance(m.get(k), str)}
+        out.append({"role": m["role"], "content": m["content"], **extra})
     return out
 
 
@@ -227,29 +236,83 @@ def shape(cfg: Settings, fmt: str, ds, split: str) -> list[Example]:
 
 
 # ---------------------------------------------------------------------------------------------- encoding
-def encode_chat(tok, messages: list[dict], trained_turns: list[int] | None) -> tuple[list[int], list[int]]:
-    """input_ids and labels of a conversation; labels are -100 outside the trained turns."""
+PER_TURN_GENERATION_PROMPT = ("the generation prompt adds text the rendered turn does not contain (e.g. it opens "
+                              "a thinking channel)")
+PER_TURN_HISTORY = "the template renders earlier turns differently once the conversation goes on (e.g. drops "\
+                   "their reasoning)"
+
+
+def turn_targets(tok, messages: list[dict], trained_turns: list[int]) -> tuple[list[tuple[str, str, int]], str | None]:
+    """For each trained turn i: (serving's prompt for messages[:i], what the model must produce after it, the end
+    of the turn in the rendering of messages[:i + 1]), and why the conversation cannot be one sequence (None when
+    it can). ValueError when a turn's content is not in its target: the template hides the answer."""
     full = render(tok, messages)
-    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    if trained_turns is None:
-        return ids, list(ids)
-    spans = []
+    pieces, reason = [], None
     for i in trained_turns:
-        start = len(render(tok, messages[:i], add_generation_prompt=True)) if i > 0 else 0
+        prompt = render(tok, messages[:i], add_generation_prompt=True) if i > 0 else ""
         upto = render(tok, messages[: i + 1])
-        if not full.startswith(upto) or len(upto) < start:
-            raise ValueError("the chat template is not prefix-preserving for this conversation (rendering it turn "
-                             "by turn does not give prefixes of the whole), so its assistant turns cannot be located")
-        spans.append((start, len(upto)))
+        shared = len(os.path.commonprefix([prompt, upto]))
+        target = upto[shared:]
+        content = messages[i]["content"].strip()
+        if content and content not in target:
+            raise ValueError(f"assistant turn {i} cannot be located: the chat template renders it as {target!r:.200} "
+                             "after the prompt serving would send, which does not contain its content")
+        if shared < len(prompt):
+            reason = reason or PER_TURN_GENERATION_PROMPT
+        elif not full.startswith(upto):
+            reason = reason or PER_TURN_HISTORY
+        pieces.append((prompt, target, len(upto)))
+    return pieces, reason
+
+
+# A two-exchange conversation with reasoning on both answers: enough to show how a template renders history.
+PROBE_CONVERSATION = [
+    {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1", "reasoning_content": "R1"},
+    {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2", "reasoning_content": "R2"},
+]
+
+
+def template_path(tok) -> str:
+    """How conversations are trained with this tokenizer's chat template (reported at preflight)."""
+    try:
+        _, reason = turn_targets(tok, PROBE_CONVERSATION, [1, 3])
+    except Exception as exc:  # noqa: BLE001 - a template that cannot render the probe; real rows decide then
+        return f"undetermined (the probe conversation does not render: {type(exc).__name__})"
+    return "prefix-preserving: one sequence per conversation" if reason is None else \
+        f"one sequence per assistant turn: {reason}"
+
+
+def encode_chat(tok, messages: list[dict], trained_turns: list[int] | None) -> tuple[list[tuple], str | None]:
+    """The training sequences of a conversation as (input_ids, labels) pairs, labels -100 outside the trained
+    turns, and why it was split into one sequence per assistant turn (None: one sequence)."""
+    if trained_turns is None:
+        ids = tok(render(tok, messages), add_special_tokens=False)["input_ids"]
+        return [(ids, list(ids))], None
+    pieces, reason = turn_targets(tok, messages, trained_turns)
+    if reason is not None:
+        # Prompt and target tokenized apart, as they meet at inference: serving encodes the prompt alone.
+        sequences = []
+        for prompt, target, _ in pieces:
+            prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            target_ids = tok(target, add_special_tokens=False)["input_ids"]
+            sequences.append((prompt_ids + target_ids, [-100] * len(prompt_ids) + target_ids))
+        return sequences, reason
+    enc = tok(render(tok, messages), add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    spans = [(len(prompt), end) for prompt, _, end in pieces]
     labels = [tid if any(s < e_tok and b_tok < e for s, e in spans) else -100
               for tid, (b_tok, e_tok) in zip(ids, offsets)]
-    return ids, labels
+    return [(ids, labels)], None
 
 
-def encode(tok, ex: Example) -> tuple[list[int], list[int]]:
+def encode(tok, ex: Example) -> tuple[list[tuple[list[int], list[int]]], str | None]:
+    """The row's training sequences as (input_ids, labels) pairs, and why a conversation was split per turn."""
     if ex.kind == "chat":
         return encode_chat(tok, ex.messages, ex.trained_turns)
+    return [_encode_plain(tok, ex)], None
+
+
+def _encode_plain(tok, ex: Example) -> tuple[list[int], list[int]]:
     eos = tok.eos_token_id
     if ex.kind == "pc":
         # Prompt and completion are tokenized apart: that is how they meet at inference (the prompt is
@@ -265,23 +328,33 @@ def encode(tok, ex: Example) -> tuple[list[int], list[int]]:
     return ids, list(ids)
 
 
-def encode_all(cfg: Settings, tok, examples: list[Example], split: str, *, check_lengths: bool = True):
+@dataclass
+class Encoded:
+    rows: list[tuple[Example, list[int], list[int]]]  # one per training sequence
+    dropped: list[int]  # rows longer than MAX_SEQ_LENGTH
+    per_turn: dict[str, int]  # why -> conversations trained as one sequence per assistant turn
+
+
+def encode_all(cfg: Settings, tok, examples: list[Example], split: str) -> Encoded:
     from tqdm.auto import tqdm
 
-    rows, too_long, no_loss, errors = [], [], [], []
+    rows, too_long, no_loss, errors, per_turn = [], [], [], [], {}
     for ex in tqdm(examples, desc=f"tokenizing {split}", unit="row", disable=len(examples) < 2000):
         try:
-            ids, labels = encode(tok, ex)
+            sequences, reason = encode(tok, ex)
         except ValueError as exc:
             errors.append(f"row {ex.row}: {exc}")
             continue
-        if len(ids) > cfg.max_seq_length:
-            too_long.append((ex.row, len(ids)))
+        longest = max(len(ids) for ids, _ in sequences)
+        if longest > cfg.max_seq_length:
+            too_long.append((ex.row, longest))
             continue
-        if all(lbl == -100 for lbl in labels):
+        if all(lbl == -100 for _, labels in sequences for lbl in labels):
             no_loss.append(ex.row)
             continue
-        rows.append((ex, ids, labels))
+        if reason is not None:
+            per_turn[reason] = per_turn.get(reason, 0) + 1
+        rows += [(ex, ids, labels) for ids, labels in sequences]
     if errors:
         raise DataError(f"{split}: {len(errors)} row(s) cannot be tokenized:\n  " + "\n  ".join(errors[:MAX_LISTED]))
     if no_loss:
@@ -300,7 +373,10 @@ def encode_all(cfg: Settings, tok, examples: list[Example], split: str, *, check
         log.warning("%s; they are dropped (truncating would cut off the end of the answer)", msg)
     if not rows:
         raise DataError(f"{split}: no rows left to train on")
-    return rows, [r for r, _ in too_long]
+    for reason, count in per_turn.items():
+        log.info("%s: %d conversation(s) trained as one sequence per assistant turn, each on the prompt serving "
+                 "renders for it: %s", split, count, reason)
+    return Encoded(rows, [r for r, _ in too_long], per_turn)
 
 
 def check_end_of_turn_trained(tok, eot: str, rows) -> None:
@@ -354,23 +430,30 @@ def tokenize(cfg: Settings, tok_info, shaped: Shaped, data_dir: Path | None) -> 
     from datasets import Dataset
 
     tok = tok_info.tokenizer
-    train_rows, dropped = encode_all(cfg, tok, shaped.train, "train")
+    path = template_path(tok) if shaped.is_chat else None
+    if path is not None:
+        log.info("chat template (%s): %s", tok_info.template_source, path)
+    train = encode_all(cfg, tok, shaped.train, "train")
+    train_rows = train.rows
     if tok_info.end_of_turn is not None:
         check_end_of_turn_trained(tok, tok_info.end_of_turn, train_rows)
-    eval_rows = encode_all(cfg, tok, shaped.eval, "eval")[0] if shaped.eval else []
+    eval_rows = encode_all(cfg, tok, shaped.eval, "eval").rows if shaped.eval else []
 
     def to_ds(rows):
         return Dataset.from_dict({"input_ids": [r[1] for r in rows], "labels": [r[2] for r in rows]})
 
+    def distinct(rows):  # the rows behind the sequences, once each and in order
+        return list({id(r[0]): r[0] for r in rows}.values())
+
     lengths = [len(r[1]) for r in train_rows]
     trained_tokens = sum(sum(1 for lbl in r[2] if lbl != -100) for r in train_rows)
-    stats = {"format": shaped.format, "train_rows": len(train_rows), "eval_rows": len(eval_rows),
-             "dropped_overlong_rows": dropped, "train_tokens": sum(lengths), "trained_tokens": trained_tokens,
+    kept_train, kept_eval = distinct(train_rows), distinct(eval_rows)
+    stats = {"format": shaped.format, "train_rows": len(kept_train), "eval_rows": len(kept_eval),
+             "train_sequences": len(train_rows), "template_path": path, "per_turn_rows": train.per_turn,
+             "dropped_overlong_rows": train.dropped, "train_tokens": sum(lengths), "trained_tokens": trained_tokens,
              "max_row_tokens": max(lengths), "mean_row_tokens": round(sum(lengths) / len(lengths), 1)}
-    log.info("tokenized: %d rows, %d tokens (%d in the loss), longest row %d tokens", len(train_rows),
-             sum(lengths), trained_tokens, max(lengths))
-    kept_train = [r[0] for r in train_rows]
-    kept_eval = [r[0] for r in eval_rows]
+    log.info("tokenized: %d rows in %d sequences, %d tokens (%d in the loss), longest sequence %d tokens",
+             len(kept_train), len(train_rows), sum(lengths), trained_tokens, max(lengths))
     if data_dir is not None:
         write_jsonl(data_dir / "train.jsonl", kept_train)
         if kept_eval:

@@ -54,14 +54,14 @@ def evaluate(merged: Path, data_dir: Path, max_samples: int, max_new_tokens: int
     total_loss, total_tokens = 0.0, 0
     with torch.no_grad():
         for ex in tqdm(examples, desc="eval loss", unit="row"):
-            ids, labels = encode(tok, ex)
-            t = torch.tensor([ids], device=model.device)
-            lab = torch.tensor([labels], device=model.device)
-            n = int((lab[:, 1:] != -100).sum())
-            if n == 0:
-                continue
-            total_loss += float(model(input_ids=t, labels=lab).loss) * n
-            total_tokens += n
+            for ids, labels in encode(tok, ex)[0]:  # one sequence, or one per assistant turn
+                t = torch.tensor([ids], device=model.device)
+                lab = torch.tensor([labels], device=model.device)
+                n = int((lab[:, 1:] != -100).sum())
+                if n == 0:
+                    continue
+                total_loss += float(model(input_ids=t, labels=lab).loss) * n
+                total_tokens += n
 
     prompts = [to_prompt(ex) for ex in examples]
     tok.padding_side = "left"

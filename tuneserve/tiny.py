@@ -41,13 +41,17 @@ def build_tokenizer(texts: list[str], template: str | None = "chatml", vocab_siz
 def build_tiny_model(out_dir: str | Path, texts: list[str], template: str | None = "chatml",
                      arch: str = "qwen2", hidden_size: int = 128, num_layers: int = 2,
                      tie_word_embeddings: bool = False, seed: int = 0, vocab_size: int = 600,
-                     dtype: str = "bfloat16", max_shard_size: str | None = None) -> Path:
+                     dtype: str = "bfloat16", max_shard_size: str | None = None, chat_template: str | None = None,
+                     extra_special: list[str] | None = None) -> Path:
+    """`chat_template` (text) replaces the named template's text; `extra_special` adds special tokens it uses."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(texts, template=template, vocab_size=vocab_size)
+    tok = build_tokenizer(texts, template=template, vocab_size=vocab_size, extra_special=extra_special)
+    if chat_template is not None:
+        tok.chat_template = chat_template
     head_dim = 64
     config = AutoConfig.for_model(
         arch, vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=hidden_size * 2,

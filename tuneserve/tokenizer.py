@@ -9,6 +9,7 @@ which must be trained and must stop generation after the merge.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,9 +71,10 @@ def render(tok, messages: list[dict], add_generation_prompt: bool = False) -> st
 def find_end_of_turn(tok) -> str:
     """The special token that closes an assistant turn, found by rendering a probe conversation.
 
-    It is the first special token after the assistant's content in the text the template adds for the
-    assistant turn. Raises ConfigError when the turn is not closed by a special token inside that text:
-    a model trained with it would never learn to stop.
+    It is the first special token after the assistant's content in what the template renders for the assistant
+    turn beyond the text it shares with the generation prompt (a generation prompt may open more than the
+    rendered turn shows, e.g. a thinking channel). Raises ConfigError when the content cannot be found there or
+    the turn is not closed by a special token: a model trained with it would never learn to stop.
     """
     special = set(tok.all_special_tokens) | {a.content for a in tok.added_tokens_decoder.values() if a.special}
     messages = PROBE
@@ -86,13 +88,12 @@ def find_end_of_turn(tok) -> str:
             full = render(tok, messages)
         except Exception:
             raise ConfigError(f"chat template cannot render a user/assistant conversation: {exc}") from None
-    if not full.startswith(prefix):
+    turn = full[len(os.path.commonprefix([prefix, full])):]
+    if "ANSWER" not in turn:
         raise ConfigError(
-            "chat template is not prefix-preserving: rendering the conversation up to the assistant turn with "
-            "add_generation_prompt=True is not a prefix of the full conversation, so the assistant part cannot be "
-            f"located. Prompt: {prefix!r}; full: {full!r}. Set CHAT_TEMPLATE (e.g. chatml).")
-    turn = full[len(prefix):]
-    after = turn[turn.find("ANSWER") + len("ANSWER"):] if "ANSWER" in turn else turn
+            "chat template: the assistant's answer cannot be located in what it renders for the assistant turn "
+            f"after the generation prompt ({turn!r}; prompt {prefix!r}). Set CHAT_TEMPLATE (e.g. chatml).")
+    after = turn[turn.find("ANSWER") + len("ANSWER"):]
     ids = tok(after, add_special_tokens=False)["input_ids"]
     for token in tok.convert_ids_to_tokens(ids):
         if token in special:
