@@ -193,7 +193,7 @@ def test_wrong_types_name_the_rows(tmp_path):
 def test_empty_dataset_is_a_data_error(tmp_path):
     path = tmp_path / "empty.csv"
     path.write_text("text\n")
-    with pytest.raises(DataError, match="is empty"):
+    with pytest.raises(DataError, match="empty.csv: the file has no rows"):
         setup(tmp_path, path)
 
 
@@ -276,3 +276,38 @@ def test_packing_keeps_every_loss_mask(tmp_path):
     assert before == after
     eot = info.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert after.count(eot) == len(prepared.train)  # one trained end-of-turn per conversation
+
+
+# ------------------------------------------------------------------------------------------- broken files
+GOOD_ROW = json.dumps({"messages": [{"role": "user", "content": "What do bees make?"},
+                                   {"role": "assistant", "content": "Honey"}]}).encode() + b"\n"
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("utf8.jsonl", GOOD_ROW + b'{"text": "caf\xe9"}\n', "utf8.jsonl:2: not valid UTF-8 (byte 14 of the line"),
+    ("empty.jsonl", b"", "empty.jsonl: the file has no rows"),
+    ("blank.jsonl", b"\n  \n", "blank.jsonl: the file has no rows"),
+    ("malformed.jsonl", GOOD_ROW + b"{not json\n", "malformed.jsonl:2: not valid JSON (Expecting property name"),
+    ("list.jsonl", b"[1, 2]\n", "list.jsonl:1: a row must be a JSON object with the dataset's columns, not a JSON list"),
+    ("types.jsonl", b'{"messages": [{"role": "user", "content": 5}]}\n', "content must be a string, got int"),
+    ("huge.jsonl", b'{"text": "' + b"a" * (1 << 20) + b'"}\n', "huge.jsonl:1: the line is longer than 1048576 bytes"),
+    ("utf8.csv", b"prompt,completion\nx,\xff\n", "utf8.csv:2: not valid UTF-8"),
+    ("header.csv", b"prompt,completion\n", "header.csv: the file has no rows"),
+    ("long.jsonl", GOOD_ROW * 3, "3 of 3 rows (100.0%) are longer than MAX_SEQ_LENGTH=8"),
+])
+def test_broken_dataset_files_are_data_errors_naming_file_line_and_cause(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        cfg, shaped, info = setup(tmp_path, path, MAX_SEQ_LENGTH="8")
+        data.tokenize(cfg, info, shaped, None)
+    assert message in str(err.value)
+
+
+def test_a_broken_file_exits_3_without_a_traceback(tmp_path):
+    from conftest import run_train
+
+    (tmp_path / "d.jsonl").write_bytes(b"\xff\n")
+    res = run_train({"BASE_MODEL": str(save_tokenizer(tmp_path, "chatml")), "DATASET": str(tmp_path / "d.jsonl"),
+                     "OUTPUT_DIR": str(tmp_path / "out")}, "--check", cwd=tmp_path)
+    assert res.returncode == 3 and "d.jsonl:1: not valid UTF-8" in res.stderr and "Traceback" not in res.stderr

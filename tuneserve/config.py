@@ -155,6 +155,9 @@ TRAIN_VARS = [
     Var("OUTPUT_DIR", "str", "./output", "Everything the run writes: checkpoints/, adapter/, reports. Rerunning "
         "with the same directory resumes.", G_RUN),
     Var("RESUME", "bool", True, "Resume from the newest complete checkpoint in OUTPUT_DIR/checkpoints.", G_RUN),
+    Var("RESTART", "bool", False, "When OUTPUT_DIR holds a run made with settings that change the weights: remove "
+        "that run's own files (checkpoints/, adapter/, merged/, data/, reports; nothing else) and start over. "
+        "Without it such a rerun exits 2 listing the changes. An identical rerun resumes either way.", G_RUN),
     Var("LOG_LEVEL", "str", "info", "Log level.", G_RUN, choices=("debug", "info", "warning", "error")),
     Var("ENV_FILE", "str", None, "A .env file to read (default: ./.env when present); the real environment "
         "wins.", G_RUN),

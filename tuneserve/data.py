@@ -87,6 +87,45 @@ class PreparedData:
 
 
 # ---------------------------------------------------------------------------------------------- loading
+def max_line_bytes(max_seq_length: int) -> int:
+    """The longest line a row that fits MAX_SEQ_LENGTH tokens can plausibly take (64 bytes a token; 1 MiB at
+    least). Longer lines are rejected before they are parsed: parsing and tokenizing a 50 MB line costs
+    minutes and gigabytes only to drop it."""
+    return max(1 << 20, 64 * max_seq_length)
+
+
+def check_text_file(path: Path, limit: int) -> None:
+    """Reads a local .jsonl or .csv file line by line, in bounded memory, before the loader does: DataError
+    naming the file, the line and the cause for invalid UTF-8, an overlong line, and (.jsonl) malformed JSON
+    or a row that is not an object; and for a file with no rows."""
+    jsonl = path.suffix == ".jsonl"
+    rows = 0
+    with path.open("rb") as f:
+        for number, line in enumerate(iter(lambda: f.readline(limit + 1), b""), start=1):
+            if len(line) > limit:
+                raise DataError(f"{path}:{number}: the line is longer than {limit} bytes, more than any row of "
+                                "MAX_SEQ_LENGTH tokens takes; shorten or remove it (nothing was parsed)")
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{number}: not valid UTF-8 (byte {exc.start + 1} of the line: "
+                                f"{line[exc.start:exc.start + 1]!r}); save the file as UTF-8") from None
+            if not text.strip():
+                continue
+            rows += 1
+            if jsonl:
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); each "
+                                    "line of a .jsonl file is one JSON object") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{number}: a row must be a JSON object with the dataset's columns, "
+                                    f"not a JSON {type(row).__name__}")
+    if rows == 0 or (not jsonl and rows < 2):  # a .csv file's first line is its header
+        raise DataError(f"{path}: the file has no rows")
+
+
 def _load_split(cfg: Settings, split: str):
     import datasets
 
@@ -94,6 +133,10 @@ def _load_split(cfg: Settings, split: str):
     try:
         if looks_local(ref):
             path = Path(ref).expanduser()
+            files = [path] if path.is_file() else sorted(path.glob(f"{split}.*")) if path.is_dir() else []
+            for f in files:
+                if f.suffix in (".jsonl", ".csv"):
+                    check_text_file(f, max_line_bytes(cfg.max_seq_length))
             if path.is_file():
                 builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}[
                     next(e for e in DATA_EXTENSIONS if ref.endswith(e))]
@@ -110,8 +153,8 @@ def _load_split(cfg: Settings, split: str):
     except Exception as exc:  # datasets raises many types (DatasetGenerationError, ArrowInvalid, ...)
         if "corresponds to no data" in str(exc):
             raise DataError(f"DATASET={ref!r} split {split!r} is empty") from None
-        raise DataError(f"DATASET={ref!r}: cannot be loaded: {type(exc).__name__}: {str(exc).splitlines()[0]}") \
-            from None
+        first = next(iter(str(exc).splitlines()), "")
+        raise DataError(f"DATASET={ref!r}: cannot be loaded: {type(exc).__name__}: {first}") from None
     if split not in dd:
         raise DataError(f"DATASET={ref!r} has no split {split!r}; it has: {', '.join(dd)}")
     return dd[split]

@@ -1,6 +1,7 @@
 """The one output tree. Every stage reads and writes only here, so any stage can be rerun from it.
 
     OUTPUT_DIR/
+      run.json             marks the directory as a tuneserve run; the fingerprint of its settings (rundir.py)
       config.json          resolved configuration, secrets masked
       data/                shaped rows the model was trained and will be evaluated on (jsonl)
       checkpoints/         trainer checkpoints (checkpoint-<step>/, each marked complete when fully written)
@@ -28,6 +29,10 @@ class Layout:
     @classmethod
     def of(cls, output_dir: str | os.PathLike) -> Layout:
         return cls(Path(output_dir).expanduser().resolve())
+
+    @property
+    def run_record(self) -> Path:
+        return self.root / "run.json"
 
     @property
     def config(self) -> Path:

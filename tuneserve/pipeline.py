@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from tuneserve import data, signals
+from tuneserve import data, rundir, signals
 from tuneserve.exitcodes import ExitCode, VerifyError
 from tuneserve.layout import Layout, write_json_atomic
 from tuneserve.settings import Settings
@@ -65,6 +65,8 @@ def run(cfg: Settings, check_only: bool = False) -> int:
     finisher = launch.runs_final_stages(cfg)  # the one process that merges, verifies and publishes
 
     banner("preflight")
+    if finisher:  # the one process that owns OUTPUT_DIR's shared files
+        rundir.claim(cfg, layout, write=not check_only)
     if repos and finisher:
         publish.preflight(repos, cfg.publish_retries, cfg.publish_backoff_seconds)
     if not check_only and train.adapter_done(layout):

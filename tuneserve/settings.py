@@ -78,6 +78,17 @@ PARSERS: dict[str, Callable[[str], Any]] = {
 }
 
 
+def shorten(value: Any, limit: int = 80, quote: bool = True) -> str:
+    """A value for a message: its repr (or the text itself), cut to `limit` characters with its length said."""
+    text = repr(value) if quote else str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _without(message: str, raw: str) -> str:
+    """A parser's message about a long value, cut: parsers quote their input (int() up to 200 characters)."""
+    return message if len(raw) <= 80 else shorten(message, limit=100, quote=False)
+
+
 @dataclass(frozen=True)
 class Var:
     """One environment variable."""
@@ -250,8 +261,8 @@ class Schema:
             try:
                 values[var.name] = var.parse(raw)
             except (ValueError, json.JSONDecodeError) as exc:
-                shown = MASK if var.secret else repr(raw)
-                problems.append(f"{var.name}={shown}: {exc}")
+                shown = MASK if var.secret else shorten(raw)
+                problems.append(f"{var.name}={shown}: {_without(str(exc), raw)}")
                 values[var.name] = var.default
         extras, extra_problems = self._load_prefixed(env)
         problems += extra_problems
@@ -289,7 +300,7 @@ class Schema:
                     try:
                         extras[p.table][name] = convert_kinds(env[key], fields[name])
                     except ValueError as exc:
-                        problems.append(f"{key}={env[key]!r}: {exc}")
+                        problems.append(f"{key}={shorten(env[key])}: {_without(str(exc), env[key])}")
                 break
         return extras, problems
 

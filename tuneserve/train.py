@@ -203,7 +203,8 @@ def _resume_point(cfg: Settings, layout: Layout) -> Path | None:
         if resume is None and cfg.resume is False and checkpoints.checkpoints(layout.checkpoints):
             log.info("RESUME=false: starting over; existing checkpoints in %s will be replaced",
                      layout.checkpoints)
-            shutil.rmtree(layout.checkpoints)
+            for _step, ckpt in checkpoints.checkpoints(layout.checkpoints):  # ours only, not the folder
+                shutil.rmtree(ckpt)
     _barrier()
     if not launch.is_main() and cfg.resume:
         resume = checkpoints.newest_complete(layout.checkpoints, remove_incomplete=False)
