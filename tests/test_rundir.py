@@ -95,3 +95,52 @@ def test_a_long_value_is_cut_in_the_error(tmp_path):
     assert res.returncode == 2
     line = next(li for li in res.stderr.splitlines() if "LORA_R=" in li)
     assert "... (100052 characters)" in line and len(line) < 400
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 600 KB (root only: mount); `resize(kb)` grows it as an operator would enlarge a volume."""
+    import os
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot mount a small tmpfs for the disk-full test: {res.stderr.strip()}")
+        pytest.skip(f"mounting a tmpfs needs root: {res.stderr.strip()}")
+
+    def resize(kb: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={kb}k", str(mnt)], check=True)
+
+    try:
+        yield mnt, resize
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_exits_74_keeps_what_is_finished_and_a_rerun_with_space_continues(tmp_path, small_disk,
+                                                                                     chatml_base, qa_dataset):
+    disk, resize = small_disk
+    out = disk / "out"
+    env = rerun_env(chatml_base, qa_dataset, out, SAVE_STEPS="20")
+    # 600 KB: the data and reports fit, the first checkpoint (about 0.9 MB) does not.
+    res = run_train(env, cwd=tmp_path)
+    assert res.returncode == 74, res.stderr[-3000:]
+    assert f"no space left on the disk of {out}" in res.stderr and "Traceback" not in res.stderr
+    assert (out / "run.json").is_file() and (out / "data" / "train.jsonl").is_file()
+    assert not list((out / "checkpoints").glob("checkpoint-*")), "the cut-short checkpoint is removed"
+    # 1.6 MB: training finishes (its last checkpoint and the adapter fit); the merged model does not.
+    resize(1600)
+    res = run_train({**env, "SAVE_STEPS": "1000"}, cwd=tmp_path)
+    assert res.returncode == 74, res.stderr[-3000:]
+    assert "==== merge" in res.stderr and f"no space left on the disk of {out}" in res.stderr
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (out / "merged").exists() and not (out / ".merged.tmp").exists()
+    # Room again: the rerun merges and verifies without training again.
+    resize(8192)
+    res = run_train({**env, "SAVE_STEPS": "1000"}, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "training already done" in res.stderr
+    assert json.loads((out / "verify.json").read_text())["passed"] is True

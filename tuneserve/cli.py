@@ -10,7 +10,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from tuneserve.exitcodes import EXIT_CODE_HELP, ExitCode, PipelineError, Terminated
+from tuneserve.exitcodes import EXIT_CODE_HELP, ExitCode, PipelineError, Terminated, disk_full_message
 from tuneserve.settings import MASK, Schema, Settings
 
 log = logging.getLogger("tuneserve")
@@ -61,6 +61,7 @@ def run(schema: Schema, stages: Callable[[Settings, bool], int | None], argv: li
                         help="run the preflight only (configuration, dataset, tokenizer, template) and exit")
     args = parser.parse_args(argv)
     setup_logging()
+    cfg = None
     try:
         cfg = schema.load()
         setup_logging(getattr(cfg, "log_level", "info") or "info", cfg.secrets())
@@ -74,6 +75,10 @@ def run(schema: Schema, stages: Callable[[Settings, bool], int | None], argv: li
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
-    except Exception:  # noqa: BLE001 - unexpected: show the traceback, exit 1 (never 0)
+    except Exception as exc:  # noqa: BLE001 - unexpected: show the traceback, exit 1 (never 0)
+        full = disk_full_message(exc, getattr(cfg, "output_dir", None) if cfg is not None else None)
+        if full is not None:
+            log.error("%s", full)
+            return int(ExitCode.DISK_FULL)
         log.error("unexpected error:\n%s", traceback.format_exc())
         return int(ExitCode.UNEXPECTED)

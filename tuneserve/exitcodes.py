@@ -15,6 +15,7 @@ class ExitCode(enum.IntEnum):
     CONFIG = 2
     DATA = 3
     VERIFY = 4
+    DISK_FULL = 74  # EX_IOERR: a write found no space; free or enlarge the volume, then rerun
     RETRYABLE = 75  # EX_TEMPFAIL: rerun the same command (same OUTPUT_DIR) to continue
     TERMINATED = 143  # 128 + SIGTERM: a checkpoint was saved; rerun to resume
 
@@ -27,6 +28,9 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.DATA: "Dataset error: missing file or columns, wrong types, empty, too many rows longer than "
     "MAX_SEQ_LENGTH, rows without tokens to learn from. Retrying will not help.",
     ExitCode.VERIFY: "The merged model failed verification; nothing was published.",
+    ExitCode.DISK_FULL: "A disk is full: the message names the path being written and the space left. Everything "
+    "finished is kept and the failed stage's temporary files are removed; free or enlarge the volume, then rerun "
+    "with the same OUTPUT_DIR to continue. Retrying on the same full volume will not help.",
     ExitCode.RETRYABLE: "A transient failure persisted (e.g. the Hub upload). Everything produced is kept; "
     "rerun with the same OUTPUT_DIR to continue without retraining.",
     ExitCode.TERMINATED: "Stopped by SIGTERM (preemption, `docker stop`, pod deletion) after saving a checkpoint; "
@@ -64,6 +68,49 @@ class VerifyError(PipelineError):
 
 class RetryableError(PipelineError):
     exit_code = ExitCode.RETRYABLE
+
+
+# How torch's C++ writers report a failed write (RuntimeError, no errno): "basic_ios::clear: iostream error",
+# "PytorchStreamWriter failed writing file ...: file write failed", "[enforce fail at inline_container.cc:672] .
+# unexpected pos 282816 vs 282704" (a short write found when the zip file is closed).
+WRITE_FAILURES = ("No space left on device", "iostream error", "failed writing file", "file write failed",
+                  "inline_container.cc")
+NEARLY_FULL = 64 << 20  # bytes: a failed write with less than this free is taken for a full disk
+
+
+def disk_full_message(exc: BaseException, output_dir: str | None) -> str | None:
+    """The message for a write that found no space, if `exc` (or what caused it) is one; else None.
+
+    An OSError with errno ENOSPC (or EDQUOT, a quota) says so itself and names its file. torch's writers
+    raise RuntimeError in their own words; those count only when OUTPUT_DIR's disk is nearly full too."""
+    import errno
+    import shutil
+    from pathlib import Path
+
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    path = next((e.filename or output_dir or "." for e in chain
+                 if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)), None)
+
+    def usage(where: str):
+        p = Path(where).expanduser().absolute()
+        while not p.exists():
+            p = p.parent
+        return shutil.disk_usage(p)
+
+    if path is None:
+        if output_dir is None or not any(w in str(e) for e in chain for w in WRITE_FAILURES):
+            return None
+        if usage(output_dir).free >= NEARLY_FULL:
+            return None
+        path = output_dir
+    du = usage(str(path))
+    return (f"no space left on the disk of {path} ({du.free / 1e6:.1f} MB free of {du.total / 1e6:.1f} MB). "
+            "Everything finished is kept and the failed stage's temporary files were removed; free or enlarge the "
+            "volume, then rerun with the same OUTPUT_DIR to continue")
 
 
 class Terminated(BaseException):

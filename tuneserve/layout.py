@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,12 +75,39 @@ class Layout:
 def write_json_atomic(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        json.dump(payload, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w") as f:
+            json.dump(payload, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk, say) leaves nothing behind
+        raise
+
+
+# What a model or adapter folder of this tool holds, whichever way it was written (sharded or not, any tokenizer).
+MODEL_FILES = ("*.safetensors", "*.json", "*.jinja", "*.model", "*.tiktoken", "merges.txt", "vocab.txt",
+               "README.md")
+
+
+def replace_folder(new: Path, old: Path) -> None:
+    """Put the finished folder `new` where `old` (this tool's merged/ or adapter/) was, in one rename. A file in
+    `old` that this tool would not have written there is the user's: ConfigError naming it, nothing replaced."""
+    if old.exists():
+        foreign = sorted(str(p.relative_to(old)) for p in old.rglob("*")
+                         if p.is_file() and not (new / p.relative_to(old)).exists()
+                         and not any(p.match(pattern) for pattern in MODEL_FILES))
+        if foreign:
+            shutil.rmtree(new, ignore_errors=True)
+            from tuneserve.exitcodes import ConfigError
+
+            raise ConfigError(f"{old} holds files tuneserve did not write ({', '.join(foreign[:5])}"
+                              f"{' ...' if len(foreign) > 5 else ''}); it would be replaced by a new {old.name}/. "
+                              "Move them out of OUTPUT_DIR and rerun")
+        shutil.rmtree(old)
+    os.replace(new, old)
 
 
 def readable_as_umask_allows(folder: Path) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 import uuid
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneserve.exitcodes import ConfigError
+from tuneserve.layout import replace_folder
 
 log = logging.getLogger(__name__)
 
@@ -400,35 +400,37 @@ def merge(base_model: str, revision: str | None, adapter_dir: Path, out: Path, m
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    parts = read_adapter(adapter_dir)
-    wmap = weight_map(base_dir)
-    names = checkpoint_names(base_dir, list(wmap)) if wmap else {}
-    problems = ["forced"] if force_peft else plan_problems(parts, names) if wmap else ["no safetensors checkpoint"]
-    if not problems:
-        changed, shards, changes = merge_sharded(base_dir, adapter_dir, tmp, merge_base, meta, parts, wmap, names)
-        write_config(base_dir, tmp, changes)
-        method = "sharded"
-    else:
-        if merge_base == "dequantized":
-            raise ConfigError(f"MERGE_BASE=dequantized needs the sharded merge, which cannot handle this adapter: "
-                              f"{'; '.join(problems[:3])}")
-        log.warning("sharded merge not possible (%s)", "; ".join(problems[:3]))
-        merge_with_peft(base_model, revision, adapter_dir, tmp, meta.get("dtype", "bfloat16"))
-        config = json.loads((tmp / "config.json").read_text())
-        config.pop("quantization_config", None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        changed, shards, method = len(parts.lora), len(list(tmp.glob("*.safetensors"))), "peft"
-    servable = make_servable(tmp, base_dir, adapter_dir, meta)
-    result = MergeResult(out, method, merge_base, round(time.perf_counter() - start, 3), changed, shards)
-    # merge_id names this merge's output: a verification applies to it alone (a re-merge, even of the same
-    # adapter in the same time, is verified again).
-    (tmp / "merge_info.json").write_text(json.dumps({
-        "merge_id": uuid.uuid4().hex, "method": method, "merge_base": merge_base, "tensors_merged": changed, "shards": shards,
-        "seconds": result.seconds, "base_model": base_model, "base_model_revision": revision,
-        "stop_token_ids": servable["eos_token_id"], "end_of_turn": servable["end_of_turn"]}, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        parts = read_adapter(adapter_dir)
+        wmap = weight_map(base_dir)
+        names = checkpoint_names(base_dir, list(wmap)) if wmap else {}
+        problems = ["forced"] if force_peft else plan_problems(parts, names) if wmap else ["no safetensors checkpoint"]
+        if not problems:
+            changed, shards, changes = merge_sharded(base_dir, adapter_dir, tmp, merge_base, meta, parts, wmap, names)
+            write_config(base_dir, tmp, changes)
+            method = "sharded"
+        else:
+            if merge_base == "dequantized":
+                raise ConfigError(f"MERGE_BASE=dequantized needs the sharded merge, which cannot handle this adapter: "
+                                  f"{'; '.join(problems[:3])}")
+            log.warning("sharded merge not possible (%s)", "; ".join(problems[:3]))
+            merge_with_peft(base_model, revision, adapter_dir, tmp, meta.get("dtype", "bfloat16"))
+            config = json.loads((tmp / "config.json").read_text())
+            config.pop("quantization_config", None)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            changed, shards, method = len(parts.lora), len(list(tmp.glob("*.safetensors"))), "peft"
+        servable = make_servable(tmp, base_dir, adapter_dir, meta)
+        result = MergeResult(out, method, merge_base, round(time.perf_counter() - start, 3), changed, shards)
+        # merge_id names this merge's output: a verification applies to it alone (a re-merge, even of the same
+        # adapter in the same time, is verified again).
+        (tmp / "merge_info.json").write_text(json.dumps({
+            "merge_id": uuid.uuid4().hex, "method": method, "merge_base": merge_base, "tensors_merged": changed,
+            "shards": shards, "seconds": result.seconds, "base_model": base_model, "base_model_revision": revision,
+            "stop_token_ids": servable["eos_token_id"], "end_of_turn": servable["end_of_turn"]}, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed merge (a full disk, say) leaves nothing
+        raise
+    replace_folder(tmp, out)
     log.info("merged %d tensors over %d shard(s) into %s (%s, MERGE_BASE=%s)", changed, shards, out, method,
              merge_base)
     return result

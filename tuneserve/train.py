@@ -10,13 +10,12 @@ is done, and a rerun skips this stage.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 
 from tuneserve import checkpoints, launch, signals
 from tuneserve.exitcodes import ConfigError, Terminated
-from tuneserve.layout import Layout, readable_as_umask_allows, write_json_atomic
+from tuneserve.layout import Layout, readable_as_umask_allows, replace_folder, write_json_atomic
 from tuneserve.model import Placement
 from tuneserve.settings import Settings
 
@@ -251,8 +250,13 @@ def train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placemen
         log.info("resuming from %s (step %s)", resume, step)
     else:
         log.info("starting training from scratch (no complete checkpoint in %s)", layout.checkpoints)
-    with signals.deferred():
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        with signals.deferred():
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except Exception:
+        if launch.is_main():  # a checkpoint cut short (a full disk, say) is removed now, not on the rerun
+            checkpoints.newest_complete(layout.checkpoints)
+        raise
     if callback.stopped_by_signal:  # the same answer in every process (the callback all-reduces it)
         raise Terminated(f"stopped by SIGTERM at step {trainer.state.global_step}; checkpoint saved in "
                          f"{layout.checkpoints}. Rerun with the same OUTPUT_DIR to resume.")
@@ -261,7 +265,12 @@ def train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placemen
     if launch.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    trainer.save_model(str(tmp))  # every process takes part (FSDP gathers the shards); rank 0 writes
+    try:
+        trainer.save_model(str(tmp))  # every process takes part (FSDP gathers the shards); rank 0 writes
+    except Exception:
+        if launch.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _barrier()
     if launch.is_main():
         _install_adapter(tmp, layout, meta={
@@ -287,8 +296,6 @@ def _install_adapter(tmp: Path, layout: Layout, meta: dict, report: dict) -> Non
     (tmp / "README.md").unlink(missing_ok=True)  # TRL's generic card; the real one comes with publishing
     write_json_atomic(tmp / "training_meta.json", meta)
     readable_as_umask_allows(tmp)
-    if layout.adapter.exists():
-        shutil.rmtree(layout.adapter)
-    os.replace(tmp, layout.adapter)
+    replace_folder(tmp, layout.adapter)
     write_json_atomic(layout.train_report, report)
     log.info("training done at step %d; adapter in %s", report["global_step"], layout.adapter)
