@@ -288,7 +288,8 @@ GOOD_ROW = json.dumps({"messages": [{"role": "user", "content": "What do bees ma
     ("empty.jsonl", b"", "empty.jsonl: the file has no rows"),
     ("blank.jsonl", b"\n  \n", "blank.jsonl: the file has no rows"),
     ("malformed.jsonl", GOOD_ROW + b"{not json\n", "malformed.jsonl:2: not valid JSON (Expecting property name"),
-    ("list.jsonl", b"[1, 2]\n", "list.jsonl:1: a row must be a JSON object with the dataset's columns, not a JSON list"),
+    ("list.jsonl", b"[1, 2]\n", "list.jsonl:1: a row must be a JSON object with the dataset's columns, not a JSON "
+                               "list"),
     ("types.jsonl", b'{"messages": [{"role": "user", "content": 5}]}\n', "content must be a string, got int"),
     ("huge.jsonl", b'{"text": "' + b"a" * (1 << 20) + b'"}\n', "huge.jsonl:1: the line is longer than 1048576 bytes"),
     ("utf8.csv", b"prompt,completion\nx,\xff\n", "utf8.csv:2: not valid UTF-8"),

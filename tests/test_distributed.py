@@ -39,9 +39,12 @@ def test_two_processes_split_the_data_reduce_gradients_and_merge_once(tmp_path, 
     processes = json.loads((out / "train_report.json").read_text())["processes"]
     assert [p["rank"] for p in processes] == [0, 1] and {p["world_size"] for p in processes} == {2}
     # Each process trained on its own half of the 8 rows in the first epoch ...
-    first_epoch = [set(p["row_digests"][:4]) for p in processes]
+    trained = [[r for seg in p["ledger"]["segments"] for batch in seg["batches"] for r in batch] for p in processes]
+    first_epoch = [set(rows[:4]) for rows in trained]
     assert all(len(rows) == 4 for rows in first_epoch)
     assert first_epoch[0].isdisjoint(first_epoch[1]) and len(first_epoch[0] | first_epoch[1]) == 8
+    check = json.loads((out / "train_report.json").read_text())["ledger_check"]
+    assert check["verified"] is True and check["epochs"] == int(LEARN_ENV["NUM_TRAIN_EPOCHS"])
     assert processes[0]["rows_seen"] == processes[1]["rows_seen"] == 4 * int(LEARN_ENV["NUM_TRAIN_EPOCHS"])
     # ... yet both end with the same weights: the gradients were averaged across them every step.
     assert processes[0]["trainable_sha256"] == processes[1]["trainable_sha256"]
@@ -58,7 +61,8 @@ def test_two_processes_split_the_data_reduce_gradients_and_merge_once(tmp_path, 
 
     # A retry once training is done (say publishing failed) starts no group: node 0 finishes the later
     # stages by itself, another node has nothing to wait for.
-    env = {**LEARN_ENV, **TWO, "BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out)}
+    env = {**LEARN_ENV, **TWO, "BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out),
+           "PER_DEVICE_TRAIN_BATCH_SIZE": "4"}
     again = run_train(env, cwd=tmp_path)
     assert again.returncode == 0 and "starting 2 training processes" not in again.stderr, again.stderr[-3000:]
     assert "training already done" in again.stderr and "verification already passed" in again.stderr

@@ -212,7 +212,7 @@ def test_images_benchmark_smoke_measures_both_built_images(tmp_path):
     results = tmp_path / "results"
     res = subprocess.run([sys.executable, "-m", "benchmarks.images", "--smoke", "--results-dir", str(results),
                           "--work-dir", str(tmp_path / "work")], env=clean_env(), cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, check=False)
     assert res.returncode == 0, res.stderr[-4000:]
     r = json.loads((results / "images.json").read_text())
     assert_documented_structure(r, "images")

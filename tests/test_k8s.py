@@ -318,7 +318,7 @@ def test_job_pod_failure_policy_follows_the_exit_codes(rendered, overlay):
     for rule in job["spec"]["podFailurePolicy"]["rules"]:
         if "onExitCodes" in rule:
             assert set(rule["onExitCodes"]["values"]) <= every_code, "a code the pipeline never exits with"
-    for code in (ExitCode.CONFIG, ExitCode.DATA, ExitCode.VERIFY):
+    for code in (ExitCode.CONFIG, ExitCode.DATA, ExitCode.VERIFY, ExitCode.DISK_FULL):
         assert job_action(job, int(code)) == "FailJob", f"{code!r}: retrying cannot help"
     for code in (ExitCode.RETRYABLE, ExitCode.TERMINATED):
         assert job_action(job, int(code)) == "Count", f"{code!r}: must retry, and stop at backoffLimit"

@@ -11,7 +11,7 @@ import httpx2
 import pytest
 from huggingface_hub.errors import HfHubHTTPError
 
-from conftest import copy_output, run_train
+from conftest import LEARN_ENV, copy_output, run_train
 from tuneserve import publish
 from tuneserve.exitcodes import ExitCode
 
@@ -93,7 +93,8 @@ def run_job(monkeypatch, tmp_path, chatml_base, qa_dataset):
         monkeypatch.setattr(publish, "hub_client", lambda: hub)
         for key in [k for k in list(__import__("os").environ) if k.startswith(("HUB_", "PUSH_", "PUBLISH_"))]:
             monkeypatch.delenv(key)
-        base = {"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out),
+        # The training settings of trained_output (conftest), whose copies these runs continue.
+        base = {**LEARN_ENV, "BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out),
                 "HF_TOKEN": SECRET, "HUB_MODEL_ID": "alice/qa-model", "PUBLISH_BACKOFF_SECONDS": "0",
                 "PUBLISH_RETRIES": "3"}
         for key, value in {**base, **env}.items():

@@ -44,7 +44,8 @@ def test_serve_configuration_errors_exit_2_all_at_once(tmp_path):
     assert out.returncode == 2
     err = out.stderr
     assert "found 8 configuration problems" in err and "Traceback" not in err
-    for expected in ("MODEL_ID is required", "no API key", "PORT='http'", "LORA_ADAPTERS='broken': 'broken' is not name=",
+    for expected in ("MODEL_ID is required", "no API key",
+                     "PORT='http'", "LORA_ADAPTERS='broken': 'broken' is not name=",
                      "VLLM_ARG_NOPE: VLLM_ARG_* variables set fields of vLLM", "VLLM_ARG_API_KEY: vLLM",
                      "VLLM_ARG_KV_CACHE_DTYPE='int3': expected one of", "VLLM_PORT='tcp://10.0.0.1:8000' was "
                      "injected by Kubernetes"):
@@ -157,8 +158,8 @@ def test_the_gate_is_the_outermost_middleware_and_gets_its_settings(tmp_path, tr
     ({"n": 4, "max_tokens": 10}, None),
     ({"n": 5}, "n=5 is more than this server allows per request (MAX_CHOICES=4)"),
     ({"best_of": 6, "n": 1}, "best_of=6 is more than this server allows"),
-    ({"n": 4, "max_tokens": 60}, "may generate 240 tokens (4 choices x 60 tokens), more than this server allows "
-                                 "per request (MAX_REQUEST_OUTPUT_TOKENS=200)"),
+    ({"n": 4, "max_tokens": 60}, ("may generate 240 tokens (4 choices x 60 tokens), more than this server allows "
+                                  "per request (MAX_REQUEST_OUTPUT_TOKENS=200)")),
     ({"n": 3, "max_tokens": 100}, None),  # each answer is capped at MAX_OUTPUT_TOKENS: 3 x 64 = 192
     ({"n": 2}, None),  # no max_tokens: MAX_OUTPUT_TOKENS (64) per choice
     ({"n": 4}, "may generate 256 tokens (4 choices x 64 tokens)"),

@@ -88,9 +88,10 @@ def check_generation_limits(body: Any, *, max_choices: int, max_request_output_t
     total = prompts * choices * per_choice
     if total > max_request_output_tokens:
         what = f"{prompts} prompts x " if prompts > 1 else ""
-        return (f"this request may generate {total} tokens ({what}{choices} choices x {per_choice} tokens), more "
-                f"than this server allows per request (MAX_REQUEST_OUTPUT_TOKENS={max_request_output_tokens}); "
-                "ask for fewer choices or a smaller max_tokens", "max_tokens")
+        message = (f"this request may generate {total} tokens ({what}{choices} choices x {per_choice} tokens), "
+                   f"more than this server allows per request (MAX_REQUEST_OUTPUT_TOKENS={max_request_output_tokens}"
+                   "); ask for fewer choices or a smaller max_tokens")
+        return message, "max_tokens"
     return None
 
 
@@ -299,7 +300,7 @@ class Gate:
         try:
             await asyncio.wait_for(self.idle.wait(), timeout=self.cfg["drain_seconds"])
             log.info("drain: every request finished")
-        except asyncio.TimeoutError:
+        except TimeoutError:
             open_flights = [f for f in self.flights if f.task is not None and not f.task.done()]
             log.warning("drain: %d request(s) still open after %gs: ending them", len(open_flights),
                         self.cfg["drain_seconds"])
@@ -308,7 +309,7 @@ class Gate:
                 f.task.cancel()
             try:
                 await asyncio.wait_for(self.idle.wait(), timeout=5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("drain: %d request(s) did not end; exiting anyway", len(self.flights))
         server = getattr(getattr(self.fastapi_app, "state", None), "server", None)
         if server is None:  # not served by vLLM's launcher: the default action
@@ -352,11 +353,11 @@ class Gate:
         timeout = self.cfg["live_timeout"]
         try:
             await asyncio.wait_for(one(), timeout=timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             try:  # cancelling the generation aborts it in vLLM already; this makes sure, within bounds
                 await asyncio.wait_for(engine.abort(request_id), timeout=2)
-            except (asyncio.TimeoutError, Exception):  # noqa: BLE001
-                pass
+            except Exception as exc:  # noqa: BLE001 - a stalled engine may not answer the abort either
+                log.debug("liveness: abort of %s: %s", request_id, exc)
             return f"the engine generated no token within {timeout:g}s (LIVE_TIMEOUT)"
         except Exception as exc:  # noqa: BLE001 - any engine failure means not live
             return f"the engine failed a 1-token generation: {type(exc).__name__}: {exc}"

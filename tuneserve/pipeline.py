@@ -65,10 +65,10 @@ def run(cfg: Settings, check_only: bool = False) -> int:
     finisher = launch.runs_final_stages(cfg)  # the one process that merges, verifies and publishes
 
     banner("preflight")
-    if finisher:  # the one process that owns OUTPUT_DIR's shared files
-        rundir.claim(cfg, layout, write=not check_only)
     if repos and finisher:
         publish.preflight(repos, cfg.publish_retries, cfg.publish_backoff_seconds)
+    if finisher:  # the one process that owns OUTPUT_DIR's shared files; nothing is written before this
+        rundir.claim(cfg, layout, write=not check_only)
     if not check_only and train.adapter_done(layout):
         log.info("training already done: %s holds the adapter; skipping the training stage", layout.adapter)
     elif starts_group:

@@ -100,8 +100,8 @@ def claim(cfg: Settings, layout: Layout, write: bool = True) -> None:
     if not record_path.is_file():
         if entries:
             listed = ", ".join(entries[:10]) + (f" and {len(entries) - 10} more" if len(entries) > 10 else "")
-            raise ConfigError(f"OUTPUT_DIR={str(root)!r} is not empty and is not a tuneserve run (no {record_path.name}): it "
-                              f"holds {listed}. Point OUTPUT_DIR at an empty or new directory; nothing was written "
+            raise ConfigError(f"OUTPUT_DIR={str(root)!r} is not empty and is not a tuneserve run (no "
+                              f"{record_path.name}): it holds {listed}. Point OUTPUT_DIR at an empty or new directory; nothing was written "
                               "there")
         if write:
             _record(record_path, current)

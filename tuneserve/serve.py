@@ -185,8 +185,8 @@ def _key_problems(s: Settings) -> list[str]:
     if key is None:
         if s.allow_unauthenticated:
             return []
-        return ["no API key: set API_KEY or API_KEY_FILE (e.g. a mounted Secret), or ALLOW_UNAUTHENTICATED=true to "
-                "serve every route to anyone who can reach the port"]
+        return [("no API key: set API_KEY or API_KEY_FILE (e.g. a mounted Secret), or ALLOW_UNAUTHENTICATED=true to "
+                 "serve every route to anyone who can reach the port")]
     if not key.strip():
         source = "API_KEY" if s.api_key is not None else f"API_KEY_FILE={s.api_key_file!r}"
         return [f"{source}: the key is empty or blank (an empty Secret?); a server would accept any request"]

@@ -9,6 +9,7 @@ is done, and a rerun skips this stage.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -119,7 +120,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _callbacks():
+def _callbacks(recorder: RowRecorder | None):
     from transformers import TrainerCallback
 
     class MarkCompleteAndStopOnSignal(TrainerCallback):
@@ -135,35 +136,89 @@ def _callbacks():
             return control
 
         def on_save(self, args, state, control, **kwargs):
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if recorder is not None and ckpt.is_dir():
+                recorder.save(ckpt, state.global_step)  # each process its own ledger, up to this step
             _barrier()  # every process has written its part (e.g. its RNG state) before the mark
-            if state.is_world_process_zero:
-                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if ckpt.is_dir():
-                    checkpoints.mark_complete(ckpt, state.global_step)
+            if state.is_world_process_zero and ckpt.is_dir():
+                checkpoints.mark_complete(ckpt, state.global_step)
             return control
 
     return MarkCompleteAndStopOnSignal()
 
 
 class RowRecorder:
-    """Wraps the data collator and notes a digest of every row this process trains on: the proof, written to
-    train_report.json, that each process got its own shard of the data (a peer shipped multi-GPU training
-    that silently ran every process on the same rows)."""
+    """Wraps the data collator and keeps this process's ledger: the training rows of every micro-batch, in order.
 
-    LIMIT = 4096  # digests kept per process; the count is always complete
+    The proof, in train_report.json, that each process got its own shard of the data (a peer shipped multi-GPU
+    training that silently ran every process on the same rows), and that a run interrupted any number of times
+    trained each row once per epoch, as an uninterrupted run does. Rows are the indexes of the training
+    sequences, found by a digest of their token ids (identical sequences share the first index). A segment is
+    one process's life between resumes; each checkpoint stores the ledger up to its step (LEDGER_FILE), and the
+    segment after it starts from there. The data loader may collate a batch ahead of the step that trains it,
+    so a segment's batches are cut at the step it reached."""
 
-    def __init__(self, collator):
-        self.collator, self.rows, self.digests = collator, 0, []
+    def __init__(self, rows, accumulation: int):
+        self.collator, self.accumulation = None, accumulation  # the trainer's collator, wrapped once it exists
+        self.index: dict[str, int] = {}
+        for i, ids in enumerate(rows):
+            self.index.setdefault(self.digest(ids), i)
+        self.earlier: list[dict] = []  # segments before this process's, from the checkpoint it resumed
+        self.from_step = 0
+        self.batches: list[list[int]] = []
 
-    def __call__(self, examples):
+    @staticmethod
+    def digest(ids) -> str:
         import hashlib
 
-        for ex in examples:
-            self.rows += 1
-            if len(self.digests) < self.LIMIT:
-                ids = ",".join(map(str, ex["input_ids"]))
-                self.digests.append(hashlib.sha256(ids.encode()).hexdigest()[:16])
+        return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]
+
+    def __call__(self, examples):
+        self.batches.append([self.index.get(self.digest(ex["input_ids"]), -1) for ex in examples])
         return self.collator(examples)
+
+    def resume(self, checkpoint: Path | None, step: int) -> None:
+        self.from_step = step
+        ledger = checkpoint / LEDGER_FILE.format(rank=launch.rank()) if checkpoint is not None else None
+        if ledger is not None and ledger.is_file():
+            self.earlier = json.loads(ledger.read_text())["segments"]
+        elif step:
+            self.earlier = [{"from_step": 0, "to_step": step, "batches": None}]  # a checkpoint without a ledger
+
+    def ledger(self, step: int) -> dict:
+        trained = self.batches[:(step - self.from_step) * self.accumulation]
+        return {"segments": [*self.earlier, {"from_step": self.from_step, "to_step": step, "batches": trained}]}
+
+    def save(self, checkpoint: Path, step: int) -> None:
+        write_json_atomic(checkpoint / LEDGER_FILE.format(rank=launch.rank()), self.ledger(step))
+
+
+LEDGER_FILE = "ledger-rank{rank}.json"
+
+
+def epoch_check(ledgers: list[dict], rows: list[int], batches_per_epoch: list[int]) -> dict:
+    """Whether the processes' ledgers (micro-batches in order over their segments) train every row exactly once
+    in each epoch, all processes together. `rows` holds every training row's index (identical sequences share
+    one), `batches_per_epoch` each process's count. A last epoch cut short (MAX_STEPS) may lack rows, never
+    repeat one."""
+    from collections import Counter
+
+    if any(seg["batches"] is None for ledger in ledgers for seg in ledger["segments"]):
+        return {"verified": False, "why": "a segment resumed from a checkpoint without a ledger"}
+    batches = [[b for seg in ledger["segments"] for b in seg["batches"]] for ledger in ledgers]
+    epochs = max(-(-len(bs) // n) for bs, n in zip(batches, batches_per_epoch))
+    expected, bad = Counter(rows), []
+    for e in range(epochs):
+        chunks = [bs[e * n:(e + 1) * n] for bs, n in zip(batches, batches_per_epoch)]
+        seen = Counter(r for chunk in chunks for b in chunk for r in b)
+        complete = all(len(c) == n for c, n in zip(chunks, batches_per_epoch))
+        if (seen != expected) if complete else bool(seen - expected):
+            bad.append(e)
+    out = {"verified": not bad, "epochs": epochs, "segments": [len(ledger["segments"]) for ledger in ledgers],
+           "epochs_not_once_each": bad}
+    if any(-1 in b for bs in batches for b in bs):  # packed sequences are not training rows
+        out.update(verified=False, why="batches hold sequences that are not training rows (PACKING=true)")
+    return out
 
 
 def _trainable_digest(model) -> str:
@@ -180,9 +235,10 @@ def _trainable_digest(model) -> str:
 def _per_process_report(trainer, recorder: RowRecorder | None, sharded: bool) -> list[dict]:
     """Each process's rows and trained weights, gathered on every process (rank order). With FSDP each
     process holds a different shard of the weights, so there is no whole-weights digest to compare."""
+    ledger = recorder.ledger(trainer.state.global_step) if recorder else None
     record = {"rank": launch.rank(), "world_size": launch.world_size(),
-              "rows_seen": recorder.rows if recorder else None,
-              "row_digests": recorder.digests if recorder else None,
+              "rows_seen": sum(len(b) for seg in ledger["segments"] for b in seg["batches"] or []) if ledger else None,
+              "ledger": ledger,
               "trainable_sha256": None if sharded else _trainable_digest(trainer.model)}
     if launch.world_size() == 1:
         return [record]
@@ -234,22 +290,23 @@ def train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placemen
     model = load_model(cfg, tok_info, placement)
     quantization = describe_quantization(model)
     peft_config = get_peft_config(cfg, tok_info.added_token_ids, model)
-    callback = _callbacks()
+    # Collator copies in data loader worker processes would keep their ledgers to themselves.
+    recorder = RowRecorder(prepared.train["input_ids"], args.gradient_accumulation_steps) \
+        if args.dataloader_num_workers == 0 else None
+    callback = _callbacks(recorder)
     trainer = SFTTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
                          processing_class=tok_info.tokenizer, peft_config=peft_config, callbacks=[callback])
-    # Collator copies in data loader worker processes would keep their counts to themselves.
-    recorder = RowRecorder(trainer.data_collator) if args.dataloader_num_workers == 0 else None
     if recorder:
-        trainer.data_collator = recorder
+        recorder.collator, trainer.data_collator = trainer.data_collator, recorder
     trainable, total = trainer.model.get_nb_trainable_parameters()
     log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
+    step = json.loads((resume / "trainer_state.json").read_text()).get("global_step") if resume else 0
     if resume is not None:
-        import json
-
-        step = json.loads((resume / "trainer_state.json").read_text()).get("global_step")
         log.info("resuming from %s (step %s)", resume, step)
     else:
         log.info("starting training from scratch (no complete checkpoint in %s)", layout.checkpoints)
+    if recorder:
+        recorder.resume(resume, step)
     try:
         with signals.deferred():
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -261,6 +318,13 @@ def train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placemen
         raise Terminated(f"stopped by SIGTERM at step {trainer.state.global_step}; checkpoint saved in "
                          f"{layout.checkpoints}. Rerun with the same OUTPUT_DIR to resume.")
     processes = _per_process_report(trainer, recorder, sharded=cfg.distributed_strategy == "fsdp")
+    ledger = None
+    if recorder:
+        per_process = len(trainer.get_train_dataloader())  # micro-batches one process takes per epoch
+        rows = [recorder.index[recorder.digest(ids)] for ids in prepared.train["input_ids"]]
+        ledger = epoch_check([p["ledger"] for p in processes], rows, [per_process] * len(processes))
+        log.info("ledger: %d epoch(s) over %s segment(s) per process; every row once per epoch: %s",
+                 ledger.get("epochs", 0), ledger.get("segments"), ledger["verified"])
     tmp = layout.root / ".adapter.tmp"
     if launch.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
@@ -283,7 +347,7 @@ def train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placemen
         }, report={
             "metrics": dict(result.metrics), "global_step": trainer.state.global_step, "data": prepared.stats,
             "log_history": trainer.state.log_history, "resumed_from": str(resume) if resume else None,
-            "processes": processes,
+            "processes": processes, "ledger_check": ledger,
         })
     if signals.requested():  # SIGTERM after the last step: nothing lost, the adapter is complete
         raise Terminated(f"stopped by SIGTERM after training finished; the adapter is in {layout.adapter}. "
