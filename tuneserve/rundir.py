@@ -101,8 +101,8 @@ def claim(cfg: Settings, layout: Layout, write: bool = True) -> None:
         if entries:
             listed = ", ".join(entries[:10]) + (f" and {len(entries) - 10} more" if len(entries) > 10 else "")
             raise ConfigError(f"OUTPUT_DIR={str(root)!r} is not empty and is not a tuneserve run (no "
-                              f"{record_path.name}): it holds {listed}. Point OUTPUT_DIR at an empty or new directory; nothing was written "
-                              "there")
+                              f"{record_path.name}): it holds {listed}. Point OUTPUT_DIR at an empty or new "
+                              "directory; nothing was written there")
         if write:
             _record(record_path, current)
         return
@@ -136,6 +136,5 @@ def _record(path: Path, fp: dict[str, Any]) -> None:
         ours = version("tuneserve")
     except PackageNotFoundError:
         ours = None
-    write_json_atomic(path, {"tool": "tuneserve", "version": ours, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                            time.gmtime()),
-                             "fingerprint": fp})
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_json_atomic(path, {"tool": "tuneserve", "version": ours, "created": created, "fingerprint": fp})
