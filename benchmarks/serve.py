@@ -137,7 +137,8 @@ def load(server: Server, merged: Path, plan: dict, out: Path) -> dict[int, dict]
             "--ignore-eos", "--seed", "0", "--disable-tqdm",
             "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
             "--save-result", "--result-dir", str(out), "--result-filename", f"{server.kind}.json"]
-    res = subprocess.run(argv, env=common.clean_env(OPENAI_API_KEY=BENCH_KEY), cwd=out, capture_output=True, text=True, timeout=1800)
+    res = subprocess.run(argv, env=common.clean_env(OPENAI_API_KEY=BENCH_KEY), cwd=out, capture_output=True,
+                         text=True, timeout=1800)
     (out / f"{server.kind}.log").write_text(res.stdout + "\n--- stderr ---\n" + res.stderr)
     if res.returncode != 0:
         raise RuntimeError(f"vllm bench serve against {server.kind} exited {res.returncode}:\n{res.stderr[-3000:]}")

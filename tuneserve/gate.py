@@ -29,7 +29,7 @@ import os
 import signal
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 GATE_ENV = "TUNESERVE_GATE"
@@ -103,7 +103,6 @@ class Flight:
     streaming: bool = False  # ... as text/event-stream
     finished: bool = False  # the last body chunk went out
     cut: bool = False  # the drain ran out and ended it
-    headers: list = field(default_factory=list)
 
 
 class Gate:
@@ -170,13 +169,15 @@ class Gate:
         return scheme.lower() == "bearer" and hmac.compare_digest(given, self.key_digest)
 
     @staticmethod
-    async def _respond(send, status: int, message: str, code: str, param: str | None = None,
-                       extra: list[tuple[bytes, bytes]] = ()) -> None:
-        body = error_body(status, message, code, param)
+    async def _send_json(send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] = ()) -> None:
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode()), *extra]})
         await send({"type": "http.response.body", "body": body})
+
+    async def _respond(self, send, status: int, message: str, code: str, param: str | None = None,
+                       extra: list[tuple[bytes, bytes]] = ()) -> None:
+        await self._send_json(send, status, error_body(status, message, code, param), extra)
 
     # ------------------------------------------------------------------------------------------ limits
     async def _checked_body(self, scope, receive, send, path: str):
@@ -331,10 +332,7 @@ class Gate:
         return await self._respond(send, 503, problem, "engine_stalled")
 
     async def _ok(self, send, how: str) -> None:
-        body = json.dumps({"status": "ok", "check": how}).encode()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await self._send_json(send, 200, json.dumps({"status": "ok", "check": how}).encode())
 
     async def _generate_one(self) -> str | None:
         """None when the engine generated one token within the deadline, else what went wrong."""

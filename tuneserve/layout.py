@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuneserve.exitcodes import ConfigError
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -101,8 +103,6 @@ def replace_folder(new: Path, old: Path) -> None:
                          and not any(p.match(pattern) for pattern in MODEL_FILES))
         if foreign:
             shutil.rmtree(new, ignore_errors=True)
-            from tuneserve.exitcodes import ConfigError
-
             raise ConfigError(f"{old} holds files tuneserve did not write ({', '.join(foreign[:5])}"
                               f"{' ...' if len(foreign) > 5 else ''}); it would be replaced by a new {old.name}/. "
                               "Move them out of OUTPUT_DIR and rerun")

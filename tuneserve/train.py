@@ -161,8 +161,9 @@ class RowRecorder:
     def __init__(self, rows, accumulation: int):
         self.collator, self.accumulation = None, accumulation  # the trainer's collator, wrapped once it exists
         self.index: dict[str, int] = {}
+        self.rows: list[int] = []  # each training row's index, identical sequences sharing the first
         for i, ids in enumerate(rows):
-            self.index.setdefault(self.digest(ids), i)
+            self.rows.append(self.index.setdefault(self.digest(ids), i))
         self.earlier: list[dict] = []  # segments before this process's, from the checkpoint it resumed
         self.from_step = 0
         self.batches: list[list[int]] = []
@@ -321,8 +322,7 @@ def train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placemen
     ledger = None
     if recorder:
         per_process = len(trainer.get_train_dataloader())  # micro-batches one process takes per epoch
-        rows = [recorder.index[recorder.digest(ids)] for ids in prepared.train["input_ids"]]
-        ledger = epoch_check([p["ledger"] for p in processes], rows, [per_process] * len(processes))
+        ledger = epoch_check([p["ledger"] for p in processes], recorder.rows, [per_process] * len(processes))
         log.info("ledger: %d epoch(s) over %s segment(s) per process; every row once per epoch: %s",
                  ledger.get("epochs", 0), ledger.get("segments"), ledger["verified"])
     tmp = layout.root / ".adapter.tmp"
