@@ -31,7 +31,9 @@ def test_distributed_settings_are_checked_before_anything_starts(tmp_path):
 def test_two_processes_split_the_data_reduce_gradients_and_merge_once(tmp_path, chatml_base, qa_dataset):
     out = tmp_path / "out"
     res = run_train({**LEARN_ENV, **TWO, "BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset),
-                     "OUTPUT_DIR": str(out), "PER_DEVICE_TRAIN_BATCH_SIZE": "4"}, cwd=tmp_path)
+                     "OUTPUT_DIR": str(out), "PER_DEVICE_TRAIN_BATCH_SIZE": "4",
+                     # 8 rows of 21-24 tokens packed 2 a sequence: 4 sequences, 2 for each process
+                     "MAX_SEQ_LENGTH": "48"}, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "starting 2 training processes on this node" in res.stderr
     assert "process 1 of 2 (local 1, gloo backend)" in res.stderr

@@ -2,7 +2,8 @@
 
 Defaults follow Google's "fine-tune Gemma with QLoRA for text-to-SQL" guide (r=16, alpha=16,
 dropout 0.05, all-linear targets, lr 2e-4 constant, warmup 3%, max grad norm 0.3, 3 epochs,
-batch 1 x 4 accumulation, gradient checkpointing, max length 512), except where noted in the help.
+4 packed sequences per step, max length 512), except where noted in the help: how the batch is split
+into micro-batches, gradient checkpointing and the CPU's dtype follow the hardware.
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ from tuneserve.settings import Prefix, Schema, Settings, Var
 
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 NAMED_TEMPLATES = ("chatml", "llama3", "gemma")
+# Attention kernels that keep the rows of a packed sequence apart: flash attention through the sequence boundaries
+# the collator passes (cu_seq_lens), sdpa and eager through the block-diagonal mask transformers builds from the
+# per-row position ids (masking_utils.find_packed_sequence_indices). Training also checks it on the loaded model.
+# flex_attention keeps them apart too, but is compiled on first use, and torch 2.13's CPU code generation fails
+# on some of its masks (Gemma 3's sliding window packed), so it is not offered for packing.
+PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
 G_MODEL, G_DATA, G_LOSS, G_QUANT, G_LORA, G_TRAIN, G_DIST, G_MERGE, G_PUBLISH, G_RUN = (
     "Model", "Dataset and formatting", "Loss", "Quantization and precision", "LoRA", "Training",
@@ -28,7 +35,8 @@ TRAIN_VARS = [
         "model, as the Gemma guide does).", G_MODEL),
     Var("TRUST_REMOTE_CODE", "bool", False, "Allow model/tokenizer code from the Hub repository to run.", G_MODEL),
     Var("ATTN_IMPLEMENTATION", "str", None, "Attention kernel (eager, sdpa, flash_attention_2, ...); unset lets "
-        "transformers choose.", G_MODEL),
+        "transformers choose (sdpa). With PACKING only kernels that keep packed rows apart are allowed: "
+        f"{', '.join(PACKED_ATTENTION)}.", G_MODEL),
     Var("HF_TOKEN", "str", None, "Hugging Face token for gated/private models and datasets.", G_MODEL, secret=True),
     Var("HF_TOKEN_FILE", "str", None, "File holding the Hugging Face token (e.g. a mounted Kubernetes Secret); "
         "used when HF_TOKEN is unset.", G_MODEL),
@@ -58,8 +66,9 @@ TRAIN_VARS = [
     Var("MAX_OVERLONG_FRACTION", "float", 0.01, "Fail (exit 3) when more than this fraction of rows is longer "
         "than MAX_SEQ_LENGTH; below it they are dropped with a warning naming them.", G_DATA,
         minimum=0.0, maximum=1.0),
-    Var("PACKING", "bool", False, "Pack rows into MAX_SEQ_LENGTH sequences (TRL best-fit-decreasing, "
-        "padding-free; use with flash attention).", G_DATA),
+    Var("PACKING", "bool", True, "Pack rows into MAX_SEQ_LENGTH sequences (TRL best-fit-decreasing, padding-free, "
+        "each row keeping its own position ids, so rows never attend to each other; checked on the loaded model "
+        "before training). false: one row per sequence.", G_DATA),
     # ---- loss
     Var("ASSISTANT_ONLY_LOSS", "bool", True, "Conversations: train only on assistant turns (end-of-turn token "
         "included). Works with any template; no {% generation %} markers needed.", G_LOSS),
@@ -67,8 +76,10 @@ TRAIN_VARS = [
     # ---- quantization and precision
     Var("LOAD_IN_4BIT", "bool", True, "QLoRA: load the base in 4-bit (bitsandbytes NF4, double quantization). "
         "false: plain LoRA on the unquantized base.", G_QUANT),
-    Var("DTYPE", "str", "auto", "Compute dtype: auto = bfloat16 where the GPU supports it, else float16; "
-        "bfloat16 on the CPU.", G_QUANT, choices=("auto", "bfloat16", "float16", "float32")),
+    Var("DTYPE", "str", "auto", "Compute dtype: auto = bfloat16 where the hardware computes it natively (GPUs "
+        "from Ampere on; CPUs with AVX512-BF16 or AMX, Arm with BF16), else float16 on a GPU and float32 on a CPU "
+        "(emulated bfloat16 is several times slower). The log says what was chosen and why.", G_QUANT,
+        choices=("auto", "bfloat16", "float16", "float32")),
     Var("DEVICE", "str", "auto", "Where to train: auto = CUDA when available, else the CPU.", G_QUANT,
         choices=("auto", "cuda", "cpu")),
     # ---- lora
@@ -83,8 +94,14 @@ TRAIN_VARS = [
     # ---- training
     Var("NUM_TRAIN_EPOCHS", "float", 3.0, "Epochs.", G_TRAIN, exclusive_minimum=0.0),
     Var("MAX_STEPS", "int", -1, "Optimizer steps; overrides NUM_TRAIN_EPOCHS when > 0.", G_TRAIN),
-    Var("PER_DEVICE_TRAIN_BATCH_SIZE", "int", 1, "Rows per device per step.", G_TRAIN, minimum=1),
-    Var("GRADIENT_ACCUMULATION_STEPS", "int", 4, "Micro-batches per optimizer step.", G_TRAIN, minimum=1),
+    Var("BATCH_SIZE", "int", 4, "Sequences per optimizer step, all processes together (with PACKING: packed "
+        "sequences of up to MAX_SEQ_LENGTH tokens). The guide's 1 x 4.", G_TRAIN, minimum=1),
+    Var("PER_DEVICE_TRAIN_BATCH_SIZE", "int", None, "Sequences per forward pass in each process (micro-batch). "
+        "Unset: on a GPU, BATCH_SIZE's share per process up to 4096 tokens (small batches leave a GPU waiting on "
+        "kernel launches); on the CPU, 1 (the CPU is busy with one; a longer packed batch only adds "
+        "attention-mask work).", G_TRAIN, minimum=1),
+    Var("GRADIENT_ACCUMULATION_STEPS", "int", None, "Micro-batches per optimizer step. Unset: BATCH_SIZE / "
+        "(micro-batch x processes), which must divide evenly.", G_TRAIN, minimum=1),
     Var("LEARNING_RATE", "float", 2e-4, "Peak learning rate.", G_TRAIN, exclusive_minimum=0.0),
     Var("LR_SCHEDULER_TYPE", "str", "constant", "Learning-rate schedule (transformers SchedulerType).", G_TRAIN,
         choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -94,7 +111,10 @@ TRAIN_VARS = [
     Var("MAX_GRAD_NORM", "float", 0.3, "Gradient clipping norm.", G_TRAIN, minimum=0.0),
     Var("OPTIM", "str", "adamw_torch_fused", "Optimizer (transformers OptimizerNames, e.g. adamw_torch, "
         "paged_adamw_8bit).", G_TRAIN),
-    Var("GRADIENT_CHECKPOINTING", "bool", True, "Recompute activations to save memory.", G_TRAIN),
+    Var("GRADIENT_CHECKPOINTING", "auto|bool", "auto", "Recompute activations in the backward pass to save memory "
+        "(about a third more compute). auto: on when one micro-batch's activations, estimated as tokens x layers "
+        "x (16 x hidden + 6 x intermediate) x dtype bytes, would take more than half the memory free once the "
+        "model is loaded (GPU memory, or the CPU's available RAM).", G_TRAIN),
     Var("NEFTUNE_NOISE_ALPHA", "float", None, "NEFTune embedding noise (e.g. 5).", G_TRAIN, minimum=0.0),
     Var("SEED", "int", 42, "Seed for shuffling, splitting and training.", G_TRAIN),
     Var("LOGGING_STEPS", "int", 10, "Log loss every N steps.", G_TRAIN, minimum=1),
@@ -262,6 +282,7 @@ def _validate(s: Settings) -> list[str]:
         problems.append("MERGE_BASE=dequantized needs LOAD_IN_4BIT=true (there is no 4-bit round trip to replay)")
     if s.lora_target_modules == []:
         problems.append("LORA_TARGET_MODULES is empty: use all-linear or name modules")
+    problems += _loss_problems(s)
     nproc = s.nproc_per_node
     if nproc != "auto" and not (nproc.isdigit() and int(nproc) >= 1):
         problems.append(f"NPROC_PER_NODE={nproc!r}: expected auto or a number of processes (>= 1)")
@@ -276,6 +297,31 @@ def _validate(s: Settings) -> list[str]:
         out = Path(s.get(name))
         if out.exists() and not out.is_dir():
             problems.append(f"{name}={str(out)!r}: exists and is not a directory")
+    return problems
+
+
+def _loss_problems(s: Settings) -> list[str]:
+    """Combinations TRL's SFTTrainer rejects only after the model is loaded, or that would silently train wrong.
+
+    TRL computes the loss by a fused LM head: log-probabilities in chunks straight from `lm_head.weight`, never the
+    whole logits. It reads the weight through PEFT's wrapper, so LORA_MODULES_TO_SAVE=lm_head (the Gemma guide's
+    setting) trains the saved copy (tests/test_packing.py); a LoRA adapter on lm_head would never be trained."""
+    problems: list[str] = []
+    if s.packing and s.attn_implementation and s.attn_implementation not in PACKED_ATTENTION:
+        problems.append(f"ATTN_IMPLEMENTATION={s.attn_implementation!r} with PACKING=true: packed rows would attend "
+                        f"to each other; use one of {', '.join(PACKED_ATTENTION)}, or PACKING=false")
+    if any(m == "lm_head" or m.endswith(".lm_head") for m in s.lora_target_modules or []):
+        problems.append("LORA_TARGET_MODULES includes lm_head: TRL computes the loss from lm_head.weight directly, "
+                        "so a LoRA adapter there would never train; train it in full with "
+                        "LORA_MODULES_TO_SAVE=lm_head instead")
+    sft = s.extras.get("sft", {})
+    if sft.get("use_liger_kernel") and (sft.get("liger_kernel_config") or {}).get("fused_linear_cross_entropy"):
+        problems.append("SFT_LIGER_KERNEL_CONFIG: fused_linear_cross_entropy replaces the model's forward, which "
+                        "TRL's fused LM head (its loss) needs; leave it false (TRL then applies Liger's other "
+                        "kernels)")
+    if s.packing and sft.get("packing_strategy") == "wrapped":
+        problems.append("SFT_PACKING_STRATEGY=wrapped cuts rows mid-way and lets them attend to each other; use bfd "
+                        "(the default) or bfd_split")
     return problems
 
 

@@ -42,8 +42,7 @@ DEMO_ENV = {
     "LEARNING_RATE": "2e-3",
     "MAX_GRAD_NORM": "1.0",
     "NUM_TRAIN_EPOCHS": "2",
-    "PER_DEVICE_TRAIN_BATCH_SIZE": "8",
-    "GRADIENT_ACCUMULATION_STEPS": "1",
+    "BATCH_SIZE": "2",  # packed sequences of 512 tokens, ~6 rows a step
     "LOGGING_STEPS": "25",
     "SAVE_STEPS": "100",
 }

@@ -7,7 +7,9 @@ or None when that part is switched off.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from tuneserve.exitcodes import ConfigError
 from tuneserve.settings import Settings
@@ -35,14 +37,66 @@ def resolve_placement(cfg: Settings) -> Placement:
         raise ConfigError("DEVICE=cuda but no CUDA device is visible (check --gpus all / the nvidia.com/gpu "
                           "request); use DEVICE=cpu or auto")
     device = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and cuda)) else "cpu"
+    # torch counts bfloat16 emulated in float32 as supported by default; only the hardware's own counts here.
+    native, evidence = (torch.cuda.is_bf16_supported(including_emulation=False), torch.cuda.get_device_name()) \
+        if device == "cuda" else cpu_native_bf16()
     dtype = cfg.dtype
     if dtype == "auto":
-        dtype = "bfloat16" if device == "cpu" or torch.cuda.is_bf16_supported() else "float16"
-    elif dtype == "bfloat16" and device == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("DTYPE=bfloat16 but this GPU does not support bfloat16; use DTYPE=float16 or auto")
+        dtype = "bfloat16" if native else ("float16" if device == "cuda" else "float32")
+        log.info("compute dtype %s (DTYPE=auto: %s %s bfloat16 natively)", dtype, evidence,
+                 "computes" if native else "does not compute")
+    elif dtype == "bfloat16" and device == "cuda" and not native:
+        raise ConfigError(f"DTYPE=bfloat16 but this GPU ({evidence}) does not compute bfloat16 natively (torch "
+                          "would emulate it, several times slower); use DTYPE=float16 or auto")
     if dtype == "float16" and device == "cpu":
         raise ConfigError("DTYPE=float16 is not supported for training on the CPU; use bfloat16 or float32")
+    if device == "cpu":
+        threads, why = cpu_threads()
+        torch.set_num_threads(threads)
+        log.info("torch uses %d CPU thread(s) (%s)", threads, why)
     return Placement(device, dtype)
+
+
+def cpu_native_bf16(cpuinfo: str | None = None) -> tuple[bool, str]:
+    """Whether this CPU computes bfloat16 in hardware (x86 AVX512-BF16 or AMX-BF16, Arm BF16), and the evidence
+    for the log. Without them torch converts every bfloat16 operation to float32 and back."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    found = sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return bool(found), f"this CPU ({', '.join(found)})" if found else "this CPU (no avx512_bf16, amx_bf16 or bf16 flag)"
+
+
+def cpu_threads(cgroup: Path = Path("/sys/fs/cgroup")) -> tuple[int, str]:
+    """torch's CPU threads: the CPUs this process may run on, bounded by its cgroup's CPU quota (a container
+    limited to 4 CPUs on a 64-core node would otherwise run 64 threads on 4 CPUs' worth of time).
+    OMP_NUM_THREADS, when set, wins."""
+    import math
+
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    usable = len(os.sched_getaffinity(0))
+    quota = None
+    try:
+        q, period = (cgroup / "cpu.max").read_text().split()[:2]  # cgroup v2: "max 100000" or "400000 100000"
+        quota = None if q == "max" else max(1, math.ceil(int(q) / int(period)))
+    except (OSError, ValueError):
+        try:  # cgroup v1
+            q = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+            quota = max(1, math.ceil(q / int((cgroup / "cpu" / "cpu.cfs_period_us").read_text()))) if q > 0 else None
+        except (OSError, ValueError):
+            pass
+    threads = min(usable, quota or usable)
+    return threads, f"{usable} CPU(s) available to this process, cgroup CPU quota {quota or 'none'}"
 
 
 def get_quantization_config(cfg: Settings, placement: Placement):
@@ -151,4 +205,8 @@ def load_model(cfg: Settings, tok_info, placement: Placement):
             log.info("resized the embeddings from %d to %d rows for %s", emb, len(tok),
                      ", ".join(tok_info.added_tokens))
     model.config.get_text_config().pad_token_id = tok.pad_token_id
+    # Training never reuses keys and values; with a cache, transformers skips the block-diagonal mask of packed
+    # rows (masking_utils builds it only without one), so every forward that TRL does not make itself, e.g. a
+    # loss from full logits, would let packed rows attend to each other.
+    model.config.use_cache = model.config.get_text_config().use_cache = False
     return model

@@ -34,6 +34,16 @@ def parse_bool(raw: str) -> bool:
     raise ValueError(f"expected a boolean ({'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)})")
 
 
+def parse_auto_bool(raw: str) -> bool | str:
+    """`auto` (the tool decides, and logs why) or a boolean."""
+    if raw.strip().lower() == "auto":
+        return "auto"
+    try:
+        return parse_bool(raw)
+    except ValueError as exc:
+        raise ValueError(f"expected auto or {str(exc).removeprefix('expected ')}") from None
+
+
 def parse_list(raw: str) -> list[str]:
     """A JSON list, or a comma-separated list (`q_proj,v_proj`)."""
     text = raw.strip()
@@ -72,6 +82,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "int": lambda s: int(s.strip()),
     "float": lambda s: float(s.strip()),
     "bool": parse_bool,
+    "auto|bool": parse_auto_bool,
     "list": parse_list,
     "json": json.loads,
     "count|fraction": parse_int_or_fraction,

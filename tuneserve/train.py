@@ -14,7 +14,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from tuneserve import checkpoints, launch, signals
+from tuneserve import batching, checkpoints, launch, signals
 from tuneserve.exitcodes import ConfigError, Terminated
 from tuneserve.layout import Layout, readable_as_umask_allows, replace_folder, write_json_atomic
 from tuneserve.model import Placement
@@ -46,20 +46,21 @@ def describe_quantization(model) -> dict | None:
 def build_sft_config(cfg: Settings, layout: Layout, placement: Placement, has_eval: bool):
     from trl import SFTConfig
 
+    micro, accum = batching.plan(cfg, launch.world_size(), placement.device)
     kwargs = dict(
         output_dir=str(layout.checkpoints),
         max_length=cfg.max_seq_length,
         packing=cfg.packing,
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accum,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
         max_grad_norm=cfg.max_grad_norm,
         optim=cfg.optim,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing=cfg.gradient_checkpointing is True,  # auto: decided once the model is loaded
         neftune_noise_alpha=cfg.neftune_noise_alpha,
         seed=cfg.seed,
         logging_steps=cfg.logging_steps,
@@ -175,7 +176,13 @@ class RowRecorder:
         return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]
 
     def __call__(self, examples):
-        self.batches.append([self.index.get(self.digest(ex["input_ids"]), -1) for ex in examples])
+        rows = []
+        for ex in examples:  # a packed sequence holds several rows, whole (longer rows were dropped before)
+            ids, start = ex["input_ids"], 0
+            for n in ex.get("seq_lengths") or [len(ids)]:
+                rows.append(self.index.get(self.digest(ids[start:start + n]), -1))
+                start += n
+        self.batches.append(rows)
         return self.collator(examples)
 
     def resume(self, checkpoint: Path | None, step: int) -> None:
@@ -217,8 +224,8 @@ def epoch_check(ledgers: list[dict], rows: list[int], batches_per_epoch: list[in
             bad.append(e)
     out = {"verified": not bad, "epochs": epochs, "segments": [len(ledger["segments"]) for ledger in ledgers],
            "epochs_not_once_each": bad}
-    if any(-1 in b for bs in batches for b in bs):  # packed sequences are not training rows
-        out.update(verified=False, why="batches hold sequences that are not training rows (PACKING=true)")
+    if any(-1 in b for bs in batches for b in bs):  # e.g. SFT_PACKING_STRATEGY=bfd_split cut a row
+        out.update(verified=False, why="batches hold sequences that are not whole training rows")
     return out
 
 
@@ -289,6 +296,10 @@ def train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placemen
     # The training arguments first: with FSDP they tell from_pretrained to load on rank 0 only.
     args = build_sft_config(cfg, layout, placement, prepared.eval is not None)
     model = load_model(cfg, tok_info, placement)
+    args.gradient_checkpointing = batching.checkpointing(cfg, model, args.per_device_train_batch_size,
+                                                         placement.device, placement.dtype.itemsize)
+    if cfg.packing and cfg.distributed_strategy != "fsdp":  # FSDP: the weights are not in place until wrapped
+        batching.check_packing(model, tok_info.tokenizer.pad_token_id)
     quantization = describe_quantization(model)
     peft_config = get_peft_config(cfg, tok_info.added_token_ids, model)
     # Collator copies in data loader worker processes would keep their ledgers to themselves.

@@ -1,0 +1,278 @@
+"""Packed batches never let examples see each other, and the loss TRL computes trains what we ask.
+
+Each supported family (Qwen2, Llama, Gemma 3 with sliding-window layers, the text path of multimodal Gemma 3) is
+loaded the way training loads it (4-bit NF4 through bitsandbytes, float32 compute for a tight tolerance), its rows
+encoded by our data stage, packed by TRL's best-fit-decreasing packer and collated by TRL's padding-free collator,
+exactly what the trainer feeds the model. Every row's logits and per-token log-probabilities (TRL's fused LM head,
+the loss) must equal those of the row run alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import CORPUS, QA, clean_env, qa_messages, run_train, write_jsonl
+from tuneserve import batching, data, tokenizer
+from tuneserve.config import load_train_config
+from tuneserve.exitcodes import ConfigError
+from tuneserve.tiny import build_tokenizer
+
+TOLERANCE = 1e-4  # absolute, on logits and log-probabilities in float32; contamination moves them by ~0.1-1
+FAMILIES = ("qwen2", "llama", "gemma3_text", "gemma3")
+ATTENTION = ("sdpa", "eager")  # the allowed kernels that run on the CPU (flash attention needs CUDA)
+
+
+def build_family(out: Path, family: str) -> Path:
+    """A tiny random base of `family` with a ChatML tokenizer; Gemma 3's sliding window (4 tokens) is shorter than
+    every row, so its sliding layers' packed mask is exercised."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, Gemma3Config, Gemma3ForConditionalGeneration
+
+    tok = build_tokenizer(CORPUS, template="chatml")
+    shapes = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                  bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    gemma = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16)
+    torch.manual_seed(0)
+    if family == "gemma3":
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=32, patch_size=8)
+        config = Gemma3Config(text_config={**shapes, **gemma}, vision_config=vision, mm_tokens_per_image=4,
+                              image_token_index=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id)
+        model = Gemma3ForConditionalGeneration(config)
+    else:
+        config = AutoConfig.for_model(family, **shapes, **(gemma if family == "gemma3_text" else {}))
+        model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {f: build_family(root / f, f) for f in FAMILIES}
+
+
+def load(base: Path, data_file: Path, **env):
+    from tuneserve.model import load_model, resolve_placement
+
+    cfg = load_train_config({"BASE_MODEL": str(base), "DATASET": str(data_file), "DTYPE": "float32",
+                             "DEVICE": "cpu", **env})
+    shaped = data.load_and_shape(cfg)
+    info = tokenizer.prepare_tokenizer(cfg, needs_template=shaped.is_chat)
+    model = load_model(cfg, info, resolve_placement(cfg))
+    return cfg, info, data.tokenize(cfg, info, shaped, None), model
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_rows_equal_each_row_alone(families, tmp_path, family, attn):
+    import torch
+    from trl.data_utils import pack_dataset
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    from trl.trainer.utils import add_fused_lm_head
+
+    rows = qa_messages() + [{"messages": [{"role": "system", "content": "Answer briefly."}, *m["messages"]]}
+                            for m in qa_messages()[:3]]
+    cfg, info, prepared, model = load(families[family], write_jsonl(tmp_path / "qa.jsonl", rows),
+                                      ATTN_IMPLEMENTATION=attn, MAX_SEQ_LENGTH="96")
+    assert "Linear4bit" in {type(m).__name__ for m in model.modules()}  # trained through real 4-bit layers
+    add_fused_lm_head(model)  # what SFTTrainer does to every model it trains
+    packed = pack_dataset(prepared.train, seq_length=cfg.max_seq_length, strategy="bfd")
+    assert len(packed) >= 2 and max(len(s) for s in packed["seq_lengths"]) >= 3  # several rows per sequence
+    collate = DataCollatorForLanguageModeling(pad_token_id=info.tokenizer.pad_token_id, padding_free=True)
+    examples = [packed[i] for i in range(len(packed))]
+    batch = collate(examples)  # every packed sequence in one micro-batch, flattened into one row
+    model.train()
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        log_probs = model(**batch, fused_lm_head=True).log_probs[0]
+    eot = info.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    offset, seen = 0, 0
+    train_rows = {tuple(ids): labels for ids, labels in zip(prepared.train["input_ids"], prepared.train["labels"])}
+    flat_ids, flat_labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    for ex in examples:
+        for n in ex["seq_lengths"]:
+            ids = flat_ids[offset:offset + n]
+            labels = train_rows[tuple(ids)]
+            # The loss mask survives packing: the same trained tokens (prompt masked, end-of-turn trained), except
+            # the first token, which the collator masks so no row is predicted from the one before it.
+            assert flat_labels[offset:offset + n] == [-100] + labels[1:]
+            assert labels[0] == -100 and eot in [t for t in labels if t != -100]
+            with torch.no_grad():
+                alone = torch.tensor([ids])
+                ref_logits = model(input_ids=alone).logits[0]
+                ref_log_probs = model(input_ids=alone, labels=torch.tensor([labels]), fused_lm_head=True).log_probs[0]
+            assert (logits[offset:offset + n] - ref_logits).abs().max().item() < TOLERANCE
+            # log_probs[t] scores the label at t + 1; the last position of a row is never scored.
+            assert (log_probs[offset:offset + n - 1] - ref_log_probs[:n - 1]).abs().max().item() < TOLERANCE
+            offset, seen = offset + n, seen + 1
+    assert seen == len(prepared.train)
+
+
+def test_packing_check_refuses_an_attention_that_lets_packed_rows_see_each_other(families, tmp_path):
+    """The check training runs on the loaded model: a kernel that ignores the block-diagonal mask (here registered
+    as `causal_only`, plain causal attention over the whole packed sequence) is refused with exit 2's error; the
+    allowed kernels pass it."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    def causal_only(module, query, key, value, attention_mask, **kwargs):
+        return sdpa_attention_forward(module, query, key, value, None, is_causal=True,
+                                      **{k: v for k, v in kwargs.items() if k != "is_causal"})
+
+    AttentionInterface.register("causal_only", causal_only)
+    AttentionMaskInterface.register("causal_only", sdpa_mask)
+    rows = write_jsonl(tmp_path / "qa.jsonl", qa_messages())
+    *_, model = load(families["llama"], rows, PACKING="false", ATTN_IMPLEMENTATION="causal_only")
+    with pytest.raises(ConfigError, match="packed rows attend to each other"):
+        batching.check_packing(model, pad_token_id=0)
+    for attn in ATTENTION:
+        *_, model = load(families["gemma3_text"], rows, ATTN_IMPLEMENTATION=attn)
+        assert batching.check_packing(model, pad_token_id=0) < TOLERANCE
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"ATTN_IMPLEMENTATION": "paged|sdpa"}, "ATTN_IMPLEMENTATION='paged|sdpa' with PACKING=true: packed rows would"),
+    ({"SFT_PACKING_STRATEGY": "wrapped"}, "SFT_PACKING_STRATEGY=wrapped cuts rows mid-way"),
+    ({"LORA_TARGET_MODULES": "q_proj,lm_head"}, "LORA_TARGET_MODULES includes lm_head"),
+    ({"SFT_USE_LIGER_KERNEL": "true", "SFT_LIGER_KERNEL_CONFIG": '{"fused_linear_cross_entropy": true}'},
+     "fused_linear_cross_entropy replaces the model's forward"),
+])
+def test_combinations_that_would_train_wrong_exit_2_before_loading_anything(tmp_path, qa_dataset, env, message):
+    proc = run_train({"BASE_MODEL": "org/never-downloaded", "DATASET": str(qa_dataset),
+                      "OUTPUT_DIR": str(tmp_path / "out"), **env}, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert not (tmp_path / "out").exists()
+    # Without packing the same kernel is allowed.
+    if "ATTN_IMPLEMENTATION" in env:
+        load_train_config(clean_env(BASE_MODEL="org/m", DATASET=str(qa_dataset), PACKING="false", **env))
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "qwen2"])
+def test_trl_loss_trains_the_guides_modules_to_save(families, tmp_path, family):
+    """TRL's default loss (nll, computed by its fused LM head from `lm_head.weight` in chunks) with
+    LORA_MODULES_TO_SAVE=lm_head,embed_tokens, as the Gemma guide sets it: it equals the cross-entropy of the full
+    logits, and its gradient reaches the trained copies of lm_head and embed_tokens, not the frozen originals."""
+    import torch
+    from peft import get_peft_model
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    from trl.trainer.utils import add_fused_lm_head
+
+    from tuneserve.model import get_peft_config
+
+    cfg, info, prepared, model = load(families[family], write_jsonl(tmp_path / "qa.jsonl", qa_messages()),
+                                      LOAD_IN_4BIT="false", LORA_MODULES_TO_SAVE="lm_head,embed_tokens")
+    add_fused_lm_head(model)
+    peft_model = get_peft_model(model, get_peft_config(cfg, [], model))
+    batch = DataCollatorForLanguageModeling(pad_token_id=info.tokenizer.pad_token_id, padding_free=True)(
+        [prepared.train[i] for i in range(4)])
+    fused = peft_model(**batch, fused_lm_head=True).loss
+    logits = peft_model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0, :-1]
+    labels = batch["labels"][0, 1:]
+    full = torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=-100)
+    assert abs(fused.item() - full.item()) < TOLERANCE
+    fused.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    for module in ("lm_head", "embed_tokens"):
+        trained = [n for n in grads if f"{module}.modules_to_save" in n]
+        assert trained and all(grads[n] is not None and grads[n].abs().sum() > 0 for n in trained), module
+    frozen = [p for n, p in peft_model.named_parameters() if "original_module" in n]
+    assert frozen and all(not p.requires_grad and p.grad is None for p in frozen)
+
+
+# ------------------------------------------------------------------------------------------- batching rules
+def settings(**env):
+    return load_train_config({"BASE_MODEL": "org/m", "DATASET": "org/d", **env})
+
+
+@pytest.mark.parametrize("env, world, device, expected", [
+    ({}, 1, "cpu", (1, 4)),                                           # the CPU: one packed sequence per pass
+    ({}, 1, "cuda", (4, 1)),                                          # a GPU: 4 x 512 tokens in one pass
+    ({}, 2, "cuda", (2, 1)),
+    ({"BATCH_SIZE": "32"}, 1, "cuda", (8, 4)),                        # at most 4096 tokens per pass
+    ({"BATCH_SIZE": "32", "MAX_SEQ_LENGTH": "2048"}, 2, "cuda", (2, 8)),
+    ({"MAX_SEQ_LENGTH": "8192"}, 1, "cuda", (1, 4)),
+    ({"PER_DEVICE_TRAIN_BATCH_SIZE": "2"}, 1, "cpu", (2, 2)),
+    ({"GRADIENT_ACCUMULATION_STEPS": "2"}, 1, "cuda", (2, 2)),
+    ({"PER_DEVICE_TRAIN_BATCH_SIZE": "8", "GRADIENT_ACCUMULATION_STEPS": "3"}, 2, "cuda", (8, 3)),  # as set
+    ({"BATCH_SIZE": "48", "PER_DEVICE_TRAIN_BATCH_SIZE": "8", "GRADIENT_ACCUMULATION_STEPS": "3"}, 2, "cuda",
+     (8, 3)),
+])
+def test_batch_size_is_what_the_user_asked_for_however_it_is_split(env, world, device, expected):
+    micro, accum = batching.plan(settings(**env), world, device)
+    assert (micro, accum) == expected
+    if "PER_DEVICE_TRAIN_BATCH_SIZE" not in env or "BATCH_SIZE" in env:
+        assert micro * accum * world == int(env.get("BATCH_SIZE", 4))
+
+
+@pytest.mark.parametrize("env, world, message", [
+    ({"BATCH_SIZE": "6"}, 4, "BATCH_SIZE=6 does not divide among 4 training processes"),
+    ({"PER_DEVICE_TRAIN_BATCH_SIZE": "3"}, 1, "cannot make; set one of them to a divisor of it"),
+    ({"GRADIENT_ACCUMULATION_STEPS": "8"}, 1, "cannot make"),
+    ({"BATCH_SIZE": "8", "PER_DEVICE_TRAIN_BATCH_SIZE": "2", "GRADIENT_ACCUMULATION_STEPS": "2"}, 1,
+     "BATCH_SIZE=8 but PER_DEVICE_TRAIN_BATCH_SIZE=2 x GRADIENT_ACCUMULATION_STEPS=2 x 1 process(es) = 4"),
+])
+def test_a_batch_that_cannot_be_made_exits_2_saying_why(env, world, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        batching.plan(settings(**env), world, "cuda")
+
+
+@pytest.mark.parametrize("cpuinfo, native", [
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n", True),    # AMD Zen 4, Cooper Lake
+    ("flags\t\t: fpu sse2 avx2 avx512f amx_tile amx_bf16\n", True),               # Sapphire Rapids
+    ("Features\t: fp asimd bf16 i8mm sve\n", True),                              # Arm v8.6+ (Graviton 3)
+    ("flags\t\t: fpu sse2 avx2 avx512f avx512bw\n", False),                      # Skylake: emulated
+    ("", False),
+])
+def test_cpu_bfloat16_only_where_the_hardware_computes_it(cpuinfo, native):
+    from tuneserve.model import cpu_native_bf16
+
+    assert cpu_native_bf16(cpuinfo)[0] is native
+
+
+def test_dtype_auto_on_the_cpu_follows_the_hardware_and_says_why(caplog, monkeypatch):
+    from tuneserve import model
+
+    for native, dtype in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(model, "cpu_native_bf16", lambda native=native: (native, "this CPU (test)"))
+        with caplog.at_level("INFO", logger="tuneserve.model"):
+            assert model.resolve_placement(settings(DEVICE="cpu")).dtype_name == dtype
+        assert f"compute dtype {dtype} (DTYPE=auto: this CPU (test) " in caplog.text
+
+
+def test_cpu_threads_follow_the_containers_cpu_quota(tmp_path, monkeypatch):
+    from tuneserve.model import cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)))  # a 64-core node
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # a 1.5-CPU limit
+    assert cpu_threads(tmp_path)[0] == 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cpu_threads(tmp_path)[0] == 64
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_threads(tmp_path)[1] == "OMP_NUM_THREADS=3"
+
+
+def test_gradient_checkpointing_auto_turns_on_only_where_memory_needs_it(monkeypatch):
+    from types import SimpleNamespace
+
+    text = SimpleNamespace(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26)  # Gemma 3 1B
+    model = SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: text))
+    need = batching.activation_bytes(model, 4 * 512, 2)
+    assert need == 4 * 512 * 26 * (16 * 1152 + 6 * 6912) * 2  # about 6.4 GB for 4 x 512 tokens in bfloat16
+    cfg = settings()
+    monkeypatch.setattr(batching, "free_memory", lambda device: (120 * 2**30, "free GPU memory"))  # an H200
+    assert batching.checkpointing(cfg, model, 4, "cuda", 2) is False
+    monkeypatch.setattr(batching, "free_memory", lambda device: (5 * 2**30, "free GPU memory"))  # a small GPU
+    assert batching.checkpointing(cfg, model, 4, "cuda", 2) is True
+    assert batching.checkpointing(settings(GRADIENT_CHECKPOINTING="false"), model, 4, "cuda", 2) is False
+    assert settings(GRADIENT_CHECKPOINTING="on").gradient_checkpointing is True
+    with pytest.raises(ConfigError, match="GRADIENT_CHECKPOINTING='sometimes': expected auto or a boolean"):
+        settings(GRADIENT_CHECKPOINTING="sometimes")
