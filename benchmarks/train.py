@@ -1,5 +1,5 @@
-"""Benchmark 3, training step: tokens/s and peak memory of our default QLoRA configuration vs the guide's
-exact SFTConfig (benchmarks/guide.py), same model, same rows.
+"""Benchmark 3, training step: tokens/s, peak memory and the held-out loss reached, of our default QLoRA
+configuration vs the guide's exact SFTConfig (benchmarks/guide.py), same model, same rows, same steps.
 
     PYTHONPATH=. .venv-train/bin/python -m benchmarks.train [--smoke]
 
@@ -9,11 +9,14 @@ embed_tokens], SFTTrainer with its SFTConfig (packing on). Both run on TRL's SFT
 callback is added to it on both sides: after the warm-up steps it counts the real tokens the trainer
 itself counts (TRL's num_tokens: attention-mask sum, or every position of a padding-free batch) and the
 wall time to the last step, and it reads the peak memory of the training loop (CPU: VmHWM reset when the
-loop starts; GPU: torch.cuda.max_memory_allocated). Each side runs in its own fresh process.
+loop starts; GPU: torch.cuda.max_memory_allocated). After the last step each side scores the same held-out
+rows (eval_loss: the answers' loss given the prompt), so speed is never bought with quality. Each side runs
+in its own fresh process.
 
 On the CPU (here) the model is small; on a GPU it has Gemma 3 1B's shapes and MFU is reported against the
 6N FLOPs/token floor (4N without gradient checkpointing; N = parameters of the matmuls, lm_head
-included). Target (issue #8, GPU): at least 1.5x the guide's tokens/s at no more memory.
+included). Targets: on a GPU at least 1.5x the guide's tokens/s (2x aimed for) at no more memory; on the CPU
+at least 1.0x at no more memory; everywhere a held-out loss no worse than the guide's.
 """
 
 from __future__ import annotations
@@ -42,28 +45,60 @@ TOKENS_RATIO_TARGET = 1.5
 
 def plan(smoke: bool, gpu: bool) -> dict:
     if smoke:
-        return {"shapes": SMOKE_SHAPES, "warmup": 1, "measured": 1, "rows": 60, "label": "tiny"}
+        return {"shapes": SMOKE_SHAPES, "warmup": 1, "measured": 1, "rows": 60, "eval_rows": 8, "pretrain_rows": 32,
+                "label": "tiny"}
     if gpu:
         from benchmarks.merge import GEMMA3_1B
 
-        return {"shapes": GEMMA3_1B, "warmup": 5, "measured": 30, "rows": 1000, "label": "google/gemma-3-1b-pt shapes"}
-    return {"shapes": CPU_SHAPES, "warmup": 1, "measured": 4, "rows": 400, "label": "small"}
+        return {"shapes": GEMMA3_1B, "warmup": 5, "measured": 30, "rows": 1000, "eval_rows": 64, "pretrain_rows": 0,
+                "label": "google/gemma-3-1b-pt shapes"}
+    return {"shapes": CPU_SHAPES, "warmup": 2, "measured": 38, "rows": 400, "eval_rows": 64, "pretrain_rows": 3000,
+            "label": "small"}
 
 
-def prepare_inputs(work: Path, p: dict) -> tuple[Path, Path]:
+def prepare_inputs(work: Path, p: dict) -> tuple[Path, Path, Path]:
     from tuneserve import textsql
 
     work.mkdir(parents=True, exist_ok=True)
     data = work / f"text-to-sql-{p['rows']}.jsonl"
     if not data.is_file():
         data.write_text("".join(json.dumps(r) + "\n" for r in textsql.generate(p["rows"], seed=9)))
+    held_out = work / f"text-to-sql-eval-{p['eval_rows']}.jsonl"
+    if not held_out.is_file():
+        held_out.write_text("".join(json.dumps(r) + "\n" for r in textsql.generate(p["eval_rows"], seed=10)))
     model = work / f"model-{p['label'].split()[0]}"
     marker = model / "shapes.json"
-    if not (marker.is_file() and json.loads(marker.read_text()) == p["shapes"]):
-        common.run_child("benchmarks.train", {"kind": "model", "out": str(model), "shapes": p["shapes"]},
+    made = {"shapes": p["shapes"], "pretrain_rows": p["pretrain_rows"]}
+    if not (marker.is_file() and json.loads(marker.read_text()) == made):
+        common.run_child("benchmarks.train", {"kind": "model", "out": str(model), **made},
                          log=work / "logs" / "model.log")
-        marker.write_text(json.dumps(p["shapes"]))
-    return data, model
+        marker.write_text(json.dumps(made))
+    return data, held_out, model
+
+
+def eval_loss(model, tokenizer, rows_file: str) -> dict:
+    """The mean negative log-likelihood of the answers (the assistant turn, its end-of-turn token included) of
+    held-out rows, per answer token, greedy-free and the same for both sides: each conversation is rendered by the
+    tokenizer's chat template and only the tokens after the prompt are scored."""
+    import torch
+
+    from benchmarks import guide
+
+    model.eval()
+    total, count = 0.0, 0
+    device = model.get_input_embeddings().weight.device
+    for line in Path(rows_file).read_text().splitlines():
+        messages = guide.create_conversation(json.loads(line))["messages"]
+        full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True,
+                                               return_dict=True)["input_ids"]
+        assert full[:len(prompt)] == prompt, "the template does not extend the prompt"
+        ids = torch.tensor([full], device=device)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+        total += torch.nn.functional.cross_entropy(logits, ids[0, len(prompt):], reduction="sum").item()
+        count += len(full) - len(prompt)
+    return {"eval_loss": round(total / count, 4), "eval_answer_tokens": count}
 
 
 def _model(spec: dict) -> dict:
@@ -80,6 +115,13 @@ def _model(spec: dict) -> dict:
     torch.manual_seed(0)
     Gemma3ForCausalLM(config).to(torch.bfloat16).save_pretrained(spec["out"])
     tok.save_pretrained(spec["out"])
+    if spec["pretrain_rows"]:
+        # A base that knows the domain's language, as a real pretrained base does: fine-tuning a random model
+        # would mostly measure how fast each side learns an output layer from scratch.
+        from tuneserve.tiny import pretrain
+
+        rows = textsql.generate(spec["pretrain_rows"], seed=11)
+        pretrain(spec["out"], [f"{r['sql_context']}\n{r['sql_prompt']}\n{r['sql']}" for r in rows], epochs=1)
     return {}
 
 
@@ -114,11 +156,13 @@ def _install_timer(warmup: int, measured: int, device: str) -> dict:
                 if device == "cuda":
                     record["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
                     record["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved()
+                record["tokens_trained"] = tokens
 
     class TimedSFTTrainer(trl.SFTTrainer):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             self.add_callback(Timer(self))
+            record["trainer"] = self
             trainable, total = self.model.get_nb_trainable_parameters()
             record.update(trainable_parameters=trainable, total_parameters=total,
                           packing=bool(self.args.packing), batch_size=self.args.per_device_train_batch_size,
@@ -146,7 +190,7 @@ def _run(spec: dict) -> dict:
         os.environ.update({"BASE_MODEL": spec["model"], "DATASET": spec["data"], "OUTPUT_DIR": out,
                            "SYSTEM_PROMPT": SYSTEM_PROMPT, "USER_TEMPLATE": USER_TEMPLATE, "ASSISTANT_FIELD": "sql",
                            "MAX_STEPS": str(steps), "LOGGING_STEPS": "1000", "SAVE_STEPS": "100000",
-                           "MERGE": "false", "LOG_LEVEL": "warning"})
+                           "MERGE": "false", "LOG_LEVEL": "info"})
         code = entry.main([])
         if code != 0:
             raise SystemExit(f"python -m entrypoints.train exited {code}")
@@ -168,6 +212,9 @@ def _run(spec: dict) -> dict:
         trainer.train()
     if "t1" not in record:
         raise SystemExit(f"training stopped before step {steps}: {record}")
+    trainer = record.pop("trainer")
+    record.update(eval_loss(trainer.model, trainer.processing_class, spec["eval_data"]),
+                  dtype="bfloat16" if trainer.args.bf16 else "float16" if trainer.args.fp16 else "float32")
     seconds = record["t1"] - record["t0"]
     tokens = record["tokens1"] - record["tokens0"]
     result = {k: v for k, v in record.items() if k not in ("t0", "t1", "tokens0", "tokens1")}
@@ -198,12 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     gpu = common.gpu_name()
     p = plan(args.smoke, gpu is not None)
-    data_file, model = prepare_inputs(args.work_dir, p)
+    data_file, held_out, model = prepare_inputs(args.work_dir, p)
     results = {}
     for side in ("ours", "guide"):
         print(f"train: {side} ({p['warmup']} warm-up + {p['measured']} measured steps) ...", flush=True)
         results[side] = common.run_child("benchmarks.train", {
-            "kind": "run", "side": side, "model": str(model), "data": str(data_file), "warmup": p["warmup"],
+            "kind": "run", "side": side, "model": str(model), "data": str(data_file), "eval_data": str(held_out),
+            "warmup": p["warmup"],
             "measured": p["measured"]}, log=args.work_dir / "logs" / f"{side}.log")
     ours, g = results["ours"], results["guide"]
     device = ours["device"]
@@ -215,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                "seconds_per_step": r["seconds_per_step"], "tokens": r["tokens"],
                "peak_rss_gib": round(r["peak_rss_bytes"] / 2**30, 3),
                "trainable_parameters": r["trainable_parameters"], "packing": r["packing"],
-               "batch": f"{r['batch_size']} x {r['grad_accumulation']}"}
+               "batch": f"{r['batch_size']} x {r['grad_accumulation']}", "dtype": r["dtype"],
+               "gradient_checkpointing": r["gradient_checkpointing"], "tokens_trained": r["tokens_trained"],
+               "eval_loss": r["eval_loss"]}
         if device == "cuda":
             row["peak_gpu_gib"] = round(r["peak_gpu_bytes"] / 2**30, 3)
             row["mfu"] = mfu(r, gpu)
@@ -241,24 +291,38 @@ def main(argv: list[str] | None = None) -> int:
         ]
         not_run_rows.append(common.not_run("GPU run: Gemma 3 1B shapes, tokens/s, peak GPU memory and MFU",
                                            "no GPU"))
+    cpu = device == "cpu"
     figures += [
-        common.figure("cpu_tokens_ratio" if device == "cpu" else "tokens_ratio",
-                      f"tokens/s on the {device.upper()}, ours / guide", speed, "x"),
+        common.figure("cpu_tokens_ratio" if cpu else "tokens_ratio",
+                      f"tokens/s on the {device.upper()}, ours / guide", speed, "x", at_least=1.0 if cpu else None),
         common.figure("ours_tokens_per_second", "tokens/s, ours", ours["tokens_per_second"], "tokens/s"),
         common.figure("guide_tokens_per_second", "tokens/s, guide", g["tokens_per_second"], "tokens/s"),
         common.figure("rss_ratio", "peak RSS of the training loop, ours / guide",
-                      round(ours["peak_rss_bytes"] / g["peak_rss_bytes"], 3), "x"),
+                      round(ours["peak_rss_bytes"] / g["peak_rss_bytes"], 3), "x", at_most=1.0 if cpu else None),
+        common.figure("tokens_trained_ratio", "tokens trained in the same steps, ours / guide",
+                      round(ours["tokens_trained"] / g["tokens_trained"], 3), "x"),
+        common.figure("eval_loss_ratio", "held-out answer loss after training, ours / guide",
+                      round(ours["eval_loss"] / g["eval_loss"], 3), "x", at_most=1.0),
+        common.figure("ours_eval_loss", "held-out answer loss, ours", ours["eval_loss"], "nats/token"),
+        common.figure("guide_eval_loss", "held-out answer loss, guide", g["eval_loss"], "nats/token"),
     ]
-    setup = {"model": f"Gemma3ForCausalLM ({p['label']}), random bfloat16 weights, loaded in 4-bit NF4",
-             "shapes": p["shapes"], "device": device, "gpu": gpu, "rows": p["rows"],
+    setup = {"model": f"Gemma3ForCausalLM ({p['label']}), random bfloat16 weights"
+                      + (f" pretrained on {p['pretrain_rows']} other generated rows (1 epoch, full parameters)"
+                         if p["pretrain_rows"] else "") + ", loaded in 4-bit NF4",
+             "shapes": p["shapes"], "device": device, "gpu": gpu, "rows": p["rows"], "eval_rows": p["eval_rows"],
              "warmup_steps": p["warmup"], "measured_steps": p["measured"],
              "matmul_parameters": ours["matmul_parameters"],
              "guide_overrides": "max_steps, logging_steps=1000 and save_strategy='no' (measurement only)",
              "ours_overrides": "MAX_STEPS, LOGGING_STEPS=1000, SAVE_STEPS=100000, MERGE=false (measurement only)"}
-    notes = ["Tokens are real (non-padding) tokens as TRL counts them; ours feeds one row per micro-batch "
-             "(batch 1 x 4, no padding), the guide packs rows into padding-free 512-token sequences.",
+    notes = ["Tokens are real (non-padding) tokens as TRL counts them. Both sides pack rows into padding-free "
+             "512-token sequences, 4 per optimizer step; ours splits them into micro-batches by the hardware "
+             "(the CPU: 1 x 4) and checkpoints activations only where memory needs it, in the dtype the "
+             "hardware computes natively (see each row).",
+             "Both sides train the same number of steps on the same rows, then score the same held-out rows: "
+             "eval_loss is the mean loss of the answer tokens (the SQL and its end-of-turn token) given the "
+             "prompt. Ours trains on the answers only, the guide on every token.",
              "The guide trains lm_head and embed_tokens in full (modules_to_save): see trainable_parameters.",
-             "The target is for a GPU; CPU figures are for information (no flash attention, 2 cores)."]
+             "The 1.5x target is for a GPU; on the CPU the floor is 1.0x at no more memory."]
     common.write_result(args, title=TITLE, started=started, setup=setup, rows=rows, figures=figures,
                         not_run_rows=not_run_rows, notes=notes)
     return 0

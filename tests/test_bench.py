@@ -92,7 +92,7 @@ def test_data_smoke_counts_every_position(smoke):
         assert row["rows_in"] == r["setup"]["rows"] and row["samples_per_second"] > 0
         assert 0 < row["real_tokens"] <= row["positions"] and 0 < row["real_fraction"] <= 1
         assert 0 < row["loss_tokens"] <= row["real_tokens"]
-    # Our default batches one row at a time: nothing is padded. The guide and PACKING=true pack rows.
+    # PACKING=false batches one row at a time: nothing is padded. The guide and our default pack rows.
     assert rows["ours"]["real_fraction"] == 1 and rows["ours"]["batch_size"] == 1
     assert rows["guide"]["packing"] and rows["guide"]["sequences"] < rows["guide"]["rows_in"]
     assert 0 < rows["ours-packing"]["pack_fill"] <= 1

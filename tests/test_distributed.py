@@ -30,10 +30,10 @@ def test_distributed_settings_are_checked_before_anything_starts(tmp_path):
 @pytest.mark.slow
 def test_two_processes_split_the_data_reduce_gradients_and_merge_once(tmp_path, chatml_base, qa_dataset):
     out = tmp_path / "out"
-    res = run_train({**LEARN_ENV, **TWO, "BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset),
-                     "OUTPUT_DIR": str(out), "PER_DEVICE_TRAIN_BATCH_SIZE": "4",
-                     # 8 rows of 21-24 tokens packed 2 a sequence: 4 sequences, 2 for each process
-                     "MAX_SEQ_LENGTH": "48"}, cwd=tmp_path)
+    # 8 rows of 21-24 tokens packed 2 a sequence: 4 sequences, one micro-batch of 2 for each process
+    env = {**LEARN_ENV, **TWO, "BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out),
+           "PER_DEVICE_TRAIN_BATCH_SIZE": "2", "MAX_SEQ_LENGTH": "48"}
+    res = run_train(env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "starting 2 training processes on this node" in res.stderr
     assert "process 1 of 2 (local 1, gloo backend)" in res.stderr
@@ -63,8 +63,6 @@ def test_two_processes_split_the_data_reduce_gradients_and_merge_once(tmp_path, 
 
     # A retry once training is done (say publishing failed) starts no group: node 0 finishes the later
     # stages by itself, another node has nothing to wait for.
-    env = {**LEARN_ENV, **TWO, "BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out),
-           "PER_DEVICE_TRAIN_BATCH_SIZE": "4"}
     again = run_train(env, cwd=tmp_path)
     assert again.returncode == 0 and "starting 2 training processes" not in again.stderr, again.stderr[-3000:]
     assert "training already done" in again.stderr and "verification already passed" in again.stderr
