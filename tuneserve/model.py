@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuneserve import launch
 from tuneserve.exitcodes import ConfigError
 from tuneserve.settings import Settings
 
@@ -37,6 +38,14 @@ def resolve_placement(cfg: Settings) -> Placement:
         raise ConfigError("DEVICE=cuda but no CUDA device is visible (check --gpus all / the nvidia.com/gpu "
                           "request); use DEVICE=cpu or auto")
     device = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and cuda)) else "cpu"
+    if device == "cuda" and not launch.in_worker() and (n := torch.cuda.device_count()) > 1:
+        # transformers would count every visible GPU for one process and TRL refuses nn.DataParallel.
+        raise ConfigError(f"one training process but {n} GPUs are visible (NPROC_PER_NODE={cfg.nproc_per_node}): "
+                          "set NPROC_PER_NODE=auto to train on all of them (one process each), or "
+                          "CUDA_VISIBLE_DEVICES (docker run --gpus '\"device=0\"', the nvidia.com/gpu request) to "
+                          "the one to use")
+    if cfg.attn_implementation and (problem := attention_problem(cfg.attn_implementation, device)):
+        raise ConfigError(f"ATTN_IMPLEMENTATION={cfg.attn_implementation}: {problem}")
     # torch counts bfloat16 emulated in float32 as supported by default; only the hardware's own counts here.
     native, evidence = (torch.cuda.is_bf16_supported(including_emulation=False), torch.cuda.get_device_name()) \
         if device == "cuda" else cpu_native_bf16()
@@ -55,6 +64,30 @@ def resolve_placement(cfg: Settings) -> Placement:
         torch.set_num_threads(threads)
         log.info("torch uses %d CPU thread(s) (%s)", threads, why)
     return Placement(device, dtype)
+
+
+# The package each attention kernel needs beyond torch (transformers imports it when the model loads).
+ATTENTION_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"),
+                      "flash_attention_3": ("flash_attn_interface", "flash-attn-3 (built from flash-attention/hopper)")}
+
+
+def attention_problem(name: str, device: str) -> str | None:
+    """Why the attention kernel `name` cannot run here (its package missing, or a CUDA kernel on the CPU), checked
+    before the weights load; None when it can. A Hub kernel (`kernels-community/flash-attn2`) needs `kernels`."""
+    import importlib.util
+
+    if "/" in name:
+        package, pip_name = "kernels", "kernels"
+    elif name in ATTENTION_PACKAGES:
+        package, pip_name = ATTENTION_PACKAGES[name]
+    else:
+        return None  # eager, sdpa, flex_attention: torch's own; an unknown name is transformers' error to give
+    if importlib.util.find_spec(package) is None:
+        return (f"needs the {package!r} package, which is not installed in this image (pip install {pip_name}, "
+                "in an image built FROM this one); or use sdpa, which keeps packed rows apart too")
+    if device != "cuda" and "/" not in name:
+        return f"{name} runs on CUDA GPUs only; use sdpa on the CPU"
+    return None
 
 
 def cpu_native_bf16(cpuinfo: str | None = None) -> tuple[bool, str]:
@@ -197,6 +230,9 @@ def load_model(cfg: Settings, tok_info, placement: Placement):
     except OSError as exc:
         raise ConfigError(f"BASE_MODEL={cfg.base_model!r}: cannot load the model ({str(exc).splitlines()[0]})") \
             from None
+    except ImportError as exc:  # a kernel or quantization package this model needs beyond what preflight checks
+        raise ConfigError(f"BASE_MODEL={cfg.base_model!r} with ATTN_IMPLEMENTATION={cfg.attn_implementation}: "
+                          f"{str(exc).splitlines()[0]}") from None
     tok = tok_info.tokenizer
     if tok_info.added_tokens:
         emb = model.get_input_embeddings().weight.shape[0]

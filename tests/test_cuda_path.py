@@ -1,0 +1,75 @@
+"""The CUDA path, right by construction: what can be shown without a GPU is shown here, on the CPU.
+
+What needs the GPU itself (TRL's Triton kernel, bitsandbytes' CUDA kernels, sdpa on CUDA, the speed) runs in
+`make gpu-check` (benchmarks/gpu_check.py), whose CPU smoke mode is tested in test_bench.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_train
+from tuneserve.config import load_train_config
+from tuneserve.exitcodes import ConfigError
+
+
+def settings(**env):
+    return load_train_config({"BASE_MODEL": "org/m", "DATASET": "org/d", **env})
+
+
+@pytest.mark.parametrize("name, device, needs", [
+    ("flash_attention_2", "cuda", "'flash_attn' package"),
+    ("flash_attention_3", "cuda", "'flash_attn_interface' package"),
+    ("kernels-community/flash-attn2", "cuda", "'kernels' package"),
+])
+def test_an_attention_kernel_whose_package_is_missing_is_named_before_loading(name, device, needs):
+    from tuneserve.model import attention_problem
+
+    assert needs in attention_problem(name, device)
+    assert attention_problem("sdpa", device) is None and attention_problem("eager", "cpu") is None
+
+
+def test_an_unavailable_attention_kernel_exits_2_naming_the_package(tmp_path, chatml_base, qa_dataset):
+    res = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(tmp_path / "o"),
+                     "ATTN_IMPLEMENTATION": "flash_attention_2"}, "--check", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "ATTN_IMPLEMENTATION=flash_attention_2: needs the 'flash_attn' package" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_one_process_never_silently_drives_several_gpus(monkeypatch):
+    """transformers counts every visible GPU for a lone process and TRL then refuses nn.DataParallel (a crash
+    at the trainer); here it is a configuration error with both ways out."""
+    import torch
+
+    from tuneserve import model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(ConfigError, match=r"one training process but 4 GPUs are visible \(NPROC_PER_NODE=1\).*"
+                                          r"NPROC_PER_NODE=auto.*CUDA_VISIBLE_DEVICES"):
+        model.resolve_placement(settings(NPROC_PER_NODE="1"))
+    # A worker of a group (one per GPU) sees them all too, and uses its own.
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    assert model.resolve_placement(settings()).device == "cuda"
+
+
+@pytest.mark.parametrize("emulated_only, dtype", [(True, "float16"), (False, "bfloat16")])
+def test_dtype_auto_on_a_gpu_counts_only_native_bfloat16(monkeypatch, emulated_only, dtype):
+    """torch.cuda.is_bf16_supported() says True on a T4 or V100 (emulation); auto must pick float16 there."""
+    import torch
+
+    from tuneserve import model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or not emulated_only)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4" if emulated_only else "NVIDIA H200")
+    assert model.resolve_placement(settings()).dtype_name == dtype
+    if emulated_only:
+        with pytest.raises(ConfigError, match=r"DTYPE=bfloat16 but this GPU \(Tesla T4\) does not compute"):
+            model.resolve_placement(settings(DTYPE="bfloat16"))
