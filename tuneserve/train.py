@@ -10,6 +10,7 @@ is done, and a rerun skips this stage.
 from __future__ import annotations
 
 import json
+import gc
 import logging
 import shutil
 from pathlib import Path
@@ -286,7 +287,19 @@ def _init_process_group(placement: Placement) -> None:
 
 
 def train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placement) -> Path:
-    """Train (or resume) and write OUTPUT_DIR/adapter. Returns the adapter folder."""
+    """Train (or resume) and write OUTPUT_DIR/adapter. Returns the adapter folder; the model is freed."""
+    adapter = _train(cfg, layout, tok_info, prepared, placement)
+    # TRL's and accelerate's wrapped forwards hold the trained model in reference cycles: without a collection it
+    # stays in memory (on the GPU: 1-1.6 GB at 1B, ~16 GB at 27B) while verify loads the merged model beside it.
+    gc.collect()
+    if placement.device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+    return adapter
+
+
+def _train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placement) -> Path:
     from trl import SFTTrainer
 
     from tuneserve.model import get_peft_config, load_model
