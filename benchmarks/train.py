@@ -121,7 +121,7 @@ def _model(spec: dict) -> dict:
         from tuneserve.tiny import pretrain
 
         rows = textsql.generate(spec["pretrain_rows"], seed=11)
-        pretrain(spec["out"], [f"{r['sql_context']}\n{r['sql_prompt']}\n{r['sql']}" for r in rows], epochs=1)
+        pretrain(Path(spec["out"]), [f"{r['sql_context']}\n{r['sql_prompt']}\n{r['sql']}" for r in rows], epochs=1)
     return {}
 
 
