@@ -104,3 +104,20 @@ def test_the_trained_model_is_freed_before_the_next_stage(tmp_path, monkeypatch,
     train.train(cfg, layout, tok_info, prepared, placement)
     assert (layout.adapter / "adapter_model.safetensors").is_file()
     assert len(refs) > 10 and [r() for r in refs if r() is not None] == []
+
+
+def test_the_nf4_replay_runs_where_training_quantized(monkeypatch):
+    """bitsandbytes' CUDA kernels use fast math and its CPU kernels do not: a base quantized on a GPU is replayed
+    on a GPU (MERGE_BASE=dequantized), never silently on the CPU. CPU-trained: test_merge.py replays on the CPU
+    bit for bit; CUDA against CPU is measured by make gpu-check."""
+    import torch
+
+    from tuneserve.merge import nf4_roundtrip, replay_device
+
+    quant = {"quant_type": "nf4", "blocksize": 64, "double_quant": True, "dtype": "float32", "device": "cuda"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="quantized on a GPU in training and no GPU is visible"):
+        nf4_roundtrip(torch.ones(64, 64), quant)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert replay_device(quant) == "cuda"
+    assert replay_device({**quant, "device": "cpu"}) == replay_device({}) == "cpu"  # and adapters before the field

@@ -189,10 +189,12 @@ def test_dequantized_merge_replays_the_weights_the_4bit_model_computed_with(trai
     model = load_model(cfg, prepare_tokenizer(cfg, needs_template=True), resolve_placement(cfg))
     original = load_file(str(chatml_base / "model.safetensors"))
     layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-    assert sorted(layers) == meta["quantization"]["modules"]
+    assert sorted(layers) == meta["quantization"]["modules"] and meta["quantization"]["device"] == "cpu"
     for name, layer in layers.items():
+        # What the 4-bit layer computed with, in the checkpoint's dtype (the merged model's).
         in_training = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-        assert (nf4_roundtrip(original[f"{name}.weight"], meta["quantization"]) == in_training).all(), name
+        w = original[f"{name}.weight"]
+        assert (nf4_roundtrip(w, meta["quantization"]) == in_training.to(w.dtype)).all(), name
 
 
 def test_verify_reports_how_far_each_merge_base_is_from_the_adapter_model(trained_output):

@@ -185,9 +185,23 @@ def nf4_roundtrip(w, quant: dict):
     import torch
 
     dtype = getattr(torch, quant.get("dtype", "bfloat16"))
-    q, state = F.quantize_4bit(w.to(dtype), blocksize=quant["blocksize"], compress_statistics=quant["double_quant"],
-                               quant_type=quant["quant_type"])
-    return F.dequantize_4bit(q, state).to(w.dtype)
+    device = replay_device(quant)
+    q, state = F.quantize_4bit(w.to(device=device, dtype=dtype), blocksize=quant["blocksize"],
+                               compress_statistics=quant["double_quant"], quant_type=quant["quant_type"])
+    return F.dequantize_4bit(q, state).to(device="cpu", dtype=w.dtype)
+
+
+def replay_device(quant: dict) -> str:
+    """Where the NF4 round trip runs: on the device training quantized on (bitsandbytes' CUDA kernels use fast
+    math, its CPU kernels do not; the two need not give the same bits). Exit 2 rather than replay elsewhere."""
+    import torch
+
+    device = quant.get("device", "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("MERGE_BASE=dequantized: the base was quantized on a GPU in training and no GPU is visible "
+                          "here; the replay must run where training ran (its CPU kernels can round differently). "
+                          "Merge on a GPU node, or use MERGE_BASE=original")
+    return device
 
 
 def _grow_rows(t, rows: int):

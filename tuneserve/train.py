@@ -41,7 +41,9 @@ def describe_quantization(model) -> dict | None:
         return None
     qs = next(iter(layers.values())).weight.quant_state
     return {"modules": sorted(layers), "quant_type": qs.quant_type, "blocksize": qs.blocksize,
-            "double_quant": bool(qs.nested), "dtype": str(qs.dtype).removeprefix("torch.")}
+            "double_quant": bool(qs.nested), "dtype": str(qs.dtype).removeprefix("torch."),
+            # bitsandbytes' CUDA and CPU kernels need not round alike: the replay runs where training quantized.
+            "device": qs.absmax.device.type}
 
 
 def build_sft_config(cfg: Settings, layout: Layout, placement: Placement, has_eval: bool):
