@@ -39,7 +39,15 @@ CPU_SHAPES = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, 
 SMOKE_SHAPES = dict(CPU_SHAPES, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                     vocab_size=2048)
 # bf16 dense peak FLOP/s by GPU name (vendor datasheets), for MFU.
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "L40S": 362e12, "A10": 125e12}
+# Dense bfloat16 tensor-core peaks (no sparsity) from NVIDIA's data sheets, by the exact name CUDA reports: an
+# H100 PCIe is not an H100 SXM, an L40S not an L4. A GPU not listed gets no MFU rather than a guessed one.
+PEAK_BF16 = {
+    "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12,
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA L40S": 362e12, "NVIDIA L4": 121e12, "NVIDIA A10": 125e12,
+}
 TOKENS_RATIO_TARGET = 1.5
 
 
@@ -168,9 +176,7 @@ def _install_timer(warmup: int, measured: int, device: str) -> dict:
                           packing=bool(self.args.packing), batch_size=self.args.per_device_train_batch_size,
                           grad_accumulation=self.args.gradient_accumulation_steps,
                           gradient_checkpointing=bool(self.args.gradient_checkpointing))
-            record["matmul_parameters"] = sum(m.weight.numel() for n, m in self.model.named_modules()
-                                              if type(m).__name__ in ("Linear", "Linear4bit") and
-                                              hasattr(m, "weight") and "lora_" not in n)
+            record["matmul_parameters"] = matmul_parameters(self.model)
 
     trl.SFTTrainer = TimedSFTTrainer
     return record
@@ -230,8 +236,19 @@ def trl_trainer():
     return trl.SFTTrainer  # the timed subclass once _install_timer ran
 
 
+def matmul_parameters(model) -> int:
+    """N of the 6N (4N) FLOPs/token rule: in x out of every linear layer a token passes through, counted from the
+    layers' shapes (a 4-bit layer stores its weight packed, two values a byte, so its numel is not N). PEFT's LoRA
+    wrappers (which expose their base layer's weight) and the adapters' own small matrices are not counted, nor
+    the frozen original beside a modules_to_save copy."""
+    import torch
+
+    return sum(m.in_features * m.out_features for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and "lora_" not in n and ".original_module" not in n)
+
+
 def mfu(r: dict, gpu: str | None) -> float | None:
-    peak = next((v for k, v in PEAK_BF16.items() if gpu and k in gpu), None)
+    peak = PEAK_BF16.get(gpu or "")
     if peak is None or r.get("device") != "cuda":
         return None
     per_token = (6 if r["gradient_checkpointing"] else 4) * r["matmul_parameters"]

@@ -100,6 +100,34 @@ def test_data_smoke_counts_every_position(smoke):
     assert rows["ours"]["loss_tokens"] < rows["guide"]["loss_tokens"]
 
 
+@pytest.mark.parametrize("gpu, peak", [("NVIDIA H200", 989e12), ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12),
+                                        ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12),
+                                        ("NVIDIA RTX PRO 6000 Blackwell", None), (None, None)])
+def test_mfu_takes_the_peak_of_the_exact_gpu_and_none_for_an_unknown_one(gpu, peak):
+    from benchmarks.train import mfu
+
+    r = {"device": "cuda", "gradient_checkpointing": False, "matmul_parameters": 10**9, "tokens_per_second": 10**4}
+    assert mfu(r, gpu) == (None if peak is None else round(4e13 / peak, 4))
+
+
+def test_mfu_counts_each_matmul_once_from_its_shape(chatml_base):
+    """A 4-bit layer stores half a byte per weight and PEFT's wrappers expose their base layer's weight: N must
+    be in x out of each linear layer the base computes with, whatever wraps it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from benchmarks.train import matmul_parameters
+
+    plain = AutoModelForCausalLM.from_pretrained(chatml_base)
+    expected = sum(m.weight.shape.numel() for m in plain.modules() if isinstance(m, torch.nn.Linear))
+    quantized = AutoModelForCausalLM.from_pretrained(chatml_base, device_map={"": "cpu"}, quantization_config=
+                                                     BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+    assert matmul_parameters(quantized) == matmul_parameters(plain) == expected
+    peft = get_peft_model(quantized, LoraConfig(r=4, target_modules="all-linear", modules_to_save=["lm_head"]))
+    assert matmul_parameters(peft) == expected
+
+
 def test_train_smoke_measures_both_sides_and_marks_gpu_rows(smoke):
     r = result(smoke, "train")
     rows = {row["key"]: row for row in r["rows"]}
