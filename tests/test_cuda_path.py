@@ -121,3 +121,45 @@ def test_the_nf4_replay_runs_where_training_quantized(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert replay_device(quant) == "cuda"
     assert replay_device({**quant, "device": "cpu"}) == replay_device({}) == "cpu"  # and adapters before the field
+
+
+@pytest.mark.parametrize("strategy, local_rank", [("ddp", "0"), ("ddp", "3"), ("fsdp", "1")])
+def test_the_model_is_loaded_on_this_process_gpu_whatever_the_strategy(monkeypatch, strategy, local_rank):
+    """No device_map means TRL's device_map="auto", which spreads the model over every visible GPU and which
+    accelerate refuses to train in a process group: each process names its own GPU."""
+    import trl.trainer.utils
+
+    from tuneserve import model
+    from tuneserve.tokenizer import TokenizerInfo
+
+    seen = {}
+
+    def capture(name, **kwargs):
+        seen.update(kwargs)
+        raise OSError("captured")
+
+    monkeypatch.setattr(trl.trainer.utils, "create_model_from_path", capture)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    cfg = settings(DISTRIBUTED_STRATEGY=strategy)
+    with pytest.raises(ConfigError, match="captured"):
+        model.load_model(cfg, TokenizerInfo.__new__(TokenizerInfo), model.Placement("cuda", "bfloat16"))
+    assert seen["device_map"] == {"": int(local_rank)}
+    quant = seen["quantization_config"]
+    assert quant.load_in_4bit and quant.bnb_4bit_compute_dtype.__repr__() == "torch.bfloat16"
+    # FSDP can shard only floating-point storage: the 4-bit weights are stored in the compute dtype.
+    assert str(quant.bnb_4bit_quant_storage) == ("torch.bfloat16" if strategy == "fsdp" else "torch.uint8")
+
+
+def test_fsdp_is_fsdp2_and_a_plan_that_would_replicate_the_4bit_base_is_refused():
+    from trl import SFTConfig
+
+    from tuneserve import model
+    from tuneserve.train import fsdp_options
+
+    args = SFTConfig(output_dir="unused", bf16=False, **fsdp_options())
+    assert args.fsdp_plugin_args["fsdp_version"] == 2 and args.fsdp_plugin_args["reshard_after_forward"] is True
+    # The FSDP1-only options that FSDP2 ignores are not set (they would only mislead a reader).
+    assert not {"use_orig_params", "sync_module_states", "backward_prefetch"} & set(args.fsdp_config)
+    with pytest.raises(ConfigError, match="BNB_4BIT_QUANT_STORAGE=uint8: FSDP cannot shard integer 4-bit storage"):
+        model.get_quantization_config(settings(DISTRIBUTED_STRATEGY="fsdp", BNB_4BIT_QUANT_STORAGE="uint8"),
+                                      model.Placement("cuda", "bfloat16"))

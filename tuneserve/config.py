@@ -169,8 +169,8 @@ TRAIN_VARS = [
     Var("MASTER_PORT", "int", 29500, "Rendezvous port on MASTER_ADDR (NNODES > 1).", G_DIST, minimum=1,
         maximum=65535),
     Var("DISTRIBUTED_STRATEGY", "str", "ddp", "ddp: every GPU holds the 4-bit model (the model must fit one GPU). "
-        "fsdp: the model is sharded across GPUs (QLoRA + FSDP: 4-bit storage in the compute dtype); needs "
-        "CUDA.", G_DIST, choices=("ddp", "fsdp")),
+        "fsdp: FSDP2 shards the model's layers, gradients and optimizer state across GPUs (4-bit storage in the "
+        "compute dtype); each GPU still loads the whole 4-bit model first; needs CUDA.", G_DIST, choices=("ddp", "fsdp")),
     # ---- run
     Var("OUTPUT_DIR", "str", "./output", "Everything the run writes: checkpoints/, adapter/, reports. Rerunning "
         "with the same directory resumes.", G_RUN),

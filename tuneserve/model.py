@@ -63,7 +63,13 @@ def resolve_placement(cfg: Settings) -> Placement:
         threads, why = cpu_threads()
         torch.set_num_threads(threads)
         log.info("torch uses %d CPU thread(s) (%s)", threads, why)
-    return Placement(device, dtype)
+    placement = Placement(device, dtype)
+    if cfg.distributed_strategy == "fsdp":
+        get_quantization_config(cfg, placement)  # refuses a 4-bit storage FSDP cannot shard, before anything loads
+        log.info("DISTRIBUTED_STRATEGY=fsdp (FSDP2): each process loads the whole %smodel on its own GPU, then its "
+                 "layers are sharded across the processes: training memory is shared, loading memory is not",
+                 "4-bit " if cfg.load_in_4bit else "")
+    return placement
 
 
 # The package each attention kernel needs beyond torch (transformers imports it when the model loads).
@@ -140,9 +146,16 @@ def get_quantization_config(cfg: Settings, placement: Placement):
     kwargs = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                   bnb_4bit_compute_dtype=placement.dtype)
     if cfg.distributed_strategy == "fsdp":
-        # FSDP flattens parameters of one dtype: the packed 4-bit weights are stored as the compute dtype.
+        # fully_shard turns parameters into DTensors, which only floating-point storage survives: the packed 4-bit
+        # weights are stored in the compute dtype. With uint8 storage accelerate leaves them out of the sharding,
+        # every GPU keeping the whole 4-bit base.
         kwargs["bnb_4bit_quant_storage"] = placement.dtype
     kwargs.update(cfg.extras.get("bnb", {}))
+    storage = str(kwargs.get("bnb_4bit_quant_storage", "uint8")).removeprefix("torch.")
+    if cfg.distributed_strategy == "fsdp" and storage not in ("bfloat16", "float16", "float32"):
+        raise ConfigError(f"DISTRIBUTED_STRATEGY=fsdp with BNB_4BIT_QUANT_STORAGE={storage}: FSDP cannot shard "
+                          "integer 4-bit storage and would keep the whole base on every GPU; leave it unset (the "
+                          "compute dtype) or use DISTRIBUTED_STRATEGY=ddp")
     return BitsAndBytesConfig(**kwargs)
 
 
@@ -215,14 +228,10 @@ def load_model(cfg: Settings, tok_info, placement: Placement):
     quant = get_quantization_config(cfg, placement)
     if quant is not None:
         kwargs["quantization_config"] = quant
-    if placement.device == "cpu":
-        kwargs["device_map"] = {"": "cpu"}
-    elif cfg.distributed_strategy == "ddp":
-        from accelerate import PartialState
-
-        # Data parallel: each process holds the whole 4-bit model on its own GPU.
-        kwargs["device_map"] = {"": PartialState().local_process_index}
-    # fsdp: no device_map, FSDP places and shards the weights itself.
+    # Always a device map naming one device: without one TRL passes device_map="auto", which spreads a model over
+    # every visible GPU and which accelerate refuses to train in a process group. DDP keeps the whole 4-bit model
+    # on each process's GPU; FSDP2 loads it there too, then shards it (train.fsdp_options).
+    kwargs["device_map"] = {"": "cpu" if placement.device == "cpu" else int(os.environ.get("LOCAL_RANK", "0"))}
     log.info("loading %s (%s%s, %s)", cfg.base_model, "4-bit NF4, compute " if quant else "", placement.dtype_name,
              placement.device)
     try:

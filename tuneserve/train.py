@@ -89,12 +89,7 @@ def build_sft_config(cfg: Settings, layout: Layout, placement: Placement, has_ev
         kwargs["ddp_find_unused_parameters"] = False
         kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     if cfg.distributed_strategy == "fsdp":
-        # The QLoRA + FSDP recipe (PEFT's and TRL's docs): shard whole decoder layers, load the weights on rank 0
-        # only and broadcast them (CPU-efficient loading), keep the flat parameters as the 4-bit storage
-        # dtype (model.py sets bnb_4bit_quant_storage to the compute dtype so FSDP can flatten them).
-        kwargs["fsdp"] = "full_shard auto_wrap"
-        kwargs["fsdp_config"] = {"cpu_ram_efficient_loading": True, "sync_module_states": True,
-                                 "use_orig_params": False, "backward_prefetch": "backward_pre"}
+        kwargs.update(fsdp_options())
     kwargs.update(cfg.extras.get("sft", {}))
     if not has_eval:
         kwargs.setdefault("eval_strategy", "no")
@@ -102,6 +97,17 @@ def build_sft_config(cfg: Settings, layout: Layout, placement: Placement, has_ev
         return SFTConfig(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"training configuration rejected by trl.SFTConfig: {exc}") from None
+
+
+def fsdp_options() -> dict:
+    """FSDP2 (fully_shard), named explicitly: transformers' default today, the FSDP1 options (use_orig_params,
+    sync_module_states, backward_prefetch) are ignored under it. Whole decoder layers are sharded, parameters
+    resharded after each forward. Each process loads the whole model on its own GPU first (accelerate's
+    load-on-rank-0 path skips 4-bit weights), then fully_shard splits it, the 4-bit weights included (stored in
+    the compute dtype, model.py): training memory is shared, loading memory is not."""
+    return {"fsdp": True,
+            "fsdp_config": {"version": 2, "reshard_after_forward": True, "cpu_ram_efficient_loading": False,
+                            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}}
 
 
 def _stop_requested(device) -> bool:
