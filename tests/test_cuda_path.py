@@ -46,6 +46,7 @@ def test_one_process_never_silently_drives_several_gpus(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(model, "compiler_problem", lambda: None)  # whatever this machine has
     with pytest.raises(ConfigError, match=r"one training process but 4 GPUs are visible \(NPROC_PER_NODE=1\).*"
                                           r"NPROC_PER_NODE=auto.*CUDA_VISIBLE_DEVICES"):
         model.resolve_placement(settings(NPROC_PER_NODE="1"))
@@ -57,6 +58,25 @@ def test_one_process_never_silently_drives_several_gpus(monkeypatch):
     assert model.resolve_placement(settings()).device == "cuda"
 
 
+def test_training_on_cuda_needs_the_compiler_triton_builds_its_launcher_with(monkeypatch):
+    """TRL's loss runs a Triton kernel on CUDA; Triton compiles a C module with gcc or clang on first use. Without
+    one the first training step would fail after the model loaded: preflight exits 2 instead. (The image has gcc:
+    tests/test_images.py builds a module there the way Triton does.)"""
+    import shutil
+
+    import torch
+
+    from tuneserve import model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match=r"no C compiler \(gcc, clang or \$CC\): Triton"):
+        model.resolve_placement(settings())
+    assert model.resolve_placement(settings(DEVICE="cpu")).device == "cpu"  # the CPU path never compiles
+
+
 @pytest.mark.parametrize("emulated_only, dtype", [(True, "float16"), (False, "bfloat16")])
 def test_dtype_auto_on_a_gpu_counts_only_native_bfloat16(monkeypatch, emulated_only, dtype):
     """torch.cuda.is_bf16_supported() says True on a T4 or V100 (emulation); auto must pick float16 there."""
@@ -66,6 +86,7 @@ def test_dtype_auto_on_a_gpu_counts_only_native_bfloat16(monkeypatch, emulated_o
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(model, "compiler_problem", lambda: None)  # whatever this machine has
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                         lambda including_emulation=True: including_emulation or not emulated_only)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4" if emulated_only else "NVIDIA H200")

@@ -222,3 +222,31 @@ def test_images_benchmark_smoke_measures_both_built_images(tmp_path):
         assert rows[key]["unpacked_gb"] > 0 and rows[key]["layers"] > 0
     # The serving image is its vLLM base plus our layers: strictly larger, by what those layers add.
     assert 0 < rows["serve-added"]["unpacked_gb"] < rows["serve"]["unpacked_gb"]
+
+
+def test_training_image_compiles_a_c_module_the_way_triton_does():
+    """On CUDA, TRL's loss runs a Triton kernel and Triton first compiles a C launcher: gcc (else clang) found
+    on PATH, Python's headers, `-O3 -shared -fPIC`, written under its cache on /tmp (triton/runtime/build.py).
+    Here the same build, in the hardened container (read-only root, non-root), then the module is imported."""
+    script = r'''
+import importlib.util, os, shutil, subprocess, sysconfig
+cache = os.environ["TRITON_CACHE_DIR"]
+os.makedirs(cache, exist_ok=True)
+src = os.path.join(cache, "probe.c")
+open(src, "w").write("""#include <Python.h>
+static PyObject *answer(PyObject *self, PyObject *args) { return PyLong_FromLong(42); }
+static PyMethodDef methods[] = {{"answer", answer, METH_NOARGS, NULL}, {NULL, NULL, 0, NULL}};
+static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "probe", NULL, -1, methods};
+PyMODINIT_FUNC PyInit_probe(void) { return PyModule_Create(&mod); }
+""")
+cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+so = os.path.join(cache, "probe" + sysconfig.get_config_var("EXT_SUFFIX"))
+subprocess.check_call([cc, src, "-O3", "-shared", "-fPIC", "-Wno-psabi", "-o", so,
+                       "-I" + sysconfig.get_paths()["include"]])
+spec = importlib.util.spec_from_file_location("probe", so)
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+print("answer", module.answer(), cc)
+'''
+    res = podman("run", "--rm", *HARDENED, "--network", "none", "--entrypoint", "python", IMAGE_TRAIN, "-c", script)
+    assert "answer 42 /usr/bin/gcc" in res.stdout, res.stdout + res.stderr

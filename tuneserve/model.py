@@ -44,6 +44,8 @@ def resolve_placement(cfg: Settings) -> Placement:
                           "set NPROC_PER_NODE=auto to train on all of them (one process each), or "
                           "CUDA_VISIBLE_DEVICES (docker run --gpus '\"device=0\"', the nvidia.com/gpu request) to "
                           "the one to use")
+    if device == "cuda" and (problem := compiler_problem()):
+        raise ConfigError(problem)
     if cfg.attn_implementation and (problem := attention_problem(cfg.attn_implementation, device)):
         raise ConfigError(f"ATTN_IMPLEMENTATION={cfg.attn_implementation}: {problem}")
     # torch counts bfloat16 emulated in float32 as supported by default; only the hardware's own counts here.
@@ -70,6 +72,22 @@ def resolve_placement(cfg: Settings) -> Placement:
                  "layers are sharded across the processes: training memory is shared, loading memory is not",
                  "4-bit " if cfg.load_in_4bit else "")
     return placement
+
+
+def compiler_problem() -> str | None:
+    """Why Triton could not build its launcher here (None when it can). On CUDA, TRL's loss (a fused LM head) runs
+    a Triton kernel, and Triton compiles a small C module against Python's headers on first use, with $CC, else
+    gcc, else clang (triton/runtime/build.py); without them the first training step fails."""
+    import shutil
+    import sysconfig
+
+    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+        return ("no C compiler (gcc, clang or $CC): Triton, which runs TRL's loss kernel on CUDA, compiles a small "
+                "C module on first use; install gcc and libc6-dev (the training image has them)")
+    header = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not header.is_file():
+        return f"no Python headers ({header}): Triton compiles its launcher against them; install python3-dev"
+    return None
 
 
 # The package each attention kernel needs beyond torch (transformers imports it when the model loads).
