@@ -72,6 +72,19 @@ bench-smoke: setup ## The benchmarks on tiny sizes (a few minutes); results and 
 	PYTHONPATH=. $(TRAIN_PY) -m benchmarks.report --results-dir build/bench/smoke/results \
 	    --out build/bench/smoke/benchmarks.md; exit $$status
 
+# The GPU check (benchmarks/gpu_check.py): wheels made here, carried to a GPU machine with the repository, run
+# there in one command. Its CPU smoke runs in `make test` (tests/test_bench.py).
+.PHONY: gpu-wheels gpu-check
+GPU_WHEELS ?= build/gpu-wheels
+GPU_VENV ?= build/gpu-venv
+gpu-wheels: setup ## Download the wheels a GPU machine with torch/transformers/peft/accelerate lacks (about 21 MiB)
+	PYTHONPATH=. $(TRAIN_PY) -m benchmarks.gpu_check wheels --out $(GPU_WHEELS)
+
+gpu-check: ## On a GPU machine: install $(GPU_WHEELS) over its packages, run every stage, report to $$OUT/gpu.json
+	$(PYTHON) -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-index --no-deps $(GPU_WHEELS)/*.whl
+	PYTHONPATH=. $(GPU_VENV)/bin/python -m benchmarks.gpu_check run --out "$${OUT:-build/gpu-check}"
+
 $(VENV_LINT)/.installed: requirements/lint.txt
 	$(PYTHON) -m venv $(VENV_LINT)
 	$(VENV_LINT)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements/lint.txt

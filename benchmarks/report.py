@@ -196,7 +196,25 @@ def render(results_dir: Path, out: Path) -> str:
     lines.append("")
     for i, name in enumerate(common.ORDER, 1):
         lines += section(i, name, results[name], plots, out)
+    lines += gpu_section(results_dir / "gpu.json")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def gpu_section(path: Path) -> list[str]:
+    """`make gpu-check`'s report (benchmarks/gpu_check.py), committed only from a run on a GPU."""
+    lines = ["## GPU check (`make gpu-check`)", ""]
+    if not path.is_file():
+        return lines + ["Not run: no GPU has run it yet. Every GPU figure above says \"not run\" for the same reason.",
+                        ""]
+    r = json.loads(path.read_text())
+    m = r["machine"]
+    lines += [f"- Machine: {common.machine_text(m)}; Python {m['python']}; {packages_text(m)}",
+              f"- Started: {r['started']}" + (" (smoke: tiny sizes)" if r.get("smoke") else ""), "",
+              "| Stage | Status | Seconds | Result |", "|---|---|---|---|"]
+    for st in r["stages"]:
+        detail = st.get("result") if st["status"] == "passed" else st.get("error") or st.get("why")
+        lines.append(f"| {st['stage']} | {st['status']} | {common.fmt(st.get('seconds'))} | {cell(detail)} |")
+    return lines + [""]
 
 
 README = common.REPO / "README.md"

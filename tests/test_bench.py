@@ -181,3 +181,56 @@ def test_readme_image_sizes_are_generated_from_the_committed_results():
 
     readme = (REPO / "README.md").read_text()
     assert report.image_sizes(common.RESULTS) in readme, "run `python -m benchmarks.report` to update README.md"
+
+
+def test_gpu_check_smoke_runs_every_stage_in_its_own_process_and_reports_each(tmp_path):
+    """`make gpu-check`'s driver, on tiny sizes and the CPU: the plumbing a GPU run depends on never rots."""
+    res = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "run", "--smoke", "--out", str(tmp_path)],
+                         env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=1500)
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert res.returncode == 0, json.dumps(report, indent=1)[-4000:]
+    assert list(stages) == ["env", "kernels", "train", "bench", "train-1b"] and report["smoke"] is True
+    assert all(stages[s]["status"] == "passed" for s in ("env", "kernels", "train", "bench"))
+    env, kernels, train = (stages[s]["result"] for s in ("env", "kernels", "train"))
+    assert env["versions"]["trl"] and env["bnb_nf4_round_trip"]["relative_error"] < 0.15
+    assert kernels["fused_lm_head"]["log_probs"] < 0.05 and kernels["packing_sdpa"]["largest_difference"] < 1e-2
+    assert kernels["nf4_replay_cpu_vs_device"]["differing"] == 0  # the CPU against itself
+    assert train["verify_passed"] is True and train["last_loss"] < 0.7 * train["first_loss"]
+    assert train["quantized_on"] == "cpu"
+    assert set(stages["bench"]["result"]["figures"]) >= {"eval_loss_ratio", "cpu_tokens_ratio"}
+    if report["machine"]["gpu"] is None:
+        assert stages["train-1b"] == {"stage": "train-1b", "deadline_s": 300, "status": "not run",
+                                      "why": "needs a GPU"}
+
+
+def test_a_stage_that_fails_or_hangs_is_reported_and_the_next_still_runs(tmp_path, monkeypatch):
+    from benchmarks import gpu_check
+
+    monkeypatch.setattr(gpu_check, "STAGES", (("env", 0.01, False), ("nonexistent", 60, False)))
+    assert gpu_check.run(tmp_path, smoke=True) == 1
+    stages = json.loads((tmp_path / "gpu.json").read_text())["stages"]
+    assert stages[0]["status"] == "failed" and "did not finish within 0.01 s" in stages[0]["error"]
+    assert stages[1]["status"] == "failed" and "invalid choice: 'nonexistent'" in stages[1]["error"]
+
+
+def test_the_bitsandbytes_wheel_is_trimmed_to_the_cpu_and_cuda_13_libraries(tmp_path):
+    import zipfile
+
+    from benchmarks.gpu_check import trim_bitsandbytes
+
+    libs = ["cpu", "cuda118", "cuda128", "cuda130", "cuda132", "rocm64"]
+    names = [f"bitsandbytes/libbitsandbytes_{lib}.so" for lib in libs] + ["bitsandbytes/__init__.py"]
+    record = "bitsandbytes-0.50.2.dist-info/RECORD"
+    wheel = tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for n in names:
+            z.writestr(n, b"x" * 1000)
+        z.writestr(record, "".join(f"{n},sha256=abc,1000\n" for n in names) + f"{record},,\n")
+    trim_bitsandbytes(wheel)
+    with zipfile.ZipFile(wheel) as z:
+        kept = sorted(z.namelist())
+        lines = z.read(record).decode().splitlines()
+    expected = sorted(["bitsandbytes/__init__.py", record] + [f"bitsandbytes/libbitsandbytes_{lib}.so"
+                                                              for lib in ("cpu", "cuda130", "cuda132")])
+    assert kept == expected and sorted(line.split(",")[0] for line in lines) == expected
