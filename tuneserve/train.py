@@ -10,6 +10,7 @@ is done, and a rerun skips this stage.
 from __future__ import annotations
 
 import json
+import ctypes
 import gc
 import logging
 import shutil
@@ -307,6 +308,21 @@ def train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placemen
     return adapter
 
 
+def release_freed_memory() -> None:
+    """Hand the memory that loading and data preparation freed back to the operating system before the training
+    loop, or the resident size carries it through the whole run: Arrow's pool (datasets) and glibc's arenas keep
+    freed blocks (measured on the training benchmark: about 20 MB of 540). glibc's own malloc_trim, through
+    ctypes: no library exposes it; elsewhere it is skipped."""
+    import pyarrow
+
+    gc.collect()
+    pyarrow.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placement) -> Path:
     from trl import SFTTrainer
 
@@ -340,6 +356,7 @@ def _train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placeme
         log.info("starting training from scratch (no complete checkpoint in %s)", layout.checkpoints)
     if recorder:
         recorder.resume(resume, step)
+    release_freed_memory()
     try:
         with signals.deferred():
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
