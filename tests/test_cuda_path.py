@@ -50,12 +50,14 @@ def test_one_process_never_silently_drives_several_gpus(monkeypatch):
     with pytest.raises(ConfigError, match=r"one training process but 4 GPUs are visible \(NPROC_PER_NODE=1\).*"
                                           r"NPROC_PER_NODE=auto.*CUDA_VISIBLE_DEVICES"):
         model.resolve_placement(settings(NPROC_PER_NODE="1"))
+    # NPROC_PER_NODE=auto starts one process per GPU (here its preflight, --check, runs in this process).
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    assert model.resolve_placement(settings(NPROC_PER_NODE="auto")).device == "cuda"
     # A worker of a group (one per GPU) sees them all too, and uses its own.
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
-    assert model.resolve_placement(settings()).device == "cuda"
+    assert model.resolve_placement(settings(NPROC_PER_NODE="1")).device == "cuda"
 
 
 def test_training_on_cuda_needs_the_compiler_triton_builds_its_launcher_with(monkeypatch):

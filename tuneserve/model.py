@@ -38,7 +38,8 @@ def resolve_placement(cfg: Settings) -> Placement:
         raise ConfigError("DEVICE=cuda but no CUDA device is visible (check --gpus all / the nvidia.com/gpu "
                           "request); use DEVICE=cpu or auto")
     device = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and cuda)) else "cpu"
-    if device == "cuda" and not launch.in_worker() and (n := torch.cuda.device_count()) > 1:
+    if device == "cuda" and not launch.in_worker() and launch.nproc_per_node(cfg) == 1 and \
+            (n := torch.cuda.device_count()) > 1:
         # transformers would count every visible GPU for one process and TRL refuses nn.DataParallel.
         raise ConfigError(f"one training process but {n} GPUs are visible (NPROC_PER_NODE={cfg.nproc_per_node}): "
                           "set NPROC_PER_NODE=auto to train on all of them (one process each), or "
