@@ -15,8 +15,8 @@ stage, so a stage that hangs or a machine that goes away still leaves the stages
   kernels  TRL's fused LM head (the loss: a Triton kernel on CUDA) against a float32 reference, forward and
            backward; packed rows against each row alone (sdpa, the model in the compute dtype); the NF4 replay of
            MERGE_BASE=dequantized on the CPU against the device
-  train    `python -m entrypoints.train` on a tiny model: it must learn (the loss falls), verify must pass, and
-           training must have run on the device in the dtype the device computes natively
+  train    `python -m entrypoints.train` on a tiny model: it must learn (the loss falls by a nat), verify must pass
+           and training must have run on the device in the dtype the device computes natively
   bench    the training benchmark (benchmarks/train.py: Gemma 3 1B shapes on a GPU): ours against the guide
   train-1b `python -m entrypoints.train` on a model of Gemma 3 1B's shapes (GPU only)
 Exit 0 when every stage passed.
@@ -232,19 +232,20 @@ def stage_train(work: Path, smoke: bool) -> dict:
     from tuneserve import textsql
     from tuneserve.tiny import build_tiny_model
 
-    rows = textsql.generate(64, seed=3)
+    rows = textsql.generate(8, seed=3)  # few rows, many epochs: a tiny random model learns them, stops included
     data = work / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    base = build_tiny_model(work / "base", [f"{r['sql_context']} {r['sql_prompt']} {r['sql']}" for r in rows] * 4)
+    base = build_tiny_model(work / "base", [f"{r['sql_context']} {r['sql_prompt']} {r['sql']}" for r in rows] * 4,
+                            vocab_size=2000)
     result, _ = _train_run(work, base, data, {
         "SYSTEM_PROMPT": textsql.SYSTEM_PROMPT, "USER_TEMPLATE": textsql.USER_TEMPLATE, "ASSISTANT_FIELD": "sql",
-        "MAX_STEPS": "30", "LEARNING_RATE": "3e-3", "LORA_R": "32", "LORA_ALPHA": "64", "BATCH_SIZE": "2"},
+        "NUM_TRAIN_EPOCHS": "60", "LEARNING_RATE": "5e-3", "LORA_R": "32", "LORA_ALPHA": "64", "MAX_GRAD_NORM": "1.0"},
         timeout=280)
     device = _device()
     expected_dtype = json.loads(Path(work.parent / "env" / "result.json").read_text())["native_bf16"] \
         if (work.parent / "env" / "result.json").is_file() else None
     assert result["quantized_on"] == device, result
-    assert result["last_loss"] < 0.7 * result["first_loss"], f"the loss did not fall: {result}"
+    assert result["last_loss"] < result["first_loss"] - 1.0, f"the loss did not fall by a nat: {result}"
     assert result.get("verify_passed") is True, result
     if expected_dtype is not None and device == "cuda":
         assert result["dtype"] == ("bfloat16" if expected_dtype else "float16"), result

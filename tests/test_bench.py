@@ -196,7 +196,7 @@ def test_gpu_check_smoke_runs_every_stage_in_its_own_process_and_reports_each(tm
     assert env["versions"]["trl"] and env["bnb_nf4_round_trip"]["relative_error"] < 0.15
     assert kernels["fused_lm_head"]["log_probs"] < 0.05 and kernels["packing_sdpa"]["largest_difference"] < 1e-2
     assert kernels["nf4_replay_cpu_vs_device"]["differing"] == 0  # the CPU against itself
-    assert train["verify_passed"] is True and train["last_loss"] < 0.7 * train["first_loss"]
+    assert train["verify_passed"] is True and train["last_loss"] < train["first_loss"] - 1.0
     assert train["quantized_on"] == "cpu"
     assert set(stages["bench"]["result"]["figures"]) >= {"eval_loss_ratio", "cpu_tokens_ratio"}
     if report["machine"]["gpu"] is None:
