@@ -201,8 +201,11 @@ def test_verify_reports_how_far_each_merge_base_is_from_the_adapter_model(traine
     report = json.loads((trained_output / "verify.json").read_text())
     fid = report["fidelity"]
     assert set(fid) == {"original", "dequantized"}
-    # Replaying the NF4 round trip leaves only bfloat16 rounding between merged and adapter model.
-    assert fid["dequantized"]["max_prob_diff"] < fid["original"]["max_prob_diff"]
+    # Replaying the NF4 round trip leaves only bfloat16 rounding between merged and adapter model. (Logits: with
+    # float32 compute, the CPU's default without native bfloat16, the largest probability difference of both is
+    # the same few 1e-4 and does not tell them apart.)
+    assert fid["dequantized"]["max_logit_diff"] < fid["original"]["max_logit_diff"]
+    assert fid["dequantized"]["max_prob_diff"] <= fid["original"]["max_prob_diff"]
     assert fid["dequantized"]["max_prob_diff"] <= 0.05
     assert report["checks"]["fidelity"]["tolerance"] == 0.25  # MERGE_BASE=original over NF4
 

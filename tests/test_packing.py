@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, QA, clean_env, qa_messages, run_train, write_jsonl
+from conftest import CORPUS, clean_env, qa_messages, run_train, write_jsonl
 from tuneserve import batching, data, tokenizer
 from tuneserve.config import load_train_config
 from tuneserve.exitcodes import ConfigError

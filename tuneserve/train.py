@@ -9,9 +9,9 @@ is done, and a rerun skips this stage.
 
 from __future__ import annotations
 
-import json
 import ctypes
 import gc
+import json
 import logging
 import shutil
 from pathlib import Path
