@@ -131,17 +131,15 @@ def stage_env(work: Path, smoke: bool) -> dict:
     import bitsandbytes.functional as F
     import torch
 
-    from tuneserve.model import compiler_problem, cpu_native_bf16
+    from tuneserve.model import compiler_problem, native_bf16
 
     device = _device()
     out = {"versions": {p: version(p) for p in (*PRESENT, *MISSING)}, "python": sys.version.split()[0],
            "device": device, "cuda": torch.version.cuda}
+    out["native_bf16"] = native_bf16(device)[0]
     if device == "cuda":
         out.update(gpu=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
-                   native_bf16=torch.cuda.is_bf16_supported(including_emulation=False),
                    memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
-    else:
-        out["native_bf16"] = cpu_native_bf16()[0]
     torch.manual_seed(0)
     w = torch.randn(1024, 1024, dtype=torch.bfloat16, device=device)
     q, state = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
@@ -204,12 +202,9 @@ def stage_kernels(work: Path, smoke: bool) -> dict:
 
 def _train_run(work: Path, base: Path, data: Path, env: dict, timeout: float) -> tuple[dict, str]:
     out = work / "output"
-    full = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", str(work)),
-            "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "BASE_MODEL": str(base),
-            "DATASET": str(data), "OUTPUT_DIR": str(out), "LOGGING_STEPS": "5", **env}
-    if "CUDA_VISIBLE_DEVICES" in os.environ:
-        full["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
+    from benchmarks import common
+
+    full = common.clean_env(BASE_MODEL=str(base), DATASET=str(data), OUTPUT_DIR=str(out), LOGGING_STEPS="5", **env)
     started = time.monotonic()
     res = subprocess.run([sys.executable, "-m", "entrypoints.train"], env=full, cwd=work, capture_output=True,
                          text=True, timeout=timeout)
@@ -241,14 +236,14 @@ def stage_train(work: Path, smoke: bool) -> dict:
         "SYSTEM_PROMPT": textsql.SYSTEM_PROMPT, "USER_TEMPLATE": textsql.USER_TEMPLATE, "ASSISTANT_FIELD": "sql",
         "NUM_TRAIN_EPOCHS": "60", "LEARNING_RATE": "5e-3", "LORA_R": "32", "LORA_ALPHA": "64", "MAX_GRAD_NORM": "1.0"},
         timeout=280)
+    from tuneserve.model import native_bf16
+
     device = _device()
-    expected_dtype = json.loads(Path(work.parent / "env" / "result.json").read_text())["native_bf16"] \
-        if (work.parent / "env" / "result.json").is_file() else None
     assert result["quantized_on"] == device, result
     assert result["last_loss"] < result["first_loss"] - 1.0, f"the loss did not fall by a nat: {result}"
     assert result.get("verify_passed") is True, result
-    if expected_dtype is not None and device == "cuda":
-        assert result["dtype"] == ("bfloat16" if expected_dtype else "float16"), result
+    native = native_bf16(device)[0]
+    assert result["dtype"] == ("bfloat16" if native else "float16" if device == "cuda" else "float32"), result
     return result
 
 
@@ -340,7 +335,6 @@ def run(out: Path, smoke: bool, only: list[str] | None = None) -> int:
 def stage_main(name: str, work: Path, smoke: bool) -> int:
     try:
         result = STAGE_FUNCTIONS[name](work, smoke)
-        (work / "result.json").write_text(json.dumps(result, default=str))
         print(RESULT_TAG + json.dumps({"ok": True, "result": result}, default=str), flush=True)
     except Exception as exc:  # the driver records what failed and goes on with the next stage
         traceback.print_exc()

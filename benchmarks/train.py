@@ -249,12 +249,9 @@ def matmul_parameters(model) -> int:
 
 def native_bf16(device: str) -> str:
     """Whether this machine computes bfloat16 natively, and how we know: what DTYPE=auto decides by."""
-    import torch
+    from tuneserve.model import native_bf16
 
-    from tuneserve.model import cpu_native_bf16
-
-    native, evidence = (torch.cuda.is_bf16_supported(including_emulation=False), torch.cuda.get_device_name()) \
-        if device == "cuda" else cpu_native_bf16()
+    native, evidence = native_bf16(device)
     return f"{'yes' if native else 'no'} ({evidence})"
 
 

@@ -49,9 +49,7 @@ def resolve_placement(cfg: Settings) -> Placement:
         raise ConfigError(problem)
     if cfg.attn_implementation and (problem := attention_problem(cfg.attn_implementation, device)):
         raise ConfigError(f"ATTN_IMPLEMENTATION={cfg.attn_implementation}: {problem}")
-    # torch counts bfloat16 emulated in float32 as supported by default; only the hardware's own counts here.
-    native, evidence = (torch.cuda.is_bf16_supported(including_emulation=False), torch.cuda.get_device_name()) \
-        if device == "cuda" else cpu_native_bf16()
+    native, evidence = native_bf16(device)
     dtype = cfg.dtype
     if dtype == "auto":
         dtype = "bfloat16" if native else ("float16" if device == "cuda" else "float32")
@@ -113,6 +111,16 @@ def attention_problem(name: str, device: str) -> str | None:
     if device != "cuda" and "/" not in name:
         return f"{name} runs on CUDA GPUs only; use sdpa on the CPU"
     return None
+
+
+def native_bf16(device: str) -> tuple[bool, str]:
+    """Whether `device` computes bfloat16 in hardware, and the evidence for the log: what DTYPE=auto decides by.
+    torch counts bfloat16 emulated in float32 as supported by default; only the hardware's own counts here."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.is_bf16_supported(including_emulation=False), torch.cuda.get_device_name()
+    return cpu_native_bf16()
 
 
 def cpu_native_bf16(cpuinfo: str | None = None) -> tuple[bool, str]:
