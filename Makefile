@@ -40,7 +40,7 @@ $(VENV_SERVE)/.installed: $(REQ_SERVE)
 	touch $@
 
 demo: setup ## The main job on a tiny local model: text-to-SQL data, train, merge, verify, evaluate (CPU, offline)
-	PYTHONPATH=. $(TRAIN_PY) -m tuneserve.demo
+	PYTHONPATH=. $(TRAIN_PY) -m devtools.demo
 
 test: setup ## Run the whole test suite (CPU, offline; trains tiny models through real 4-bit layers)
 	PYTHONPATH=. $(TRAIN_PY) -m pytest -m "not images" $(PYTEST_ARGS)
@@ -118,7 +118,7 @@ lint-k8s: $(VENV_LINT)/.installed ## kubernetes-validate --strict, CRD schemas, 
 	$(VENV_LINT)/bin/yamllint --strict -c k8s/.yamllint k8s
 
 readme: setup ## Regenerate the README's variable and exit-code tables from the schema
-	PYTHONPATH=. $(TRAIN_PY) -m tuneserve.docs
+	PYTHONPATH=. $(TRAIN_PY) -m devtools.docs
 
 lock: setup ## Regenerate requirements/constraints.txt and the pass-through field tables from .venv-train
 	{ sed -n '1,3p' requirements/constraints.txt; $(VENV_TRAIN)/bin/pip freeze --exclude-editable \

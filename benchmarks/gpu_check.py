@@ -224,8 +224,8 @@ def _train_run(work: Path, base: Path, data: Path, env: dict, timeout: float) ->
 
 
 def stage_train(work: Path, smoke: bool) -> dict:
-    from tuneserve import textsql
-    from tuneserve.tiny import build_tiny_model
+    from devtools import textsql
+    from devtools.tiny import build_tiny_model
 
     rows = textsql.generate(8, seed=3)  # few rows, many epochs: a tiny random model learns them, stops included
     data = work / "rows.jsonl"
@@ -265,8 +265,8 @@ def stage_train_1b(work: Path, smoke: bool) -> dict:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     from benchmarks.merge import GEMMA3_1B
-    from tuneserve import textsql
-    from tuneserve.tiny import build_tokenizer
+    from devtools import textsql
+    from devtools.tiny import build_tokenizer
 
     rows = textsql.generate(400, seed=4)
     data = work / "rows.jsonl"

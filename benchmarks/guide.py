@@ -7,7 +7,7 @@ is named next to it. Nothing here is tuned: it is what a user copying the guide 
 
 from __future__ import annotations
 
-from tuneserve import textsql
+from devtools import textsql
 
 # The guide's prompt (its `user_prompt`); the system message is the one the project's recipe adds
 # (README: "the text-to-SQL guide with environment variables only"), so both sides get the same text.

@@ -69,8 +69,8 @@ def _build(spec: dict) -> dict:
     from transformers import Gemma3ForCausalLM
     from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
 
-    from tuneserve import textsql
-    from tuneserve.tiny import build_tokenizer, save_random_adapter
+    from devtools import textsql
+    from devtools.tiny import build_tokenizer, save_random_adapter
 
     base, adapter = Path(spec["base"]), Path(spec["adapter"])
     tok = build_tokenizer(textsql.corpus(), template="gemma", vocab_size=1500)

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from benchmarks import common
-from tuneserve.health import free_port, stop_server, wait_healthy
+from devtools.health import free_port, stop_server, wait_healthy
 
 TITLE = "Serving: python -m entrypoints.serve vs vLLM started directly"
 INPUT_LEN, OUTPUT_LEN = 128, 64
@@ -52,9 +52,9 @@ def _model(spec: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuneserve import textsql
+    from devtools import textsql
     from tuneserve.merge import merge
-    from tuneserve.tiny import build_tiny_model, save_random_adapter
+    from devtools.tiny import build_tiny_model, save_random_adapter
 
     work = Path(spec["work"])
     base = build_tiny_model(work / "base", textsql.corpus(), template="chatml", hidden_size=256, num_layers=4,

@@ -65,7 +65,7 @@ def plan(smoke: bool, gpu: bool) -> dict:
 
 
 def prepare_inputs(work: Path, p: dict) -> tuple[Path, Path, Path]:
-    from tuneserve import textsql
+    from devtools import textsql
 
     work.mkdir(parents=True, exist_ok=True)
     data = work / f"text-to-sql-{p['rows']}.jsonl"
@@ -114,8 +114,8 @@ def _model(spec: dict) -> dict:
     from transformers import Gemma3ForCausalLM
     from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
 
-    from tuneserve import textsql
-    from tuneserve.tiny import build_tokenizer
+    from devtools import textsql
+    from devtools.tiny import build_tokenizer
 
     tok = build_tokenizer(textsql.corpus(), template="gemma", vocab_size=1500)
     config = Gemma3TextConfig(**spec["shapes"], bos_token_id=None, eos_token_id=tok.eos_token_id,
@@ -126,7 +126,7 @@ def _model(spec: dict) -> dict:
     if spec["pretrain_rows"]:
         # A base that knows the domain's language, as a real pretrained base does: fine-tuning a random model
         # would mostly measure how fast each side learns an output layer from scratch.
-        from tuneserve.tiny import pretrain
+        from devtools.tiny import pretrain
 
         rows = textsql.generate(spec["pretrain_rows"], seed=11)
         pretrain(Path(spec["out"]), [f"{r['sql_context']}\n{r['sql_prompt']}\n{r['sql']}" for r in rows], epochs=1)
@@ -191,7 +191,7 @@ def _run(spec: dict) -> dict:
     out = tempfile.mkdtemp(prefix="bench-train-")
     if spec["side"] == "ours":
         from entrypoints import train as entry
-        from tuneserve.textsql import SYSTEM_PROMPT, USER_TEMPLATE
+        from devtools.textsql import SYSTEM_PROMPT, USER_TEMPLATE
 
         os.environ.update({"BASE_MODEL": spec["model"], "DATASET": spec["data"], "OUTPUT_DIR": out,
                            "SYSTEM_PROMPT": SYSTEM_PROMPT, "USER_TEMPLATE": USER_TEMPLATE, "ASSISTANT_FIELD": "sql",

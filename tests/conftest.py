@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneserve.health import free_port  # noqa: F401 - shared by the server tests
+from devtools.health import free_port  # noqa: F401 - shared by the server tests
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -42,7 +42,7 @@ def qa_messages() -> list[dict]:
 def chatml_base(tmp_path_factory) -> Path:
     """A tiny Qwen2 base whose tokenizer has a ChatML template: turns end with <|im_end|>, eos is
     <|endoftext|> (end-of-turn != eos)."""
-    from tuneserve.tiny import build_tiny_model
+    from devtools.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "chatml", CORPUS, template="chatml")
 
@@ -50,7 +50,7 @@ def chatml_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pt_base(tmp_path_factory) -> Path:
     """A tiny base ('-pt') model: no chat template, no chat special tokens."""
-    from tuneserve.tiny import build_tiny_model
+    from devtools.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "pt", CORPUS, template=None)
 

@@ -136,7 +136,7 @@ def test_passthrough_field_tables_match_installed_libraries():
 def test_readme_variables_table_is_generated_from_the_schema():
     readme = (REPO / "README.md").read_text()
     assert TRAIN_SCHEMA.markdown_table() in readme, "run `make readme` to regenerate the README tables"
-    from tuneserve.docs import render
+    from devtools.docs import render
 
     assert render(readme) == readme, "run `make readme` to regenerate the README tables"
 

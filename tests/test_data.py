@@ -11,7 +11,7 @@ from conftest import CORPUS, QA, qa_messages, write_jsonl
 from tuneserve import data, tokenizer
 from tuneserve.config import load_train_config
 from tuneserve.exitcodes import ConfigError, DataError
-from tuneserve.tiny import build_tokenizer
+from devtools.tiny import build_tokenizer
 
 SQL_ROWS = [
     {"sql_prompt": "How many users are there?", "sql_context": "CREATE TABLE users (id INT, name TEXT);",
@@ -251,7 +251,7 @@ def test_sql_schema_comes_from_the_column_or_the_prompts_schema_block():
 
 
 def test_execution_match_compares_rows_not_text():
-    from tuneserve.textsql import execution_match, generate
+    from tuneserve.sqlcheck import execution_match, generate
 
     ctx = "CREATE TABLE t (a INT, b TEXT); INSERT INTO t VALUES (2, 'x'); INSERT INTO t VALUES (1, 'y');"
     assert execution_match("SELECT b FROM t", "SELECT b FROM t;", ctx).matches

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import LEARN_ENV, QA, REPO, ask, clean_env
-from tuneserve.health import free_port, wait_healthy
+from devtools.health import free_port, wait_healthy
 
 pytestmark = pytest.mark.images
 

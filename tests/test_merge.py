@@ -92,7 +92,7 @@ def test_added_tokens_resized_vocabulary_merge_equals_peft(tmp_path, pt_base):
 
 def test_tied_multi_shard_base_with_modules_to_save_merge_equals_peft(tmp_path):
     from tuneserve.merge import merge
-    from tuneserve.tiny import build_tiny_model
+    from devtools.tiny import build_tiny_model
 
     base = build_tiny_model(tmp_path / "tied", CORPUS, template="chatml", tie_word_embeddings=True,
                             num_layers=4, max_shard_size="300KB")
@@ -113,7 +113,7 @@ def test_multimodal_base_fine_tunes_on_text_rows_and_merges(tmp_path):
     """A Gemma 3 image-text-to-text base (the Gemma guide's 4B+ case) loads as its own class, trains on text
     rows, and merges like PEFT does."""
     from tuneserve.merge import merge
-    from tuneserve.tiny import build_tiny_multimodal
+    from devtools.tiny import build_tiny_multimodal
 
     base = build_tiny_multimodal(tmp_path / "gemma3", CORPUS)
     assert json.loads((base / "config.json").read_text())["architectures"] == ["Gemma3ForConditionalGeneration"]
@@ -154,7 +154,7 @@ def test_merge_peak_memory_stays_bounded_on_a_model_four_times_larger(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuneserve.tiny import build_tiny_model, save_random_adapter
+    from devtools.tiny import build_tiny_model, save_random_adapter
 
     allowed = 64 * 2**20
     base = build_tiny_model(tmp_path / "big", CORPUS, hidden_size=1024, num_layers=16, max_shard_size="30MB")
@@ -228,7 +228,7 @@ def test_merged_folder_is_self_sufficient_with_stop_ids_repaired(tmp_path, templ
     from transformers import AutoTokenizer, GenerationConfig
 
     from tuneserve.merge import merge
-    from tuneserve.tiny import build_tiny_model
+    from devtools.tiny import build_tiny_model
 
     base = build_tiny_model(tmp_path / "base", CORPUS, template=template)
     base_gen = json.loads((base / "generation_config.json").read_text())
@@ -340,8 +340,8 @@ def test_evaluation_scores_sql_by_execution_on_sqlite(tmp_path):
     that runs the generated SQL. A reference written differently from the learned answer (COUNT(id) vs COUNT(*))
     is no exact match but returns the same rows: execution match counts it."""
     from conftest import LEARN_ENV
-    from tuneserve import textsql
-    from tuneserve.tiny import build_tiny_model
+    from tuneserve import sqlcheck
+    from devtools.tiny import build_tiny_model
 
     base = build_tiny_model(tmp_path / "base", CORPUS + [q + " " + s for q, s in SQL_PAIRS] * 10 + [SQL_CONTEXT],
                             template="chatml")
@@ -365,4 +365,4 @@ def test_evaluation_scores_sql_by_execution_on_sqlite(tmp_path):
     assert summary["sql_execution_match"] == 0.8 and "answers" not in summary
     card = (out / "merged" / "README.md").read_text()
     assert "| SQL execution match | 0.8 |" in card
-    assert textsql.execution_match("SELECT name FROM users;", "SELECT name FROM users;", SQL_CONTEXT).matches
+    assert sqlcheck.execution_match("SELECT name FROM users;", "SELECT name FROM users;", SQL_CONTEXT).matches

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import QA, REPO, ask, clean_env, free_port
-from tuneserve.health import stop_server, wait_healthy
+from devtools.health import stop_server, wait_healthy
 
 SERVE_PYTHON = Path(os.environ.get("SERVE_PYTHON", REPO / ".venv-serve" / "bin" / "python"))
 KEY = "sk-serve-test-KEY123"

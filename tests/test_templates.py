@@ -16,7 +16,7 @@ from conftest import CORPUS, LEARN_ENV, QA, run_train, write_jsonl
 from tuneserve import data, tokenizer
 from tuneserve.config import load_train_config
 from tuneserve.exitcodes import ConfigError
-from tuneserve.tiny import build_tokenizer
+from devtools.tiny import build_tokenizer
 
 HISTORY_REWRITING = (
     "{%- for m in messages -%}"
@@ -125,7 +125,7 @@ def test_multi_turn_rows_train_merge_and_answer_every_turn_exactly_with_stops(tm
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from tuneserve.tiny import build_tiny_model
+    from devtools.tiny import build_tiny_model
 
     template, extra, eot, reason, written = TEMPLATES[name]
     base = build_tiny_model(tmp_path / "base", CORPUS, template="chatml", chat_template=template,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneserve.data import Example, encode, read_jsonl
-from tuneserve.textsql import execution_match
+from tuneserve.sqlcheck import execution_match
 from tuneserve.verify import load_merged, to_prompt
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
-"""Text-to-SQL: a generator of rows in the style of the Gemma guide's dataset (philschmid/gretel-synthetic-
-text-to-sql: `sql_prompt`, `sql_context` with CREATE TABLE + INSERT statements, `sql`), and the check
-that a generated query runs on sqlite against the row's schema and returns the reference's rows.
+"""Text-to-SQL rows in the style of the Gemma guide's dataset (philschmid/gretel-synthetic-text-to-sql:
+`sql_prompt`, `sql_context` with CREATE TABLE + INSERT statements, `sql`), and the guide's prompt. The check
+that a query runs and returns the reference's rows is the evaluate stage's (tuneserve.sqlcheck).
 
 The generator lets the demo, the tests and the benchmarks run offline with SQL that is known to execute.
 """
@@ -8,9 +8,6 @@ The generator lets the demo, the tests and the benchmarks run offline with SQL t
 from __future__ import annotations
 
 import random
-import re
-import sqlite3
-from dataclasses import dataclass
 
 SYSTEM_PROMPT = ("You are a text to SQL query translator. Users will ask you questions in English and you will "
                  "generate a SQL query based on the provided SCHEMA.")
@@ -75,44 +72,3 @@ def corpus() -> list[str]:
     """Text covering the generator's vocabulary (for training a tokenizer)."""
     return [f"{r['sql_prompt']} {r['sql_context']} {r['sql']}" for r in generate(400, seed=12345)] + [
         SYSTEM_PROMPT, USER_TEMPLATE]
-
-
-@dataclass
-class ExecutionResult:
-    runs: bool  # the generated query executes on the schema
-    matches: bool  # ... and returns the reference query's rows
-    error: str | None = None
-
-
-_MAX_STEPS = 1_000_000
-
-
-def _run(conn: sqlite3.Connection, sql: str):
-    cur = conn.execute(sql)
-    return cur.fetchmany(10_000)
-
-
-def execution_match(predicted: str, reference: str, context: str) -> ExecutionResult:
-    """Run both queries on a fresh in-memory sqlite database built from `context`. Rows are compared as
-    multisets unless the reference orders them (ORDER BY)."""
-    predicted = predicted.strip()
-    conn = sqlite3.connect(":memory:")
-    steps = {"n": 0}
-
-    def budget() -> int:  # abort runaway queries (sqlite calls this every 1000 VM instructions)
-        steps["n"] += 1
-        return 1 if steps["n"] > _MAX_STEPS // 1000 else 0
-
-    conn.set_progress_handler(budget, 1000)
-    try:
-        conn.executescript(context)
-        expected = _run(conn, reference)
-        try:
-            got = _run(conn, predicted)
-        except sqlite3.Error as exc:
-            return ExecutionResult(False, False, str(exc))
-        ordered = re.search(r"\border\s+by\b", reference, re.I) is not None
-        same = got == expected if ordered else sorted(map(repr, got)) == sorted(map(repr, expected))
-        return ExecutionResult(True, same)
-    finally:
-        conn.close()

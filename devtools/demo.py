@@ -1,4 +1,4 @@
-"""The main job on a tiny local model, offline and on the CPU: `make demo` (python -m tuneserve.demo).
+"""The main job on a tiny local model, offline and on the CPU: `make demo` (python -m devtools.demo).
 
 1. generate a text-to-SQL dataset in the style of the Gemma guide (schema + question -> SQL that runs on
    sqlite), with held-out rows;
@@ -22,8 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from tuneserve import textsql
-from tuneserve.health import free_port, wait_healthy
+from devtools import textsql
+from tuneserve import sqlcheck
+from devtools.health import free_port, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,7 +87,7 @@ def main() -> int:
 
     banner(2, f"tiny local base model (Qwen2 architecture, 4 layers, hidden 256), pretrained on SQL text -> {base}")
     if not (base / "config.json").is_file():
-        from tuneserve.tiny import build_tiny_model, pretrain
+        from devtools.tiny import build_tiny_model, pretrain
 
         tmp = work / ".base.tmp"
         build_tiny_model(tmp, textsql.corpus(), template="chatml", hidden_size=256, num_layers=4, vocab_size=1500)
@@ -129,7 +130,7 @@ def main() -> int:
                 {"role": "system", "content": textsql.SYSTEM_PROMPT},
                 {"role": "user", "content": textsql.USER_TEMPLATE.format(**r)}])
             answer = reply.choices[0].message.content.strip()
-            res = textsql.execution_match(answer, r["sql"], r["sql_context"])
+            res = sqlcheck.execution_match(answer, r["sql"], r["sql_context"])
             runs, matches = runs + res.runs, matches + res.matches
             stops += reply.choices[0].finish_reason == "stop"
             mark = "OK " if res.matches else ("RUN" if res.runs else "ERR")
