@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from tuneserve.exitcodes import ConfigError
-from tuneserve.layout import replace_folder
+from tuneserve.layout import MERGE_INFO, TRAINING_META, replace_folder, scratch
+from tuneserve.tokenizer import stop_ids
 
 log = logging.getLogger(__name__)
 
@@ -363,12 +364,6 @@ def write_config(base_dir: Path, out: Path, changes: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- servable folder
-def _eos_list(value) -> list[int]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, int) else list(value)
-
-
 def make_servable(out: Path, base_dir: Path, adapter_dir: Path, meta: dict) -> dict:
     """Tokenizer files, the chat template in both places servers read it, and stop ids in
     generation_config.json that include the assistant end-of-turn token. Returns what was set."""
@@ -391,13 +386,7 @@ def make_servable(out: Path, base_dir: Path, adapter_dir: Path, meta: dict) -> d
         gen = GenerationConfig.from_pretrained(base_dir)
     else:
         gen = GenerationConfig.from_model_config(json.loads((out / "config.json").read_text()))
-    eos = _eos_list(gen.eos_token_id)
-    for token in (tok.eos_token, meta.get("end_of_turn")):
-        if token is None:
-            continue
-        tid = tok.convert_tokens_to_ids(token)
-        if tid is not None and tid not in eos:
-            eos.append(tid)
+    eos = stop_ids(gen.eos_token_id, tok, meta.get("end_of_turn"))
     gen.eos_token_id = eos[0] if len(eos) == 1 else eos
     if tok.pad_token_id is not None:
         gen.pad_token_id = tok.pad_token_id
@@ -405,13 +394,13 @@ def make_servable(out: Path, base_dir: Path, adapter_dir: Path, meta: dict) -> d
     return {"eos_token_id": eos, "end_of_turn": meta.get("end_of_turn"), "chat_template": bool(template)}
 
 
-def merge(base_model: str, revision: str | None, adapter_dir: Path, out: Path, merge_base: str = "original",
+def merge(base_model: str, revision: str | None, adapter_dir: Path, out: Path, *, merge_base: str = "original",
           force_peft: bool = False) -> MergeResult:
     """Merge into a temporary folder, then rename it to `out` (present means complete)."""
     start = time.perf_counter()
-    meta = json.loads((adapter_dir / "training_meta.json").read_text())
+    meta = json.loads((adapter_dir / TRAINING_META).read_text())
     base_dir = base_files(base_model, revision)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = scratch(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -437,7 +426,7 @@ def merge(base_model: str, revision: str | None, adapter_dir: Path, out: Path, m
         result = MergeResult(out, method, merge_base, round(time.perf_counter() - start, 3), changed, shards)
         # merge_id names this merge's output: a verification applies to it alone (a re-merge, even of the same
         # adapter in the same time, is verified again).
-        (tmp / "merge_info.json").write_text(json.dumps({
+        (tmp / MERGE_INFO).write_text(json.dumps({
             "merge_id": uuid.uuid4().hex, "method": method, "merge_base": merge_base, "tensors_merged": changed,
             "shards": shards, "seconds": result.seconds, "base_model": base_model, "base_model_revision": revision,
             "stop_token_ids": servable["eos_token_id"], "end_of_turn": servable["end_of_turn"]}, indent=2) + "\n")
@@ -451,5 +440,5 @@ def merge(base_model: str, revision: str | None, adapter_dir: Path, out: Path, m
 
 
 def merged_done(out: Path) -> bool:
-    return (out / "merge_info.json").is_file() and (out / "config.json").is_file()
+    return (out / MERGE_INFO).is_file() and (out / "config.json").is_file()
 

@@ -27,7 +27,10 @@ from typing import Any
 
 from tuneserve.exitcodes import ConfigError
 from tuneserve.gate import GATE_ENV, gate_settings
+from tuneserve.layout import MERGE_INFO, TRAINING_META
+from tuneserve.refs import looks_local
 from tuneserve.settings import Prefix, Schema, Settings, Var
+from tuneserve.tokenizer import eos_ids
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +155,7 @@ def _validate(s: Settings) -> list[str]:
             problems.append(f"{name} is set: it {why}. Unset it, or set ALLOW_VLLM_DEV_SWITCHES=true to accept that "
                             "(the API key still guards those routes)")
     ref = s.model_id
-    if ref and (ref.startswith(("/", ".", "~")) or os.path.exists(ref)) and not Path(ref).expanduser().is_dir():
+    if ref and looks_local(ref) and not Path(ref).expanduser().is_dir():
         problems.append(f"MODEL_ID={ref!r}: no such directory")
     from tuneserve import vllm_flags
 
@@ -168,20 +171,15 @@ def _validate(s: Settings) -> list[str]:
 
 def api_key(s: Settings) -> str | None:
     """The key from API_KEY, else from the API_KEY_FILE file (None when neither is set)."""
-    if s.api_key is not None:
-        return s.api_key
-    return Path(s.api_key_file).read_text() if s.api_key_file else None
+    return s.secret("API_KEY")
 
 
 def _key_problems(s: Settings) -> list[str]:
     if "VLLM_API_KEY" in os.environ:
         return ["VLLM_API_KEY is set: use API_KEY or API_KEY_FILE (the entrypoint hands the key to vLLM itself)"]
-    if s.api_key is None and s.api_key_file and not Path(s.api_key_file).is_file():
-        return [f"API_KEY_FILE={s.api_key_file!r}: no such file"]
-    try:
-        key = api_key(s)
-    except (OSError, UnicodeDecodeError) as exc:
-        return [f"API_KEY_FILE={s.api_key_file!r}: cannot be read ({type(exc).__name__})"]
+    if problems := s.secret_file_problems("API_KEY"):
+        return problems
+    key = api_key(s)
     if key is None:
         if s.allow_unauthenticated:
             return []
@@ -241,7 +239,7 @@ def repaired_generation_config(model: str, revision: str | None, end_of_turn: st
         return None  # our merge wrote the stop ids itself: no need to import transformers (seconds of start-up)
     from transformers import AutoTokenizer, GenerationConfig
 
-    from tuneserve.tokenizer import find_end_of_turn
+    from tuneserve.tokenizer import find_end_of_turn, stop_ids
 
     tok = AutoTokenizer.from_pretrained(model, revision=revision)
     if not isinstance(tok.chat_template, str):
@@ -258,12 +256,10 @@ def repaired_generation_config(model: str, revision: str | None, end_of_turn: st
         from transformers import AutoConfig
 
         gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model, revision=revision))
-    eos = gen.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    ids = [i for i in (tok.eos_token_id, tok.convert_tokens_to_ids(eot)) if i is not None]
-    if all(i in eos for i in ids):
+    stops = stop_ids(gen.eos_token_id, tok, eot)
+    if stops == eos_ids(gen.eos_token_id):
         return None
-    gen.eos_token_id = eos + [i for i in ids if i not in eos]
+    gen.eos_token_id = stops
     folder = Path(tempfile.mkdtemp(prefix="tuneserve-generation-config-"))
     gen.save_pretrained(folder)
     log.info("the model's generation_config lacks the end-of-turn token %r: serving with stop ids %s "
@@ -275,12 +271,11 @@ def _merged_folder_stops(model: str) -> bool:
     """True for a folder merged by tuneserve whose generation_config lists every stop id the merge recorded."""
     folder = Path(model)
     try:
-        info = json.loads((folder / "merge_info.json").read_text())
+        info = json.loads((folder / MERGE_INFO).read_text())
         gen = json.loads((folder / "generation_config.json").read_text())
     except (OSError, ValueError):
         return False
-    stops, eos = info.get("stop_token_ids"), gen.get("eos_token_id")
-    eos = [eos] if isinstance(eos, int) else (eos or [])
+    stops, eos = info.get("stop_token_ids"), eos_ids(gen.get("eos_token_id"))
     return bool(stops) and all(i in eos for i in stops)
 
 
@@ -335,7 +330,7 @@ def build_command(cfg: Settings) -> tuple[list[str], dict[str, str]]:
             folder, config = adapter_config(ref)
             ranks.append(check_adapter(name, ref, config))
             modules.append(f"{name}={folder}")
-            meta = folder / "training_meta.json"
+            meta = folder / TRAINING_META
             if meta.is_file():
                 end_of_turn = end_of_turn or json.loads(meta.read_text()).get("end_of_turn")
         rank = next((r for r in ALLOWED_RANKS if r >= max(ranks)), None)

@@ -68,6 +68,24 @@ def render(tok, messages: list[dict], add_generation_prompt: bool = False) -> st
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+def eos_ids(value) -> list[int]:
+    """A generation config's `eos_token_id` (None, one id, or a list) as a list."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)
+
+
+def stop_ids(eos, tok, end_of_turn: str | None) -> list[int]:
+    """What generation must stop on: the generation config's eos ids, then the tokenizer's eos token and the
+    token that ends an assistant turn where they are missing."""
+    ids = eos_ids(eos)
+    for token in (tok.eos_token, end_of_turn):
+        tid = None if token is None else tok.convert_tokens_to_ids(token)
+        if tid is not None and tid not in ids:
+            ids.append(tid)
+    return ids
+
+
 def find_end_of_turn(tok) -> str:
     """The special token that closes an assistant turn, found by rendering a probe conversation.
 

@@ -26,6 +26,8 @@ from typing import Any
 
 from tuneserve.data import Example, read_jsonl
 from tuneserve.exitcodes import VerifyError
+from tuneserve.layout import EVAL_ROWS, MERGE_BASES, TRAIN_ROWS, TRAINING_META
+from tuneserve.tokenizer import eos_ids
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ def to_prompt(ex: Example) -> Prompt:
 
 
 def held_out_examples(data_dir: Path) -> tuple[list[Example], str]:
-    for name in ("eval.jsonl", "train.jsonl"):
+    for name in (EVAL_ROWS, TRAIN_ROWS):
         if (data_dir / name).is_file():
             return read_jsonl(data_dir / name), name.split(".")[0]
     raise VerifyError(f"no prepared rows in {data_dir}: cannot pick prompts to verify with")
@@ -112,8 +114,7 @@ def next_token_logits(model, prompts_ids: list[list[int]]):
 
 
 def stop_ids(model) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return eos_ids(model.generation_config.eos_token_id)
 
 
 def generate(model, tok, ids: list[int], max_new_tokens: int) -> list[int]:
@@ -142,13 +143,15 @@ def compare(a, b) -> dict[str, float]:
             "top1_agreement": round(float((a.argmax(-1) == b.argmax(-1)).float().mean()), 4)}
 
 
-def verify(merged: Path, adapter_dir: Path, data_dir: Path, base_model: str, revision: str | None,
+def verify(merged: Path, adapter_dir: Path, data_dir: Path, *, base_model: str, revision: str | None,
            merge_base: str, samples: int, max_new_tokens: int, tolerance: float | None,
            alternative: Path | None = None) -> dict[str, Any]:
-    """Run the checks and return the report; raises VerifyError (exit 4) after writing it when one fails."""
+    """Run the checks on `merged` and return the report (`passed`, each check, the samples); it raises nothing
+    when a check fails: `failures(report)` says what failed, and the pipeline writes the report and exits 4.
+    `alternative`, a folder merged on the other merge base, is measured against the adapter model too."""
     import torch
 
-    meta = json.loads((adapter_dir / "training_meta.json").read_text())
+    meta = json.loads((adapter_dir / TRAINING_META).read_text())
     examples, split = held_out_examples(data_dir)
     prompts = [to_prompt(ex) for ex in examples[:samples]]
     if tolerance is None:
@@ -179,7 +182,7 @@ def verify(merged: Path, adapter_dir: Path, data_dir: Path, base_model: str, rev
     fidelity[merge_base] = compare(merged_logits, adapter_logits) if finite else {"max_prob_diff": float("nan")}
     if alternative is not None:
         _, alt_model = load_merged(alternative)
-        other = "dequantized" if merge_base == "original" else "original"
+        other = next(b for b in MERGE_BASES if b != merge_base)
         fidelity[other] = compare(next_token_logits(alt_model, ids), adapter_logits)
         del alt_model
         _release()
@@ -199,6 +202,7 @@ def verify(merged: Path, adapter_dir: Path, data_dir: Path, base_model: str, rev
 
 
 def failures(report: dict[str, Any]) -> list[str]:
+    """What failed in a report of `verify`, one sentence each (empty when it passed)."""
     out = []
     c = report["checks"]
     if not c["finite_logits"]["passed"]:
