@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tuneserve.refs import hub_id
+
 SERVE_IMAGE = "tuneserve-serve"
 
 
@@ -21,10 +23,9 @@ def render(config: dict[str, Any], train_report: dict[str, Any] | None, verify: 
     base = config.get("BASE_MODEL")
     dataset = config.get("DATASET")
     front = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [tuneserve, qlora, sft]"]
-    if base and "/" in base and not base.startswith(("/", ".")):
+    if hub_id(base):
         front.append(f"base_model: {base}")
-    if dataset and "/" in dataset and not dataset.startswith(("/", ".")) and not dataset.endswith(
-            (".jsonl", ".json", ".csv", ".parquet")):
+    if hub_id(dataset):
         front.append(f"datasets: [{dataset}]")
     front.append("---")
     metrics = (train_report or {}).get("metrics", {})
@@ -62,3 +63,11 @@ def render(config: dict[str, Any], train_report: dict[str, Any] | None, verify: 
     lines += ["## Configuration", "", "Resolved at training time (secrets masked):", "", "```json",
               json.dumps(config, indent=2, default=str), "```", ""]
     return "\n".join(lines)
+
+
+def render_adapter(base_model: str, repo: str, merged_repo: str | None) -> str:
+    """The adapter's card (PUSH_ADAPTER): what it adapts, and the merged model published beside it."""
+    front = ["---", "library_name: peft"] + ([f"base_model: {base_model}"] if hub_id(base_model) else []) + [
+        "tags: [tuneserve, lora]", "---"]
+    merged = f"; the merged model is `{merged_repo}`." if merged_repo else "."
+    return "\n".join(front + [f"# {repo}", "", f"LoRA adapter for `{base_model}` trained by tuneserve{merged}"]) + "\n"

@@ -8,13 +8,13 @@ into micro-batches, gradient checkpointing and the CPU's dtype follow the hardwa
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
+from tuneserve.layout import MERGE_BASES
+from tuneserve.refs import DATA_EXTENSIONS, looks_local
 from tuneserve.settings import Prefix, Schema, Settings, Var
 
-DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 NAMED_TEMPLATES = ("chatml", "llama3", "gemma")
 # Attention kernels that keep the rows of a packed sequence apart: flash attention through the sequence boundaries
 # the collator passes (cu_seq_lens), sdpa and eager through the block-diagonal mask transformers builds from the
@@ -127,7 +127,7 @@ TRAIN_VARS = [
         "(no verify, evaluate or model publish).", G_MERGE),
     Var("MERGE_BASE", "str", "original", "What the adapter is added to: the base's original 16-bit weights, or "
         "the dequantized 4-bit weights it was trained against (replays the NF4 round trip).", G_MERGE,
-        choices=("original", "dequantized")),
+        choices=MERGE_BASES),
     Var("VERIFY_SAMPLES", "int", 4, "Held-out prompts the merged model is checked on before publishing.", G_MERGE,
         minimum=1),
     Var("VERIFY_MAX_NEW_TOKENS", "int", 256, "Every verification answer must end with a stop id within this "
@@ -219,12 +219,6 @@ PREFIXES = [
 ]
 
 
-def looks_local(ref: str) -> bool:
-    """A model or dataset reference meant as a local path rather than a Hub id."""
-    return ref.startswith(("/", "./", "../", "~")) or ref.endswith(DATA_EXTENSIONS) or os.path.exists(ref) \
-        or ref.count("/") > 1
-
-
 def _validate(s: Settings) -> list[str]:
     problems: list[str] = []
     hub_id = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
@@ -263,8 +257,7 @@ def _validate(s: Settings) -> list[str]:
             template_fields(s.user_template)
         except ValueError as exc:
             problems.append(f"USER_TEMPLATE={s.user_template!r}: {exc}")
-    if s.hf_token_file and not s.hf_token and not Path(s.hf_token_file).is_file():
-        problems.append(f"HF_TOKEN_FILE={s.hf_token_file!r}: no such file")
+    problems += s.secret_file_problems("HF_TOKEN")
     ct = s.chat_template
     if ct is not None and ct not in NAMED_TEMPLATES and "{" not in ct:
         if not ct.endswith((".jinja", ".j2")):

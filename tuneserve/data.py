@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuneserve.config import DATA_EXTENSIONS, looks_local, template_fields
+from tuneserve.config import template_fields
 from tuneserve.exitcodes import ConfigError, DataError
+from tuneserve.layout import EVAL_ROWS, TRAIN_ROWS
+from tuneserve.refs import DATA_EXTENSIONS, looks_local
 from tuneserve.settings import Settings
 from tuneserve.tokenizer import render
 
@@ -498,8 +500,8 @@ def tokenize(cfg: Settings, tok_info, shaped: Shaped, data_dir: Path | None) -> 
     log.info("tokenized: %d rows in %d sequences, %d tokens (%d in the loss), longest sequence %d tokens",
              len(kept_train), len(train_rows), sum(lengths), trained_tokens, max(lengths))
     if data_dir is not None:
-        write_jsonl(data_dir / "train.jsonl", kept_train)
+        write_jsonl(data_dir / TRAIN_ROWS, kept_train)
         if kept_eval:
-            write_jsonl(data_dir / "eval.jsonl", kept_eval)
+            write_jsonl(data_dir / EVAL_ROWS, kept_eval)
     return PreparedData(shaped.format, to_ds(train_rows), to_ds(eval_rows) if eval_rows else None, kept_train,
                         kept_eval, stats)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneserve.data import Example, encode, read_jsonl
+from tuneserve.layout import EVAL_ROWS
 from tuneserve.sqlcheck import execution_match
 from tuneserve.verify import load_merged, to_prompt
 
@@ -40,12 +41,12 @@ def clean_sql(text: str) -> str:
     return (fenced.group(1) if fenced else text).strip()
 
 
-def evaluate(merged: Path, data_dir: Path, max_samples: int, max_new_tokens: int, sql_execution: bool,
+def evaluate(merged: Path, data_dir: Path, *, max_samples: int, max_new_tokens: int, sql_execution: bool,
              sql_context_field: str, batch_size: int = 8) -> dict[str, Any] | None:
     import torch
     from tqdm.auto import tqdm
 
-    path = data_dir / "eval.jsonl"
+    path = data_dir / EVAL_ROWS
     if not path.is_file():
         log.info("no held-out rows (EVAL_SPLIT/EVAL_SIZE unset): skipping evaluation")
         return None

@@ -11,6 +11,9 @@
       verify.json          verification checks, fidelity figures, sample generations, evaluation summary
       eval.json            every held-out answer with its scores
       publish.json         what was published where (makes publishing idempotent)
+
+Folders are written beside their place under a scratch name (`scratch`) and renamed into it when complete.
+The file names inside the folders that this tool defines (not the Hugging Face formats') are here too.
 """
 
 from __future__ import annotations
@@ -23,6 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from tuneserve.exitcodes import ConfigError
+
+TRAIN_ROWS = "train.jsonl"  # data/: the shaped training rows
+EVAL_ROWS = "eval.jsonl"  # data/: the held-out rows
+TRAINING_META = "training_meta.json"  # adapter/: what training decided (template, end of turn, quantization)
+MERGE_INFO = "merge_info.json"  # merged/: how the merge was made, the stop ids
+MERGE_BASES = ("original", "dequantized")
+
+
+def scratch(folder: Path) -> Path:
+    """Where `folder` is written before one rename puts it in place (present means complete)."""
+    return folder.with_name(f".{folder.name}.tmp")
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,16 @@ class Layout:
     @property
     def publish_state(self) -> Path:
         return self.root / "publish.json"
+
+    def merged_with(self, merge_base: str) -> Path:
+        """A second merged folder, on the other merge base, that verify compares with (then removes)."""
+        return self.root / f".merged-{merge_base}"
+
+    def artifacts(self) -> list[Path]:
+        """What this tool writes directly under the root, scratch folders included; not the run record."""
+        folders = [self.adapter, self.merged, *(self.merged_with(b) for b in MERGE_BASES)]
+        return [self.config, self.data, self.checkpoints, self.train_report, self.verify_report, self.eval_report,
+                self.publish_state, *folders, *(scratch(f) for f in folders)]
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

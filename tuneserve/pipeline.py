@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tuneserve import data, rundir, signals
 from tuneserve.exitcodes import ExitCode, VerifyError
-from tuneserve.layout import Layout, write_json_atomic
+from tuneserve.layout import MERGE_BASES, MERGE_INFO, Layout, write_json_atomic
 from tuneserve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,10 +28,9 @@ def banner(text: str) -> None:
 
 def use_token(cfg: Settings) -> None:
     """Hand HF_TOKEN_FILE's token to huggingface_hub through the process environment (never argv)."""
-    if cfg.hf_token_file and not cfg.hf_token:
-        token = Path(cfg.hf_token_file).read_text().strip()
-        if token:
-            os.environ["HF_TOKEN"] = token
+    token = cfg.secret("HF_TOKEN")
+    if token and cfg.hf_token is None:
+        os.environ["HF_TOKEN"] = token
 
 
 def publish_targets(cfg: Settings) -> list[str]:
@@ -50,84 +49,92 @@ def _read(path: Path) -> dict | None:
 
 
 def merged_id(layout: Layout) -> str:
-    return hashlib.sha256((layout.merged / "merge_info.json").read_bytes()).hexdigest()[:16]
+    return hashlib.sha256((layout.merged / MERGE_INFO).read_bytes()).hexdigest()[:16]
 
 
 def run(cfg: Settings, check_only: bool = False) -> int:
-    from tuneserve import launch, publish, train
+    from tuneserve import launch
 
     signals.install()
     use_token(cfg)
     layout = Layout.of(cfg.output_dir)
-    repos = publish_targets(cfg)
-    # More than one process: this one starts them (one per GPU) and waits; they train and exit.
-    starts_group = not check_only and launch.needed(cfg)
-    finisher = launch.runs_final_stages(cfg)  # the one process that merges, verifies and publishes
-
-    banner("preflight")
-    if repos and finisher:
-        publish.preflight(repos, cfg.publish_retries, cfg.publish_backoff_seconds)
-    if finisher:  # the one process that owns OUTPUT_DIR's shared files; nothing is written before this
-        rundir.claim(cfg, layout, write=not check_only)
-    if not check_only and train.adapter_done(layout):
-        log.info("training already done: %s holds the adapter; skipping the training stage", layout.adapter)
-    elif starts_group:
-        code = launch.launch(cfg)
-        signals.install()  # the launcher leaves its own SIGTERM handler in place
-        if code != ExitCode.OK:
-            return code
-    else:
-        from tuneserve import tokenizer
-        from tuneserve.model import resolve_placement
-
-        main = launch.is_main()  # with several processes, rank 0 alone writes the shared files
-        placement = resolve_placement(cfg)
-        shaped = data.load_and_shape(cfg)
-        tok_info = tokenizer.prepare_tokenizer(cfg, needs_template=shaped.is_chat)
-        prepared = data.tokenize(cfg, tok_info, shaped, None if check_only or not main else layout.data)
-        if check_only:
-            log.info("preflight passed: %s", prepared.stats)
-            return 0
-        if main:
-            layout.root.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(layout.config, cfg.masked())
-        mode = "QLoRA" if cfg.load_in_4bit else "LoRA"
-        banner(f"train: {mode} SFT on {placement.device} ({placement.dtype_name})")
-        train.train(cfg, layout, tok_info, prepared, placement)
-    if not finisher:
+    preflight_stage(cfg, layout, write=not check_only)
+    if check_only:
+        prepared = prepare(cfg, data_dir=None)[2]
+        log.info("preflight passed: %s", prepared.stats)
+        return ExitCode.OK
+    code = train_stage(cfg, layout)
+    if code != ExitCode.OK:
+        return code
+    if not launch.runs_final_stages(cfg):  # the one process that merges, verifies and publishes
         who = f"rank {launch.rank()}" if launch.in_worker() else f"node {cfg.node_rank}"
         log.info("%s: nothing else to do here; %s merges, verifies and publishes", who,
                  "the launcher on node 0" if launch.in_worker() else "node 0")
-        return 0
-
+        return ExitCode.OK
     if cfg.merge:
         merge_stage(cfg, layout)
         verify_stage(cfg, layout)
-    if repos:
-        banner("publish")
-        if cfg.hub_model_id and cfg.merge:
-            write_card(cfg, layout)
-            publish.publish_folder(layout.merged, cfg.hub_model_id, cfg.hub_revision, cfg.hub_private,
-                                   f"Fine-tune of {cfg.base_model} (tuneserve)", cfg.publish_retries,
-                                   cfg.publish_backoff_seconds, layout.publish_state, "model")
-        if cfg.push_adapter:
-            write_adapter_card(cfg, layout)
-            publish.publish_folder(layout.adapter, adapter_repo(cfg), cfg.hub_revision, cfg.hub_private,
-                                   f"LoRA adapter for {cfg.base_model} (tuneserve)", cfg.publish_retries,
-                                   cfg.publish_backoff_seconds, layout.publish_state, "adapter")
+    publish_stage(cfg, layout)
     banner("done")
-    return 0
+    return ExitCode.OK
+
+
+def preflight_stage(cfg: Settings, layout: Layout, *, write: bool) -> None:
+    """Before anything is loaded: the Hub token may write to every target, and OUTPUT_DIR is this run's (both
+    checked by the process that owns OUTPUT_DIR's shared files; nothing is written before this)."""
+    from tuneserve import launch, publish
+
+    banner("preflight")
+    if not launch.runs_final_stages(cfg):
+        return
+    repos = publish_targets(cfg)
+    if repos:
+        publish.preflight(repos, attempts=cfg.publish_retries, backoff=cfg.publish_backoff_seconds)
+    rundir.claim(cfg, layout, write=write)
+
+
+def prepare(cfg: Settings, *, data_dir: Path | None):
+    """Where training runs, the dataset shaped and tokenized (written to `data_dir` unless None), the tokenizer:
+    everything `--check` checks. Returns (placement, tokenizer info, prepared rows)."""
+    from tuneserve import tokenizer
+    from tuneserve.model import resolve_placement
+
+    placement = resolve_placement(cfg)
+    shaped = data.load_and_shape(cfg)
+    tok_info = tokenizer.prepare_tokenizer(cfg, needs_template=shaped.is_chat)
+    return placement, tok_info, data.tokenize(cfg, tok_info, shaped, data_dir)
+
+
+def train_stage(cfg: Settings, layout: Layout) -> int:
+    """Train in this process, or start one process per GPU and wait for them. Skipped when the adapter exists."""
+    from tuneserve import launch, train
+
+    if train.adapter_done(layout):
+        log.info("training already done: %s holds the adapter; skipping the training stage", layout.adapter)
+        return ExitCode.OK
+    if launch.needed(cfg):
+        code = launch.launch(cfg)
+        signals.install()  # the launcher leaves its own SIGTERM handler in place
+        return code
+    main = launch.is_main()  # with several processes, rank 0 alone writes the shared files
+    placement, tok_info, prepared = prepare(cfg, data_dir=layout.data if main else None)
+    if main:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(layout.config, cfg.masked())
+    banner(f"train: {'QLoRA' if cfg.load_in_4bit else 'LoRA'} SFT on {placement.device} ({placement.dtype_name})")
+    train.train(cfg, layout, tok_info, prepared, placement)
+    return ExitCode.OK
 
 
 def merge_stage(cfg: Settings, layout: Layout) -> None:
     from tuneserve import merge
 
-    info = _read(layout.merged / "merge_info.json")
+    info = _read(layout.merged / MERGE_INFO)
     if merge.merged_done(layout.merged) and info and info.get("merge_base") == cfg.merge_base:
         log.info("merge already done: %s (MERGE_BASE=%s); skipping", layout.merged, cfg.merge_base)
         return
     banner(f"merge: adapter into the {cfg.merge_base} base weights, shard by shard")
-    merge.merge(cfg.base_model, cfg.base_model_revision, layout.adapter, layout.merged, cfg.merge_base)
+    merge.merge(cfg.base_model, cfg.base_model_revision, layout.adapter, layout.merged, merge_base=cfg.merge_base)
 
 
 def verify_stage(cfg: Settings, layout: Layout) -> None:
@@ -141,13 +148,14 @@ def verify_stage(cfg: Settings, layout: Layout) -> None:
     banner("verify: load the merged folder, generate, compare with the adapter model")
     alternative = None
     if cfg.verify_compare_merge_bases:
-        other = "dequantized" if cfg.merge_base == "original" else "original"
-        alternative = layout.root / f".merged-{other}"
-        merge.merge(cfg.base_model, cfg.base_model_revision, layout.adapter, alternative, other)
+        other = next(b for b in MERGE_BASES if b != cfg.merge_base)
+        alternative = layout.merged_with(other)
+        merge.merge(cfg.base_model, cfg.base_model_revision, layout.adapter, alternative, merge_base=other)
     try:
-        report = verify.verify(layout.merged, layout.adapter, layout.data, cfg.base_model, cfg.base_model_revision,
-                               cfg.merge_base, cfg.verify_samples, cfg.verify_max_new_tokens,
-                               cfg.verify_max_prob_diff, alternative)
+        report = verify.verify(layout.merged, layout.adapter, layout.data, base_model=cfg.base_model,
+                               revision=cfg.base_model_revision, merge_base=cfg.merge_base,
+                               samples=cfg.verify_samples, max_new_tokens=cfg.verify_max_new_tokens,
+                               tolerance=cfg.verify_max_prob_diff, alternative=alternative)
     finally:
         if alternative is not None:
             shutil.rmtree(alternative, ignore_errors=True)
@@ -159,8 +167,9 @@ def verify_stage(cfg: Settings, layout: Layout) -> None:
                           f"\nDetails: {layout.verify_report}")
     log.info("verification passed: %s", {k: v for k, v in report["checks"]["fidelity"].items()})
     banner("evaluate: held-out rows on the merged model")
-    evaluation = evaluate.evaluate(layout.merged, layout.data, cfg.eval_max_samples, cfg.eval_max_new_tokens,
-                                   cfg.eval_sql_execution, cfg.eval_sql_context_field)
+    evaluation = evaluate.evaluate(layout.merged, layout.data, max_samples=cfg.eval_max_samples,
+                                   max_new_tokens=cfg.eval_max_new_tokens, sql_execution=cfg.eval_sql_execution,
+                                   sql_context_field=cfg.eval_sql_context_field)
     if evaluation is not None:
         write_json_atomic(layout.eval_report, evaluation)
         report["eval"] = {k: v for k, v in evaluation.items() if k != "answers"}
@@ -176,15 +185,27 @@ def write_card(cfg: Settings, layout: Layout) -> None:
     config = _read(layout.config) or cfg.masked()  # the configuration training ran with
     model_ref = cfg.hub_model_id or str(layout.merged)
     text = card.render(config, _read(layout.train_report), report, report.get("eval"),
-                       _read(layout.merged / "merge_info.json") or {}, model_ref)
+                       _read(layout.merged / MERGE_INFO) or {}, model_ref)
     path = layout.merged / "README.md"
     if not path.is_file() or path.read_text() != text:
         path.write_text(text)
 
 
-def write_adapter_card(cfg: Settings, layout: Layout) -> None:
-    base = cfg.base_model
-    text = (f"---\nlibrary_name: peft\nbase_model: {base}\ntags: [tuneserve, lora]\n---\n# {adapter_repo(cfg)}\n\n"
-            f"LoRA adapter for `{base}` trained by tuneserve"
-            + (f"; the merged model is `{cfg.hub_model_id}`." if cfg.hub_model_id and cfg.merge else ".") + "\n")
-    (layout.adapter / "README.md").write_text(text)
+def publish_stage(cfg: Settings, layout: Layout) -> None:
+    """The merged folder (with its card) and, with PUSH_ADAPTER, the adapter, each in one commit."""
+    from tuneserve import card, publish
+
+    if not publish_targets(cfg):
+        return
+    banner("publish")
+    options = {"revision": cfg.hub_revision, "private": cfg.hub_private, "attempts": cfg.publish_retries,
+               "backoff": cfg.publish_backoff_seconds, "state_file": layout.publish_state}
+    if cfg.hub_model_id and cfg.merge:
+        write_card(cfg, layout)
+        publish.publish_folder(layout.merged, cfg.hub_model_id, message=f"Fine-tune of {cfg.base_model} (tuneserve)",
+                               kind="model", **options)
+    if cfg.push_adapter:
+        merged_repo = cfg.hub_model_id if cfg.hub_model_id and cfg.merge else None
+        (layout.adapter / "README.md").write_text(card.render_adapter(cfg.base_model, adapter_repo(cfg), merged_repo))
+        publish.publish_folder(layout.adapter, adapter_repo(cfg), message=f"LoRA adapter for {cfg.base_model} "
+                               "(tuneserve)", kind="adapter", **options)

@@ -97,7 +97,7 @@ def can_write(info: dict, namespace: str) -> bool:
     return False
 
 
-def preflight(repos: list[str], attempts: int, backoff: float) -> None:
+def preflight(repos: list[str], *, attempts: int, backoff: float) -> None:
     """Before training: a token is there, valid, and may write to every target namespace (exit 2 if not)."""
     if not token_present():
         raise ConfigError(f"HUB_MODEL_ID={repos[0]!r} is set but there is no Hugging Face token: set HF_TOKEN "
@@ -135,11 +135,12 @@ def fingerprint(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def publish_folder(folder: Path, repo: str, revision: str, private: bool, message: str, attempts: int,
+def publish_folder(folder: Path, repo: str, *, revision: str, private: bool, message: str, attempts: int,
                    backoff: float, state_file: Path, kind: str) -> dict[str, Any]:
     """One atomic publication of `folder` to `repo`@`revision`. Idempotent through `state_file`."""
     try:
-        return _publish_folder(folder, repo, revision, private, message, attempts, backoff, state_file, kind)
+        return _publish_folder(folder, repo, revision=revision, private=private, message=message, attempts=attempts,
+                               backoff=backoff, state_file=state_file, kind=kind)
     except RetryableError:
         raise
     except Exception as exc:  # noqa: BLE001 - only the Hub's refusals are turned into a documented code
@@ -149,7 +150,7 @@ def publish_folder(folder: Path, repo: str, revision: str, private: bool, messag
         raise
 
 
-def _publish_folder(folder: Path, repo: str, revision: str, private: bool, message: str, attempts: int,
+def _publish_folder(folder: Path, repo: str, *, revision: str, private: bool, message: str, attempts: int,
                     backoff: float, state_file: Path, kind: str) -> dict[str, Any]:
     from huggingface_hub import CommitOperationAdd
 

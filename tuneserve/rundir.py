@@ -6,7 +6,7 @@ determines the trained weights (the fingerprint). Before any stage:
 - a rerun compares fingerprints: the same -> resume or skip what is done; only settings that cannot change the
   weights differ (publishing, verification and evaluation, logging, where the processes meet) -> go on;
   anything else -> exit 2 listing each change (old -> new), unless RESTART=true, which removes this tool's
-  own artifacts (ARTIFACTS, nothing else) and starts over.
+  own artifacts (Layout.artifacts, nothing else) and starts over.
 """
 
 from __future__ import annotations
@@ -19,18 +19,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tuneserve.config import DATA_EXTENSIONS, TRAIN_SCHEMA, looks_local
+from tuneserve.config import TRAIN_SCHEMA
 from tuneserve.exitcodes import ConfigError
 from tuneserve.layout import Layout, write_json_atomic
+from tuneserve.refs import DATA_EXTENSIONS, looks_local
 from tuneserve.settings import Settings, shorten
 
 log = logging.getLogger(__name__)
 
 IGNORED = {"lost+found"}  # what a freshly formatted volume holds
-# What this tool writes directly under OUTPUT_DIR (RESTART removes these and nothing else).
-ARTIFACTS = ("config.json", "data", "checkpoints", "adapter", "train_report.json", "merged", "verify.json",
-             "eval.json", "publish.json", ".adapter.tmp", ".merged.tmp", ".merged-original", ".merged-dequantized",
-             "..merged-original.tmp", "..merged-dequantized.tmp")
 # Settings that cannot change the trained weights. Every other variable and every pass-through field is in the
 # fingerprint (deny by default), so a setting added later counts until someone decides otherwise here.
 NOT_WEIGHTS = {
@@ -117,11 +114,11 @@ def claim(cfg: Settings, layout: Layout, write: bool = True) -> None:
     if not cfg.restart:
         raise ConfigError(f"OUTPUT_DIR={str(root)!r} holds a run made with other settings, and its results would be "
                           f"passed off as this run's:\n  {listed}\nUse a new OUTPUT_DIR, or set RESTART=true to remove "
-                          f"this run's own files ({', '.join(ARTIFACTS[:9])}, ...) and start over")
+                          f"this run's own files ({', '.join(p.name for p in layout.artifacts()[:7])}, ...) and start "
+                          "over")
     if write:
         log.warning("RESTART=true and the settings changed:\n  %s\nremoving this run's own files in %s", listed, root)
-        for name in (*ARTIFACTS, record_path.name):
-            path = root / name
+        for path in (*layout.artifacts(), record_path):
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             elif path.exists() or path.is_symlink():

@@ -222,8 +222,41 @@ class Settings:
                 out[f"{p.prefix}{key.upper()}"] = value
         return out
 
+    def secret(self, name: str) -> str | None:
+        """The secret NAME: its variable when set, else the contents of the file NAME_FILE names (a mounted
+        Kubernetes Secret), without the surrounding whitespace files end with. None when neither is set."""
+        value = self._values.get(name)
+        if value is not None:
+            return value
+        path = self._values.get(f"{name}_FILE")
+        return Path(path).read_text().strip() if path else None
+
+    def secret_file_problems(self, name: str) -> list[str]:
+        """Why NAME_FILE cannot be read, when NAME is not set and NAME_FILE is."""
+        path = self._values.get(f"{name}_FILE")
+        if self._values.get(name) is not None or not path:
+            return []
+        if not Path(path).is_file():
+            return [f"{name}_FILE={path!r}: no such file"]
+        try:
+            Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            return [f"{name}_FILE={path!r}: cannot be read ({type(exc).__name__})"]
+        return []
+
     def secrets(self) -> list[str]:
-        return [self._values[v.name] for v in self._schema.vars if v.secret and self._values[v.name]]
+        """Every secret value, whether set directly or read from its *_FILE (for redacting logs)."""
+        out = []
+        for v in self._schema.vars:
+            if not v.secret:
+                continue
+            try:
+                value = self.secret(v.name) if f"{v.name}_FILE" in self._schema.by_name else self._values[v.name]
+            except (OSError, UnicodeDecodeError):
+                value = None
+            if value:
+                out.append(value)
+        return out
 
 
 class Schema:

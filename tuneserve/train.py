@@ -18,7 +18,8 @@ from pathlib import Path
 
 from tuneserve import batching, checkpoints, launch, signals
 from tuneserve.exitcodes import ConfigError, Terminated
-from tuneserve.layout import Layout, readable_as_umask_allows, replace_folder, write_json_atomic
+from tuneserve.layout import (TRAINING_META, Layout, readable_as_umask_allows, replace_folder, scratch,
+                              write_json_atomic)
 from tuneserve.model import Placement
 from tuneserve.settings import Settings
 
@@ -161,8 +162,8 @@ def _callbacks(recorder: RowRecorder | None):
 class RowRecorder:
     """Wraps the data collator and keeps this process's ledger: the training rows of every micro-batch, in order.
 
-    The proof, in train_report.json, that each process got its own shard of the data (a peer shipped multi-GPU
-    training that silently ran every process on the same rows), and that a run interrupted any number of times
+    The proof, in train_report.json, that each process got its own shard of the data (a multi-GPU run that
+    silently gives every process the same rows trains no faster and sees the data several times), and that a run interrupted any number of times
     trained each row once per epoch, as an uninterrupted run does. Rows are the indexes of the training
     sequences, found by a digest of their token ids (identical sequences share the first index). A segment is
     one process's life between resumes; each checkpoint stores the ledger up to its step (LEDGER_FILE), and the
@@ -374,7 +375,7 @@ def _train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placeme
         ledger = epoch_check([p["ledger"] for p in processes], recorder.rows, [per_process] * len(processes))
         log.info("ledger: %d epoch(s) over %s segment(s) per process; every row once per epoch: %s",
                  ledger.get("epochs", 0), ledger.get("segments"), ledger["verified"])
-    tmp = layout.root / ".adapter.tmp"
+    tmp = scratch(layout.adapter)
     if launch.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
@@ -407,7 +408,7 @@ def _train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placeme
 def _install_adapter(tmp: Path, layout: Layout, meta: dict, report: dict) -> None:
     """Rank 0: the saved adapter gets its metadata and replaces OUTPUT_DIR/adapter in one rename."""
     (tmp / "README.md").unlink(missing_ok=True)  # TRL's generic card; the real one comes with publishing
-    write_json_atomic(tmp / "training_meta.json", meta)
+    write_json_atomic(tmp / TRAINING_META, meta)
     readable_as_umask_allows(tmp)
     replace_folder(tmp, layout.adapter)
     write_json_atomic(layout.train_report, report)

@@ -1,0 +1,18 @@
+"""Model and dataset references: a local path or a Hub id. The one place that decides which a string is."""
+
+from __future__ import annotations
+
+import os
+
+DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def looks_local(ref: str) -> bool:
+    """A model or dataset reference meant as a local path rather than a Hub id (`org/name`)."""
+    return ref.startswith(("/", "./", "../", "~")) or ref.endswith(DATA_EXTENSIONS) or os.path.exists(ref) \
+        or ref.count("/") > 1
+
+
+def hub_id(ref: str | None) -> str | None:
+    """`ref` when it names a Hub repository (`org/name`), else None."""
+    return ref if ref and "/" in ref and not looks_local(ref) else None
