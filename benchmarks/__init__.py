@@ -1,4 +1,4 @@
-"""Benchmarks (issue #8): each step measured against what a user would otherwise run, as ratios in one run.
+"""Benchmarks: each step measured against what a user would otherwise run, as ratios in one run.
 
     make bench          # all five, then docs/benchmarks.md from benchmarks/results/*.json
     make bench-smoke    # the same code on tiny sizes (a minute or two), results under build/bench/smoke

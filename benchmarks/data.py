@@ -11,7 +11,7 @@ is what the model computes on. For packed data the fill of the packs (tokens / (
 reported too: with padding-free batches the unfilled room costs nothing, it only means more packs.
 
 Ours = `tuneserve.data` (rows rendered with the chat template turn by turn for the loss mask) and the
-SFTConfig `tuneserve.train.build_sft_config` makes from the defaults. Target (issue #8): at least 95% of
+SFTConfig `tuneserve.train.build_sft_config` makes from the defaults. Target: at least 95% of
 the positions of our default configuration carry real tokens.
 """
 

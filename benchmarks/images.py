@@ -14,7 +14,7 @@
   central directory (unpacked), through HTTP range requests. The image is estimated as those wheels plus
   the non-venv layers of the CPU training image (base, tini, application code), as measured.
 
-Targets (issue #8): training image at most 8 GB compressed; serving image at most 100 MB above its vLLM base.
+Targets: training image at most 8 GB compressed; serving image at most 100 MB above its vLLM base.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ measures its peak resident memory (VmHWM) and wall time; both processes import t
 The two merged folders are then compared tensor by tensor (max |difference| and bfloat16 ulps) and by the
 logits they give on a few prompts.
 
-Targets (issue #8): peak memory at most 0.3x PEFT's, time at most 1.0x, outputs equal within bf16 rounding
+Targets: peak memory at most 0.3x PEFT's, time at most 1.0x, outputs equal within bf16 rounding
 (at most one bfloat16 ulp on any weight).
 
 The guide's merge code, for transformers 4.x (`torch_dtype` unset means float32 there):

@@ -11,7 +11,7 @@ the rounds, after one throwaway import of vLLM warms the page cache. Startup is 
 the process to the first 200 from GET /health (polled every 0.25 s); load is vLLM's own `vllm bench serve` (benchmarks/vllm_bench.py), random prompts of
 INPUT_LEN tokens and exactly OUTPUT_LEN output tokens (ignore_eos), at concurrency 1, 8 and 32.
 
-Targets (issue #8): throughput ratio (ours / direct) at least 0.98 at every concurrency, at most 2 s of
+Targets: throughput ratio (ours / direct) at least 0.98 at every concurrency, at most 2 s of
 added startup time, zero failed requests.
 """
 
