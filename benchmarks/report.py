@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -217,37 +216,6 @@ def gpu_section(path: Path) -> list[str]:
     return lines + [""]
 
 
-README = common.REPO / "README.md"
-SIZES = re.compile(r"(<!-- BEGIN image-sizes -->\n).*?(<!-- END image-sizes -->)", re.S)
-
-
-def _size(gb: float) -> str:
-    return f"{gb:.3g} GB" if gb >= 0.1 else f"{gb * 1000:.3g} MB"
-
-
-def image_sizes(results_dir: Path) -> str:
-    """The README's image-size table (section `image-sizes`), from the images benchmark's result file."""
-    path = results_dir / "images.json"
-    if not path.is_file():
-        return "Not measured yet: `make test-images`, then `make bench BENCH=images`."
-    r = json.loads(path.read_text())
-    lines = ["| Image | Compressed | Unpacked |", "|---|---|---|"]
-    for row in r["rows"]:
-        lines.append(f"| {esc(row['image'])} | {_size(row['compressed_gb'])} | {_size(row['unpacked_gb'])} |")
-    m = r["machine"]
-    lines += ["", f"Measured {r['finished'][:10]} by `{r['command']}` on {m['cpu']}, {m['cores']} cores; targets "
-              "and method: [docs/benchmarks.md](docs/benchmarks.md#5-images-compressed-and-unpacked-sizes)."]
-    return "\n".join(lines)
-
-
-def update_readme(results_dir: Path) -> None:
-    text = README.read_text()
-    if not SIZES.search(text):
-        raise SystemExit("README.md lacks the image-sizes markers")
-    body = image_sizes(results_dir)
-    README.write_text(SIZES.sub(lambda m: f"{m.group(1)}{body}\n{m.group(2)}", text))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--results-dir", type=Path, default=common.RESULTS)
@@ -258,8 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(render(args.results_dir.resolve(), out))
     print(f"report: wrote {out}")
     if args.results_dir.resolve() == common.RESULTS.resolve():
-        update_readme(args.results_dir.resolve())
-        print(f"report: updated the image sizes in {README}")
+        # The image-size table of docs/images.md follows images.json: the one docs generator rewrites it.
+        from devtools import docs
+
+        for path in docs.write():
+            print(f"report: updated {path.relative_to(common.REPO)} (make docs)")
     return 0
 
 

@@ -1,51 +1,205 @@
-"""Regenerates the README's generated sections from the schemas and exit codes (`make readme`).
+"""The one generator of the documentation's generated sections (`make docs`), in README.md and docs/*.md.
 
-Sections sit between `<!-- BEGIN name -->` and `<!-- END name -->` markers; tests check they are current.
+A section sits between `<!-- BEGIN name -->` and `<!-- END name -->` in its file. SECTIONS maps each
+(file, section name) to the function that writes its body; every marker section in README.md and docs/*.md
+must be in it, and every section in it must have its markers in its file (either missing is an error).
+
+    python -m devtools.docs            # rewrite the stale files
+    python -m devtools.docs --check    # exit 1 listing the stale files (tests/test_docs.py does the same)
+
+docs/benchmarks.md is not a marker file: benchmarks/report.py writes it whole, then calls `write()` here.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import yaml
 
 from tuneserve.config import TRAIN_SCHEMA
 from tuneserve.exitcodes import EXIT_CODE_HELP, ExitCode
 from tuneserve.serve import SERVE_SCHEMA
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
+IMAGES_RESULT = REPO / "benchmarks" / "results" / "images.json"
+K8S_BASE = REPO / "k8s" / "base"
 
 
+class DocsError(Exception):
+    """A marker section missing from its file, or one no generator writes."""
+
+
+MARKER = re.compile(r"^<!-- (BEGIN|END) ([A-Za-z0-9_-]+) -->$", re.M)  # a marker is a line of its own
+
+
+# ------------------------------------------------------------------------------------------------ sections
 def exit_codes_table() -> str:
+    """The training entrypoint's exit codes (tuneserve/exitcodes.py)."""
     rows = ["| Code | Meaning |", "|---|---|"]
     rows += [f"| {int(c)} | {EXIT_CODE_HELP[c]} |" for c in ExitCode]
     return "\n".join(rows)
 
 
-def sections() -> dict[str, str]:
-    return {"train-variables": TRAIN_SCHEMA.markdown_table(), "serve-variables": SERVE_SCHEMA.markdown_table(),
-            "exit-codes": exit_codes_table()}
+def train_variables() -> str:
+    return TRAIN_SCHEMA.markdown_table()
 
 
-def render(text: str) -> str:
-    for name, body in sections().items():
-        pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
-        if not pattern.search(text):
-            raise SystemExit(f"README.md lacks the markers of section {name!r}")
-        text = pattern.sub(lambda m, body=body: f"{m.group(1)}{body}\n{m.group(2)}", text)
+def serve_variables() -> str:
+    return SERVE_SCHEMA.markdown_table()
+
+
+def _size(gb: float) -> str:
+    return f"{gb:.3g} GB" if gb >= 0.1 else f"{gb * 1000:.3g} MB"
+
+
+def image_sizes(path: Path = IMAGES_RESULT) -> str:
+    """The image-size table of docs/images.md, from the images benchmark's result file."""
+    if not path.is_file():
+        return "Not measured yet: `make test-images`, then `make bench BENCH=images`."
+    r = json.loads(path.read_text())
+    lines = ["| Image | Compressed | Unpacked |", "|---|---|---|"]
+    for row in r["rows"]:
+        image = row["image"].replace("|", "\\|")
+        lines.append(f"| {image} | {_size(row['compressed_gb'])} | {_size(row['unpacked_gb'])} |")
+    m = r["machine"]
+    lines += [
+        "",
+        f"Measured {r['finished'][:10]} by `{r['command']}` on {m['cpu']}, {m['cores']} cores; targets "
+        "and method: [docs/benchmarks.md](benchmarks.md#5-images-compressed-and-unpacked-sizes).",
+    ]
+    return "\n".join(lines)
+
+
+def training_job(base: Path = K8S_BASE) -> dict:
+    """The training Job of k8s/base (the one every overlay's single-node Job is)."""
+    jobs = [
+        doc
+        for path in sorted(base.glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if isinstance(doc, dict) and doc.get("kind") == "Job"
+    ]
+    if len(jobs) != 1:
+        raise DocsError(f"{base}: expected one Job, found {len(jobs)}")
+    return jobs[0]
+
+
+def job_action(job: dict, code: int, disrupted: bool = False) -> str:
+    """What the Job's podFailurePolicy does with a pod whose main container exited with `code`."""
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    for rule in job["spec"]["podFailurePolicy"]["rules"]:
+        if "onPodConditions" in rule:
+            if disrupted and any(
+                c["type"] == "DisruptionTarget" and c.get("status", "True") == "True" for c in rule["onPodConditions"]
+            ):
+                return rule["action"]
+            continue
+        codes = rule["onExitCodes"]
+        if codes.get("containerName", container["name"]) != container["name"]:
+            continue
+        if (code in codes["values"]) == (codes["operator"] == "In"):
+            return rule["action"]
+    return "Count"
+
+
+def k8s_exit_codes_table(job: dict | None = None) -> str:
+    """What each exit code of the training container does to the Job, from the Job's podFailurePolicy."""
+    job = training_job() if job is None else job
+    limit = job["spec"]["backoffLimit"]
+    does = {
+        "FailJob": "Fails the Job at once; no new pod.",
+        "Count": f"A new pod resumes from the claim; counts toward `backoffLimit` ({limit}).",
+        "Ignore": "A new pod resumes from the claim; not counted.",
+    }
+    rows = [
+        "| Exit code | Name | What the Job does |",
+        "|---|---|---|",
+        f"| {int(ExitCode.OK)} | `{ExitCode.OK.name}` | The Job completes. |",
+    ]
+    rows += [f"| {int(c)} | `{c.name}` | {does[job_action(job, int(c))]} |" for c in ExitCode if c is not ExitCode.OK]
+    rows.append(
+        f"| any, after preemption, eviction or a node drain (`DisruptionTarget`) | | "
+        f"{does[job_action(job, int(ExitCode.TERMINATED), disrupted=True)]} |"
+    )
+    return "\n".join(rows)
+
+
+# (file relative to the repository, section name) -> the function that writes the section's body.
+SECTIONS: dict[tuple[str, str], Callable[[], str]] = {
+    ("README.md", "exit-codes"): exit_codes_table,
+    ("docs/configuration.md", "train-variables"): train_variables,
+    ("docs/configuration.md", "serve-variables"): serve_variables,
+    ("docs/images.md", "image-sizes"): image_sizes,
+    ("docs/kubernetes.md", "k8s-exit-codes"): k8s_exit_codes_table,
+}
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+def marker_files(repo: Path = REPO) -> list[str]:
+    """Every file that may hold marker sections: README.md and docs/*.md, plus those SECTIONS names."""
+    files = {"README.md", *(p.relative_to(repo).as_posix() for p in sorted((repo / "docs").glob("*.md")))}
+    return sorted(files | {f for f, _ in SECTIONS})
+
+
+def render(file: str, text: str) -> str:
+    """`text` (the content of `file`) with each of its generated sections rewritten."""
+    names = [m.group(2) for m in MARKER.finditer(text) if m.group(1) == "BEGIN"]
+    unknown = sorted(set(names) - {s for f, s in SECTIONS if f == file})
+    if unknown:
+        raise DocsError(f"{file}: no generator writes the marker sections {', '.join(unknown)} (devtools/docs.py)")
+    for (f, name), body in SECTIONS.items():
+        if f != file:
+            continue
+        begin, end = re.escape(f"<!-- BEGIN {name} -->"), re.escape(f"<!-- END {name} -->")
+        pattern = re.compile(rf"^({begin}\n).*?^({end})$", re.S | re.M)
+        if len(pattern.findall(text)) != 1:
+            raise DocsError(f"{file} lacks the markers of section {name!r} (or has them more than once)")
+        content = body()
+        text = pattern.sub(lambda m, content=content: f"{m.group(1)}{content}\n{m.group(2)}", text)
     return text
 
 
-def main() -> int:
-    text = README.read_text()
-    new = render(text)
-    if "--check" in sys.argv:
+def stale(repo: Path = REPO) -> dict[Path, str]:
+    """The files whose generated sections are out of date, each with its regenerated text."""
+    out = {}
+    for file in marker_files(repo):
+        path = repo / file
+        if not path.is_file():
+            raise DocsError(f"{file} is missing (devtools/docs.py SECTIONS names it)")
+        text = path.read_text()
+        new = render(file, text)
         if new != text:
-            print("README.md is out of date: run `make readme`", file=sys.stderr)
-            return 1
-        return 0
-    README.write_text(new)
-    print(f"updated {README}")
+            out[path] = new
+    return out
+
+
+def write(repo: Path = REPO) -> list[Path]:
+    """Rewrite every stale file; returns the files written."""
+    changed = stale(repo)
+    for path, text in changed.items():
+        path.write_text(text)
+    return list(changed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv not in ([], ["--check"]):
+        print("usage: python -m devtools.docs [--check]", file=sys.stderr)
+        return 2
+    try:
+        if argv == ["--check"]:
+            changed = list(stale())
+            for path in changed:
+                print(f"{path.relative_to(REPO)} is out of date: run `make docs`", file=sys.stderr)
+            return 1 if changed else 0
+        for path in write():
+            print(f"updated {path.relative_to(REPO)}")
+    except DocsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, clean_env, run_train, train_cmd
+from tests.helpers import REPO, clean_env, run_train, train_cmd
 from tuneserve.config import TRAIN_SCHEMA, load_train_config
 from tuneserve.exitcodes import ConfigError, ExitCode
 
@@ -133,19 +133,11 @@ def test_passthrough_field_tables_match_installed_libraries():
     assert passthrough.generate() == json.loads(passthrough.FIELDS_FILE.read_text())
 
 
-def test_readme_variables_table_is_generated_from_the_schema():
-    readme = (REPO / "README.md").read_text()
-    assert TRAIN_SCHEMA.markdown_table() in readme, "run `make readme` to regenerate the README tables"
-    from devtools.docs import render
-
-    assert render(readme) == readme, "run `make readme` to regenerate the README tables"
-
-
 def test_readme_text_to_sql_example_is_a_valid_configuration(tmp_path, monkeypatch):
     """The README's .env example loads as written and builds the guide's conversations."""
     import re
 
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "training.md").read_text()
     section = readme.split("### Example: the text-to-SQL guide", 1)[1]
     env_text = re.search(r"```env\n(.*?)```", section, re.S).group(1)
     (tmp_path / ".env").write_text(env_text)
