@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_train
+from tests.helpers import run_train
 from tuneserve.config import load_train_config
 from tuneserve.exitcodes import ConfigError
 

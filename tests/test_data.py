@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, QA, qa_messages, write_jsonl
+from devtools.tiny import build_tokenizer
+from tests.helpers import CORPUS, QA, qa_messages, run_train, write_jsonl
 from tuneserve import data, tokenizer
 from tuneserve.config import load_train_config
 from tuneserve.exitcodes import ConfigError, DataError
-from devtools.tiny import build_tokenizer
 
 SQL_ROWS = [
     {"sql_prompt": "How many users are there?", "sql_context": "CREATE TABLE users (id INT, name TEXT);",
@@ -93,7 +93,8 @@ def test_plain_text_from_csv_trains_every_token_and_ends_with_eos(tmp_path):
 
 def test_text_to_sql_column_recipe_builds_the_guides_conversations(tmp_path):
     system = "You are a text to SQL query translator."
-    user = "Given the <SCHEMA>, answer the <USER_QUERY>.\n<SCHEMA>\n{sql_context}\n</SCHEMA>\n<USER_QUERY>\n{sql_prompt}\n</USER_QUERY>"
+    user = ("Given the <SCHEMA>, answer the <USER_QUERY>.\n<SCHEMA>\n{sql_context}\n</SCHEMA>\n"
+            "<USER_QUERY>\n{sql_prompt}\n</USER_QUERY>")
     cfg, shaped, info = setup(tmp_path, SQL_ROWS, template="gemma", SYSTEM_PROMPT=system, USER_TEMPLATE=user,
                               ASSISTANT_FIELD="sql")
     assert shaped.format == "columns"
@@ -242,16 +243,19 @@ def test_sql_schema_comes_from_the_column_or_the_prompts_schema_block():
     from tuneserve.data import Example
     from tuneserve.evaluate import clean_sql, sql_context
 
-    with_column = Example(0, "chat", messages=[{"role": "user", "content": "q"}], source={"ctx": "CREATE TABLE a (x INT);"})
+    with_column = Example(0, "chat", messages=[{"role": "user", "content": "q"}],
+                          source={"ctx": "CREATE TABLE a (x INT);"})
     assert sql_context(with_column, "ctx") == "CREATE TABLE a (x INT);"
-    in_prompt = Example(1, "chat", messages=[{"role": "user", "content": "<SCHEMA>\nCREATE TABLE b (y INT);\n</SCHEMA>\nq"}])
+    in_prompt = Example(1, "chat",
+                        messages=[{"role": "user", "content": "<SCHEMA>\nCREATE TABLE b (y INT);\n</SCHEMA>\nq"}])
     assert sql_context(in_prompt, "ctx") == "CREATE TABLE b (y INT);"
     assert sql_context(Example(2, "chat", messages=[{"role": "user", "content": "q"}]), "ctx") is None
     assert clean_sql("```sql\nSELECT 1;\n```") == "SELECT 1;" and clean_sql(" SELECT 2; ") == "SELECT 2;"
 
 
 def test_execution_match_compares_rows_not_text():
-    from tuneserve.sqlcheck import execution_match, generate
+    from devtools.textsql import generate
+    from tuneserve.sqlcheck import execution_match
 
     ctx = "CREATE TABLE t (a INT, b TEXT); INSERT INTO t VALUES (2, 'x'); INSERT INTO t VALUES (1, 'y');"
     assert execution_match("SELECT b FROM t", "SELECT b FROM t;", ctx).matches
@@ -306,8 +310,6 @@ def test_broken_dataset_files_are_data_errors_naming_file_line_and_cause(tmp_pat
 
 
 def test_a_broken_file_exits_3_without_a_traceback(tmp_path):
-    from conftest import run_train
-
     (tmp_path / "d.jsonl").write_bytes(b"\xff\n")
     res = run_train({"BASE_MODEL": str(save_tokenizer(tmp_path, "chatml")), "DATASET": str(tmp_path / "d.jsonl"),
                      "OUTPUT_DIR": str(tmp_path / "out")}, "--check", cwd=tmp_path)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import LEARN_ENV, clean_env, run_train, train_cmd, write_jsonl
+from tests.helpers import LEARN_ENV, clean_env, run_train, train_cmd, write_jsonl
 from tuneserve.exitcodes import ExitCode
 
 TWO = {"NPROC_PER_NODE": "2", "DEVICE": "cpu"}

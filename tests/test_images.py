@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LEARN_ENV, QA, REPO, ask, clean_env
 from devtools.health import free_port, wait_healthy
+from tests.helpers import LEARN_ENV, QA, REPO, ask, clean_env
 
 pytestmark = pytest.mark.images
 

@@ -1,4 +1,5 @@
-"""The merge: equal to PEFT's merge_and_unload, memory-bounded, servable; verify catches broken merges."""
+"""The merge: equal to PEFT's merge_and_unload, memory-bounded, replaying the weights the 4-bit model computed
+with, and a servable folder; the streamed safetensors reading and writing it is built on."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, LEARN_ENV, QA, clean_env, copy_output, qa_messages, run_train, write_jsonl
-from tuneserve.exitcodes import ExitCode
+from tests.helpers import CORPUS, clean_env, qa_messages, run_train, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -91,8 +91,8 @@ def test_added_tokens_resized_vocabulary_merge_equals_peft(tmp_path, pt_base):
 
 
 def test_tied_multi_shard_base_with_modules_to_save_merge_equals_peft(tmp_path):
-    from tuneserve.merge import merge
     from devtools.tiny import build_tiny_model
+    from tuneserve.merge import merge
 
     base = build_tiny_model(tmp_path / "tied", CORPUS, template="chatml", tie_word_embeddings=True,
                             num_layers=4, max_shard_size="300KB")
@@ -112,8 +112,8 @@ def test_tied_multi_shard_base_with_modules_to_save_merge_equals_peft(tmp_path):
 def test_multimodal_base_fine_tunes_on_text_rows_and_merges(tmp_path):
     """A Gemma 3 image-text-to-text base (the Gemma guide's 4B+ case) loads as its own class, trains on text
     rows, and merges like PEFT does."""
-    from tuneserve.merge import merge
     from devtools.tiny import build_tiny_multimodal
+    from tuneserve.merge import merge
 
     base = build_tiny_multimodal(tmp_path / "gemma3", CORPUS)
     assert json.loads((base / "config.json").read_text())["architectures"] == ["Gemma3ForConditionalGeneration"]
@@ -197,38 +197,14 @@ def test_dequantized_merge_replays_the_weights_the_4bit_model_computed_with(trai
         assert (nf4_roundtrip(w, meta["quantization"]) == in_training.to(w.dtype)).all(), name
 
 
-def test_verify_reports_how_far_each_merge_base_is_from_the_adapter_model(trained_output):
-    report = json.loads((trained_output / "verify.json").read_text())
-    fid = report["fidelity"]
-    assert set(fid) == {"original", "dequantized"}
-    # Replaying the NF4 round trip leaves only bfloat16 rounding between merged and adapter model. (Logits: with
-    # float32 compute, the CPU's default without native bfloat16, the largest probability difference of both is
-    # the same few 1e-4 and does not tell them apart.)
-    assert fid["dequantized"]["max_logit_diff"] < fid["original"]["max_logit_diff"]
-    assert fid["dequantized"]["max_prob_diff"] <= fid["original"]["max_prob_diff"]
-    assert fid["dequantized"]["max_prob_diff"] <= 0.05
-    assert report["checks"]["fidelity"]["tolerance"] == 0.25  # MERGE_BASE=original over NF4
-
-
-def test_merge_base_dequantized_through_the_entrypoint(tmp_path, trained_output, chatml_base, qa_dataset):
-    out = copy_output(trained_output, tmp_path / "out")
-    res = run_train({**LEARN_ENV, "BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out),
-                     "MERGE_BASE": "dequantized"}, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "training already done" in res.stderr and "merge: adapter into the dequantized" in res.stderr
-    report = json.loads((out / "verify.json").read_text())
-    assert report["checks"]["fidelity"] == {"passed": True, "max_prob_diff": report["fidelity"]["dequantized"][
-        "max_prob_diff"], "tolerance": 0.05, "merge_base": "dequantized"}
-
-
 # ------------------------------------------------------------------------------------------- servable folder
 @pytest.mark.parametrize("template,eot", [("chatml", "<|im_end|>"), ("gemma", "<end_of_turn>"),
                                           ("llama3", "<|eot_id|>")])
 def test_merged_folder_is_self_sufficient_with_stop_ids_repaired(tmp_path, template, eot):
     from transformers import AutoTokenizer, GenerationConfig
 
-    from tuneserve.merge import merge
     from devtools.tiny import build_tiny_model
+    from tuneserve.merge import merge
 
     base = build_tiny_model(tmp_path / "base", CORPUS, template=template)
     base_gen = json.loads((base / "generation_config.json").read_text())
@@ -248,30 +224,6 @@ def test_merged_folder_is_self_sufficient_with_stop_ids_repaired(tmp_path, templ
     assert info["end_of_turn"] == eot and set(info["stop_token_ids"]) == set(gen.eos_token_id)
 
 
-def test_nan_adapter_fails_verification_with_exit_4(tmp_path, trained_output, chatml_base, qa_dataset):
-    import shutil
-
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    out = copy_output(trained_output, tmp_path / "out")
-    shutil.rmtree(out / "merged")
-    (out / "verify.json").unlink()
-    weights = out / "adapter" / "adapter_model.safetensors"
-    tensors = load_file(str(weights))
-    for k in tensors:
-        if "lora_B" in k:
-            tensors[k] = torch.full_like(tensors[k], float("nan"))
-    save_file(tensors, str(weights))
-    res = run_train({**LEARN_ENV, "BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out)},
-                    cwd=tmp_path)
-    assert res.returncode == ExitCode.VERIFY, res.stderr[-3000:]
-    assert "verification failed, nothing will be published" in res.stderr
-    assert "logits are not finite" in res.stderr
-    report = json.loads((out / "verify.json").read_text())
-    assert report["passed"] is False and report["checks"]["finite_logits"]["passed"] is False
-
-
 def test_adapter_and_merged_files_are_readable_by_another_user_of_the_volume(trained_output):
     # safetensors writes 0600 whatever the umask; a serving container running as another user on the
     # same volume must still read the adapter (adapter mode) and the merged model.
@@ -280,17 +232,6 @@ def test_adapter_and_merged_files_are_readable_by_another_user_of_the_volume(tra
         assert any(p.suffix == ".safetensors" for p in files)
         for path in files:
             assert path.stat().st_mode & 0o044 == 0o044, f"{path} is {oct(path.stat().st_mode)}"
-
-
-def test_verify_generations_and_model_card(trained_output):
-    report = json.loads((trained_output / "verify.json").read_text())
-    assert report["passed"] and report["checks"]["stops"]["stopped"] == report["checks"]["stops"]["of"] == 4
-    answers = dict(QA)
-    for s in report["samples"]:
-        assert s["stopped"] and s["generation"] == answers[s["prompt"][-1]["content"]] == s["reference"]
-    card = (trained_output / "merged" / "README.md").read_text()
-    assert f"vllm serve {trained_output / 'merged'}" in card and "docker run --gpus all -p 8000:8000" in card
-    assert '"LORA_R": 32' in card and "Passed: **True**" in card
 
 
 # ------------------------------------------------------------------------------------------- streaming I/O
@@ -318,51 +259,3 @@ def test_streamed_safetensors_match_the_library(tmp_path):
 
     with safe_open(str(ours), "pt") as f:
         assert f.metadata() == {"format": "pt"}
-
-
-# ------------------------------------------------------------------------------------------- evaluation
-SQL_PAIRS = [
-    ("How many users are there?", "SELECT COUNT(*) FROM users;"),
-    ("List all user names.", "SELECT name FROM users;"),
-    ("What is the oldest age?", "SELECT MAX(age) FROM users;"),
-    ("What is the youngest age?", "SELECT MIN(age) FROM users;"),
-    ("What is the average age?", "SELECT AVG(age) FROM users;"),
-    ("Who is older than 30?", "SELECT name FROM users WHERE age > 30;"),
-    ("Show users by age.", "SELECT name FROM users ORDER BY age;"),
-    ("What is the total age?", "SELECT SUM(age) FROM users;"),
-]
-SQL_CONTEXT = ("CREATE TABLE users (id INT, name TEXT, age INT); INSERT INTO users VALUES (1, 'Ann', 34); "
-               "INSERT INTO users VALUES (2, 'Bob', 25);")
-
-
-def test_evaluation_scores_sql_by_execution_on_sqlite(tmp_path):
-    """The text-to-SQL recipe end to end: column rows -> conversations, training, merge, verify, and an evaluation
-    that runs the generated SQL. A reference written differently from the learned answer (COUNT(id) vs COUNT(*))
-    is no exact match but returns the same rows: execution match counts it."""
-    from conftest import LEARN_ENV
-    from tuneserve import sqlcheck
-    from devtools.tiny import build_tiny_model
-
-    base = build_tiny_model(tmp_path / "base", CORPUS + [q + " " + s for q, s in SQL_PAIRS] * 10 + [SQL_CONTEXT],
-                            template="chatml")
-    rows = [{"question": q, "context": SQL_CONTEXT, "query": s} for q, s in SQL_PAIRS]
-    data = tmp_path / "sql"
-    write_jsonl(data / "train.jsonl", rows)
-    held = [dict(rows[0], query="SELECT COUNT(id) FROM users;")] + rows[1:4] + [dict(rows[4], query="SELECT 1;")]
-    write_jsonl(data / "test.jsonl", held)
-    out = tmp_path / "out"
-    res = run_train({"BASE_MODEL": str(base), "DATASET": str(data), "EVAL_SPLIT": "test", "OUTPUT_DIR": str(out),
-                     "USER_TEMPLATE": "{question}", "ASSISTANT_FIELD": "query", "EVAL_SQL_EXECUTION": "true",
-                     "EVAL_SQL_CONTEXT_FIELD": "context", **LEARN_ENV}, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    report = json.loads((out / "eval.json").read_text())
-    assert [a["answer"] for a in report["answers"]] == [s for _, s in SQL_PAIRS[:5]]
-    assert [a["exact_match"] for a in report["answers"]] == [False, True, True, True, False]
-    assert [a["sql_matches"] for a in report["answers"]] == [True, True, True, True, False]
-    assert report["exact_match"] == 0.6 and report["sql_execution_match"] == 0.8 and report["sql_executes"] == 1.0
-    assert report["eval_loss"] is not None and report["rows"] == 5
-    summary = json.loads((out / "verify.json").read_text())["eval"]
-    assert summary["sql_execution_match"] == 0.8 and "answers" not in summary
-    card = (out / "merged" / "README.md").read_text()
-    assert "| SQL execution match | 0.8 |" in card
-    assert sqlcheck.execution_match("SELECT name FROM users;", "SELECT name FROM users;", SQL_CONTEXT).matches

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, clean_env, qa_messages, run_train, write_jsonl
+from devtools.tiny import build_tokenizer
+from tests.helpers import CORPUS, clean_env, qa_messages, run_train, write_jsonl
 from tuneserve import batching, data, tokenizer
 from tuneserve.config import load_train_config
 from tuneserve.exitcodes import ConfigError
-from devtools.tiny import build_tokenizer
 
 TOLERANCE = 1e-4  # absolute, on logits and log-probabilities in float32; contamination moves them by ~0.1-1
 FAMILIES = ("qwen2", "llama", "gemma3_text", "gemma3")

@@ -11,7 +11,7 @@ import httpx2
 import pytest
 from huggingface_hub.errors import HfHubHTTPError
 
-from conftest import LEARN_ENV, copy_output, run_train
+from tests.helpers import LEARN_ENV, copy_output, run_train
 from tuneserve import publish
 from tuneserve.exitcodes import ExitCode
 
@@ -140,7 +140,8 @@ def test_persistent_failure_exits_75_keeps_everything_and_rerun_publishes_withou
     assert run_job(down, out) == ExitCode.RETRYABLE
     assert down.methods().count("create_commit") == 3 and "merge_pull_request" not in down.methods()
     assert "uploading to alice/qa-model failed 3 times" in capsys.readouterr().err
-    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "merged" / "model.safetensors").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and \
+        (out / "merged" / "model.safetensors").is_file()
 
     back = FakeHub()
     assert run_job(back, out) == ExitCode.OK
@@ -165,7 +166,8 @@ def test_nothing_is_published_after_a_verify_failure(run_job, tmp_path, trained_
     out = copy_output(trained_output, tmp_path / "out")
     shutil.rmtree(out / "merged")
     weights = out / "adapter" / "adapter_model.safetensors"
-    tensors = {k: (torch.full_like(v, float("nan")) if "lora_B" in k else v) for k, v in load_file(str(weights)).items()}
+    tensors = {k: (torch.full_like(v, float("nan")) if "lora_B" in k else v)
+               for k, v in load_file(str(weights)).items()}
     save_file(tensors, str(weights))
     hub = FakeHub()
     assert run_job(hub, out) == ExitCode.VERIFY

@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import LEARN_ENV, copy_output, run_train
+
+from tests.helpers import LEARN_ENV, copy_output, run_train
 
 pytestmark = pytest.mark.slow  # they read the trained run
 

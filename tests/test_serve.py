@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QA, REPO, ask, clean_env, free_port
-from devtools.health import stop_server, wait_healthy
+from devtools.health import free_port, stop_server, wait_healthy
+from tests.helpers import QA, REPO, ask, clean_env
 
 SERVE_PYTHON = Path(os.environ.get("SERVE_PYTHON", REPO / ".venv-serve" / "bin" / "python"))
 KEY = "sk-serve-test-KEY123"
@@ -63,7 +63,8 @@ def test_command_keeps_the_key_out_of_argv_and_maps_variables(tmp_path, trained_
     assert KEY not in " ".join(args) and env["VLLM_API_KEY"] == KEY and KEY not in env["TUNESERVE_GATE"]
     joined = " ".join(args)
     for part in ("--served-model-name qa", "--max-model-len 128", "--no-enable-prefix-caching",
-                 "--tensor-parallel-size 1", "--pipeline-parallel-size 2", "--max-num-batched-tokens 512", "--enforce-eager",
+                 "--tensor-parallel-size 1", "--pipeline-parallel-size 2", "--max-num-batched-tokens 512",
+                 "--enforce-eager",
                  '--override-generation-config {"max_new_tokens": 64}'):
         assert part in joined, part
     # The merged folder already stops at <|im_end|>: no generation_config override is needed.

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import CORPUS, LEARN_ENV, QA, run_train, write_jsonl
 
+from devtools.tiny import build_tokenizer
+from tests.helpers import CORPUS, LEARN_ENV, QA, run_train, write_jsonl
 from tuneserve import data, tokenizer
 from tuneserve.config import load_train_config
 from tuneserve.exitcodes import ConfigError
-from devtools.tiny import build_tokenizer
 
 HISTORY_REWRITING = (
     "{%- for m in messages -%}"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LEARN_ENV, QA, clean_env, qa_messages, run_train, train_cmd, write_jsonl
+from tests.helpers import LEARN_ENV, QA, clean_env, qa_messages, run_train, train_cmd, write_jsonl
 from tuneserve.exitcodes import ExitCode
 
 pytestmark = pytest.mark.slow
