@@ -10,7 +10,7 @@ from __future__ import annotations
 from devtools import textsql
 
 # The guide's prompt (its `user_prompt`); the system message is the one the project's recipe adds
-# (README: "the text-to-SQL guide with environment variables only"), so both sides get the same text.
+# (docs/training.md: "the text-to-SQL guide with environment variables only"), so both sides get the same text.
 SYSTEM_MESSAGE = textsql.SYSTEM_PROMPT
 USER_PROMPT = textsql.USER_TEMPLATE
 

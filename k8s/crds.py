@@ -5,7 +5,7 @@
 
 kubernetes-validate knows Kubernetes' own kinds only: for a LeaderWorkerSet it prints a warning and passes it.
 For each object of a kind in SCHEMAS this
-  1. validates the object against the openAPIV3Schema of the CRD release the README installs, vendored in
+  1. validates the object against the openAPIV3Schema of the CRD release docs/kubernetes.md installs, vendored in
      k8s/schemas/ (descriptions removed), strictly: a field the schema does not name is an error (the API server
      would silently drop it), as are a wrong type, a value outside an enum or a missing required field;
   2. takes out its pod templates (the schema holds them as plain objects) and writes each as a v1 PodTemplate to

@@ -1,6 +1,6 @@
 """Exit codes of the pipeline: the contract a Kubernetes Job's podFailurePolicy acts on.
 
-Documented in the README (generated table) and imported, never retyped, by the tests and manifests'
+Documented in the README's exit-code table (generated) and imported, never retyped, by the tests and manifests'
 checks.
 """
 

@@ -1,7 +1,7 @@
 """Typed environment-variable schemas: one registry per entrypoint, validated before torch is imported.
 
 Every variable an entrypoint reads is declared once here (`Var`): its type, default and one line of
-help. `--help`, `--print-config` and the README's variable tables are generated from these
+help. `--help`, `--print-config` and the variable tables in docs/configuration.md are generated from these
 declarations. Values come from the process environment and from a `.env` file (python-dotenv);
 `ENV_FILE` names another file; the real environment wins over the file.
 
