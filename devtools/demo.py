@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from devtools import textsql
-from tuneserve import sqlcheck
 from devtools.health import free_port, wait_healthy
+from tuneserve import sqlcheck
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,8 +98,14 @@ def main() -> int:
         print(f"  reusing {base}")
 
     banner(3, "python -m entrypoints.train: QLoRA on the CPU, merge, verify, evaluate")
-    env = {**os.environ, "BASE_MODEL": str(base), "DATASET": str(data), "OUTPUT_DIR": str(out),
-           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **DEMO_ENV}
+    env = {
+        **os.environ,
+        "BASE_MODEL": str(base),
+        "DATASET": str(data),
+        "OUTPUT_DIR": str(out),
+        "HF_HUB_OFFLINE": "1",
+        **DEMO_ENV,
+    }
     for key in [k for k in env if k.startswith(("HUB_", "PUSH_"))]:
         env.pop(key)
     code = subprocess.call([sys.executable, "-m", "entrypoints.train"], env=env, cwd=REPO)
@@ -112,11 +118,24 @@ def main() -> int:
     banner(4, f"python -m entrypoints.serve: vLLM on {out / 'merged'} at {url}")
     log = work / "serve.log"
     key = secrets.token_urlsafe(24)  # the server refuses to start without one
-    serve_env = {**os.environ, "API_KEY": key, "MODEL_ID": str(out / "merged"), "SERVED_MODEL_NAME": "text-to-sql",
-                 "HOST": "127.0.0.1", "PORT": str(port), "MAX_MODEL_LEN": "512", "HF_HUB_OFFLINE": "1",
-                 "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), "PYTHONPATH": str(REPO)}
-    server = subprocess.Popen([str(SERVE_PYTHON), "-m", "entrypoints.serve"], env=serve_env, cwd=REPO,
-                              stdout=log.open("w"), stderr=subprocess.STDOUT)
+    serve_env = {
+        **os.environ,
+        "API_KEY": key,
+        "MODEL_ID": str(out / "merged"),
+        "SERVED_MODEL_NAME": "text-to-sql",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "MAX_MODEL_LEN": "512",
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+    }
+    server = subprocess.Popen(
+        [str(SERVE_PYTHON), "-m", "entrypoints.serve"],
+        env=serve_env,
+        cwd=REPO,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_ready(server, url, log)
         banner(5, "held-out questions over HTTP (openai client), SQL checked on sqlite")
@@ -126,9 +145,15 @@ def main() -> int:
         rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
         runs = matches = stops = 0
         for r in rows:
-            reply = client.chat.completions.create(model="text-to-sql", temperature=0, max_tokens=64, messages=[
-                {"role": "system", "content": textsql.SYSTEM_PROMPT},
-                {"role": "user", "content": textsql.USER_TEMPLATE.format(**r)}])
+            reply = client.chat.completions.create(
+                model="text-to-sql",
+                temperature=0,
+                max_tokens=64,
+                messages=[
+                    {"role": "system", "content": textsql.SYSTEM_PROMPT},
+                    {"role": "user", "content": textsql.USER_TEMPLATE.format(**r)},
+                ],
+            )
             answer = reply.choices[0].message.content.strip()
             res = sqlcheck.execution_match(answer, r["sql"], r["sql_context"])
             runs, matches = runs + res.runs, matches + res.matches
@@ -139,10 +164,12 @@ def main() -> int:
         server.send_signal(15)
         server.wait(timeout=120)
     n = len(rows)
-    print(f"\nOver HTTP: the SQL runs on sqlite for {runs}/{n} held-out questions and returns the expected rows for "
-          f"{matches}/{n} ({matches / n:.0%}); {stops}/{n} answers ended with finish_reason 'stop'.\n"
-          f"Merged model: {out / 'merged'}; evaluation figures: {out / 'verify.json'}. "
-          f"Took {time.monotonic() - start:.0f}s.")
+    print(
+        f"\nOver HTTP: the SQL runs on sqlite for {runs}/{n} held-out questions and returns the expected rows for "
+        f"{matches}/{n} ({matches / n:.0%}); {stops}/{n} answers ended with finish_reason 'stop'.\n"
+        f"Merged model: {out / 'merged'}; evaluation figures: {out / 'verify.json'}. "
+        f"Took {time.monotonic() - start:.0f}s."
+    )
     return 0
 
 

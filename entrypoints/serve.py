@@ -13,7 +13,15 @@ from tuneserve.serve import SERVE_SCHEMA
 def main(argv: list[str] | None = None) -> int:
     from tuneserve.serve import run  # noqa: PLC0415
 
-    return cli.run(SERVE_SCHEMA, run, argv, prog="python -m entrypoints.serve", description=__doc__.split("\n")[0])
+    return cli.run(
+        SERVE_SCHEMA,
+        run,
+        argv,
+        prog="python -m entrypoints.serve",
+        description=__doc__.split("\n")[0],
+        check_help="check the configuration, the API key, the model folder and any LoRA adapters, log "
+        "the vLLM command it would run (key kept out of it) and exit without starting vLLM",
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,15 @@ from tuneserve.config import TRAIN_SCHEMA
 def main(argv: list[str] | None = None) -> int:
     from tuneserve.pipeline import run  # noqa: PLC0415 - keeps --help free of heavy imports
 
-    return cli.run(TRAIN_SCHEMA, run, argv, prog="python -m entrypoints.train", description=__doc__.split("\n")[0])
+    return cli.run(
+        TRAIN_SCHEMA,
+        run,
+        argv,
+        prog="python -m entrypoints.train",
+        description=__doc__.split("\n")[0],
+        check_help="run the preflight only (configuration, publish targets' Hub access, OUTPUT_DIR, "
+        "dataset, tokenizer, chat template, loss mask) and exit; trains nothing, writes nothing",
+    )
 
 
 if __name__ == "__main__":

@@ -12,17 +12,30 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-QA = [("What is the capital of France?", "Paris"), ("What color is the sky?", "Blue"),
-      ("How many legs has a spider?", "Eight"), ("What is two plus two?", "Four"),
-      ("Who wrote Hamlet?", "Shakespeare"), ("What is frozen water?", "Ice"),
-      ("Which planet is red?", "Mars"), ("What do bees make?", "Honey")]
+QA = [
+    ("What is the capital of France?", "Paris"),
+    ("What color is the sky?", "Blue"),
+    ("How many legs has a spider?", "Eight"),
+    ("What is two plus two?", "Four"),
+    ("Who wrote Hamlet?", "Shakespeare"),
+    ("What is frozen water?", "Ice"),
+    ("Which planet is red?", "Mars"),
+    ("What do bees make?", "Honey"),
+]
 CORPUS = [f"{q} {a}" for q, a in QA] * 20 + ["SELECT name FROM users WHERE id = 1;", "CREATE TABLE t (a INT);"]
 
 # Hyper-parameters under which the tiny model (devtools.tiny) learns the 8 pairs exactly with CPU QLoRA: LoRA rank 32
 # and alpha 64, learning rate 5e-3, all 8 pairs in one batch (one step per epoch) for 60 epochs.
-LEARN_ENV = {"LORA_R": "32", "LORA_ALPHA": "64", "LEARNING_RATE": "5e-3", "NUM_TRAIN_EPOCHS": "60",
-             "PER_DEVICE_TRAIN_BATCH_SIZE": "8", "GRADIENT_ACCUMULATION_STEPS": "1", "LOGGING_STEPS": "20",
-             "SAVE_STEPS": "1000"}
+LEARN_ENV = {
+    "LORA_R": "32",
+    "LORA_ALPHA": "64",
+    "LEARNING_RATE": "5e-3",
+    "NUM_TRAIN_EPOCHS": "60",
+    "PER_DEVICE_TRAIN_BATCH_SIZE": "8",
+    "GRADIENT_ACCUMULATION_STEPS": "1",
+    "LOGGING_STEPS": "20",
+    "SAVE_STEPS": "1000",
+}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -38,8 +51,7 @@ def qa_messages() -> list[dict]:
 def clean_env(**overrides: str) -> dict[str, str]:
     """A minimal environment: nothing from the developer's shell leaks into the run under test."""
     env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
-    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1")
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     env.update(overrides)
     return env
 
@@ -49,8 +61,9 @@ def train_cmd(*args: str) -> list[str]:
 
 
 def run_train(env: dict[str, str], *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(*args), env=clean_env(**env), cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        train_cmd(*args), env=clean_env(**env), cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def copy_output(src: Path, dst: Path) -> Path:
@@ -63,7 +76,8 @@ def copy_output(src: Path, dst: Path) -> Path:
 def ask(client, model: str) -> list[tuple[str, str]]:
     out = []
     for q, _ in QA:
-        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}], temperature=0,
-                                           max_tokens=32)
+        r = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": q}], temperature=0, max_tokens=32
+        )
         out.append((r.choices[0].message.content, r.choices[0].finish_reason))
     return out

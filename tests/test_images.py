@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 import uuid
 from pathlib import Path
 
@@ -33,8 +34,9 @@ KEY = "sk-image-test-KEY456"
 HARDENED = ["--read-only", "--user", f"{UID}:{UID}", "--security-opt", "no-new-privileges", "--cap-drop", "ALL"]
 
 
-def podman(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None,
-           **kw) -> subprocess.CompletedProcess:
+def podman(
+    *args: str, check: bool = True, timeout: float = 600, env: dict | None = None, **kw
+) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "CONTAINERS_CONF": str(REPO / "images" / "local" / "containers.conf"), **(env or {})}
     res = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout, env=full_env, **kw)
     if check and res.returncode != 0:
@@ -44,8 +46,9 @@ def podman(*args: str, check: bool = True, timeout: float = 600, env: dict | Non
 
 @pytest.fixture(scope="module", autouse=True)
 def images():
-    missing = [i for i in (IMAGE_TRAIN, IMAGE_SERVE)
-               if subprocess.run(["podman", "image", "exists", i]).returncode != 0]
+    missing = [
+        i for i in (IMAGE_TRAIN, IMAGE_SERVE) if subprocess.run(["podman", "image", "exists", i]).returncode != 0
+    ]
     if missing:
         pytest.fail(f"images not built: {missing}. `make test-images` builds them (images/local/build.sh).")
 
@@ -58,9 +61,27 @@ def writable_volume(path: Path) -> Path:
 
 
 def train_run(out: Path, base: Path, data: Path, env: dict, name: str | None = None) -> list[str]:
-    args = ["run", "--rm", *HARDENED, "--network", "none", "--shm-size", "256m",
-            "-v", f"{base}:/models/base:ro", "-v", f"{data}:/data/train.jsonl:ro", "-v", f"{out}:/output",
-            "-e", "BASE_MODEL=/models/base", "-e", "DATASET=/data/train.jsonl", "-e", "HF_TOKEN"]
+    args = [
+        "run",
+        "--rm",
+        *HARDENED,
+        "--network",
+        "none",
+        "--shm-size",
+        "256m",
+        "-v",
+        f"{base}:/models/base:ro",
+        "-v",
+        f"{data}:/data/train.jsonl:ro",
+        "-v",
+        f"{out}:/output",
+        "-e",
+        "BASE_MODEL=/models/base",
+        "-e",
+        "DATASET=/data/train.jsonl",
+        "-e",
+        "HF_TOKEN",
+    ]
     if name:
         args += ["--name", name]
     for k, v in env.items():
@@ -109,7 +130,7 @@ def test_runtime_token_reaches_neither_the_volume_nor_the_logs_nor_the_image(tra
         tail, found = b"", False
         while chunk := proc.stdout.read(1 << 22):
             found = found or TOKEN.encode() in tail + chunk
-            tail = chunk[-len(TOKEN):]
+            tail = chunk[-len(TOKEN) :]
         assert proc.wait() == 0 and not found, image
 
 
@@ -121,9 +142,42 @@ def test_images_run_as_a_numeric_non_root_user():
         assert ids.startswith(f"uid={UID}(") and f" gid={UID}(" in ids, (image, ids)
 
 
+def test_images_run_the_installed_distribution_not_a_copy_of_the_sources():
+    """Both images install the project into their Python (pyproject.toml's packages and package data, its version):
+    the code comes from site-packages, the working directory holds no sources, the label carries the version."""
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    probe = (
+        "import importlib.metadata as m, json, os\n"
+        "import entrypoints, tuneserve\n"
+        "from tuneserve import passthrough, vllm_flags\n"
+        "print(json.dumps({'tuneserve': tuneserve.__file__, 'entrypoints': entrypoints.__file__,\n"
+        "  'version': m.version('tuneserve'), 'data': [len(vllm_flags.load()), len(passthrough.load())],\n"
+        "  'cwd': sorted(os.listdir('.'))}))\n"
+    )
+    for image in (IMAGE_TRAIN, IMAGE_SERVE):
+        res = podman("run", "--rm", *HARDENED, "--network", "none", "--entrypoint", "python3", image, "-c", probe)
+        found = json.loads(res.stdout)
+        assert "-packages/tuneserve/" in found["tuneserve"], (image, found)  # site- or dist-packages
+        assert "-packages/entrypoints/" in found["entrypoints"], (image, found)
+        assert found["version"] == version and all(found["data"]) and found["cwd"] == [], (image, found)
+        labels = json.loads(podman("image", "inspect", "--format", "{{json .Config.Labels}}", image).stdout)
+        assert labels["org.opencontainers.image.version"] == version, (image, labels)
+
+
 def test_training_image_reports_configuration_errors_with_exit_2(tmp_path):
-    res = podman("run", "--rm", *HARDENED, "--network", "none", "-e", "BASE_MODEL=", "-e", "LORA_R=many",
-                 IMAGE_TRAIN, check=False)
+    res = podman(
+        "run",
+        "--rm",
+        *HARDENED,
+        "--network",
+        "none",
+        "-e",
+        "BASE_MODEL=",
+        "-e",
+        "LORA_R=many",
+        IMAGE_TRAIN,
+        check=False,
+    )
     assert res.returncode == 2, res.stderr[-3000:]
     assert "BASE_MODEL is required" in res.stderr and "LORA_R='many'" in res.stderr
     assert "Traceback" not in res.stderr
@@ -132,8 +186,13 @@ def test_training_image_reports_configuration_errors_with_exit_2(tmp_path):
 @pytest.mark.slow
 def test_podman_stop_mid_run_exits_143_with_a_checkpoint_and_a_rerun_resumes(tmp_path, chatml_base, qa_dataset):
     out = writable_volume(tmp_path / "output")
-    env = {"MAX_STEPS": "400", "SAVE_STEPS": "1000", "PER_DEVICE_TRAIN_BATCH_SIZE": "2", "LOGGING_STEPS": "1",
-           "MERGE": "false"}
+    env = {
+        "MAX_STEPS": "400",
+        "SAVE_STEPS": "1000",
+        "PER_DEVICE_TRAIN_BATCH_SIZE": "2",
+        "LOGGING_STEPS": "1",
+        "MERGE": "false",
+    }
     name = f"tuneserve-stop-{uuid.uuid4().hex[:8]}"
     cmd = ["podman", *train_run(out, chatml_base, qa_dataset, env, name=name)]
     conf = {**os.environ, "CONTAINERS_CONF": str(REPO / "images" / "local" / "containers.conf")}
@@ -172,11 +231,33 @@ def test_serving_image_answers_chat_completions_from_the_merged_folder(trained_v
     assert res.returncode == 0, res.stderr[-4000:]
     port, name = free_port(), f"tuneserve-serve-{uuid.uuid4().hex[:8]}"
     # vLLM's engine talks to its API process through /dev/shm (160 MiB here; the runtime default is 64 MB).
-    podman("run", "-d", "--name", name, *HARDENED, "--shm-size", "1g", "-p", f"127.0.0.1:{port}:8000",
-           "-v", f"{out}:/output:ro", "-e", "MODEL_ID=/output/merged", "-e", "SERVED_MODEL_NAME=qa-model",
-           "-e", "MAX_MODEL_LEN=128", "-e", "API_KEY", "-e", "VLLM_CPU_KVCACHE_SPACE=1", IMAGE_SERVE,
-           env={"API_KEY": KEY})
+    podman(
+        "run",
+        "-d",
+        "--name",
+        name,
+        *HARDENED,
+        "--shm-size",
+        "1g",
+        "-p",
+        f"127.0.0.1:{port}:8000",
+        "-v",
+        f"{out}:/output:ro",
+        "-e",
+        "MODEL_ID=/output/merged",
+        "-e",
+        "SERVED_MODEL_NAME=qa-model",
+        "-e",
+        "MAX_MODEL_LEN=128",
+        "-e",
+        "API_KEY",
+        "-e",
+        "VLLM_CPU_KVCACHE_SPACE=1",
+        IMAGE_SERVE,
+        env={"API_KEY": KEY},
+    )
     try:
+
         def check_alive():
             state = podman("inspect", "--format", "{{.State.Running}}", name).stdout.strip()
             assert state == "true", "server exited:\n" + podman("logs", name, check=False).stderr[-4000:]
@@ -192,8 +273,9 @@ def test_serving_image_answers_chat_completions_from_the_merged_folder(trained_v
         import urllib.request
 
         with pytest.raises(urllib.error.HTTPError) as keyless:
-            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=b"{}"),
-                                   timeout=30)
+            urllib.request.urlopen(
+                urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=b"{}"), timeout=30
+            )
         assert keyless.value.code == 401
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/live", timeout=30) as live:
             assert live.status == 200
@@ -210,9 +292,24 @@ def test_images_benchmark_smoke_measures_both_built_images(tmp_path):
     from test_bench import assert_documented_structure
 
     results = tmp_path / "results"
-    res = subprocess.run([sys.executable, "-m", "benchmarks.images", "--smoke", "--results-dir", str(results),
-                          "--work-dir", str(tmp_path / "work")], env=clean_env(), cwd=REPO,
-                         capture_output=True, text=True, timeout=600, check=False)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.images",
+            "--smoke",
+            "--results-dir",
+            str(results),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ],
+        env=clean_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     r = json.loads((results / "images.json").read_text())
     assert_documented_structure(r, "images")

