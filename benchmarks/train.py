@@ -1,7 +1,7 @@
 """Benchmark 3, training step: tokens/s, peak memory and the held-out loss reached, of our default QLoRA
 configuration vs the guide's exact SFTConfig (benchmarks/guide.py), same model, same rows, same steps.
 
-    PYTHONPATH=. .venv-train/bin/python -m benchmarks.train [--smoke]
+    .venv-train/bin/python -m benchmarks.train [--smoke]
 
 Ours is the real job, `python -m entrypoints.train` (in-process, defaults, MAX_STEPS set, MERGE=false);
 the guide is its own code: 4-bit NF4 model with eager attention, LoRA with modules_to_save=[lm_head,
@@ -33,35 +33,75 @@ TITLE = "Training step: our default QLoRA configuration vs the guide's SFTConfig
 
 # Small Gemma 3 text model for the CPU: the (tied) embeddings are about a third of the parameters, as in
 # Gemma 3 1B. Small because a 4-bit training step runs at a few GFLOP/s on this machine's 2 cores.
-CPU_SHAPES = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=1, head_dim=64, vocab_size=4096, max_position_embeddings=1024,
-                  sliding_window=512, query_pre_attn_scalar=64, rms_norm_eps=1e-6, tie_word_embeddings=True)
-SMOKE_SHAPES = dict(CPU_SHAPES, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                    vocab_size=2048)
+CPU_SHAPES = dict(
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=64,
+    vocab_size=4096,
+    max_position_embeddings=1024,
+    sliding_window=512,
+    query_pre_attn_scalar=64,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
+SMOKE_SHAPES = dict(
+    CPU_SHAPES, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, vocab_size=2048
+)
 # bf16 dense peak FLOP/s by GPU name (vendor datasheets), for MFU.
 # Dense bfloat16 tensor-core peaks (no sparsity) from NVIDIA's data sheets, by the exact name CUDA reports: an
 # H100 PCIe is not an H100 SXM, an L40S not an L4. A GPU not listed gets no MFU rather than a guessed one.
 PEAK_BF16 = {
-    "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12,
-    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
-    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
     "NVIDIA A100 80GB PCIe": 312e12,
-    "NVIDIA L40S": 362e12, "NVIDIA L4": 121e12, "NVIDIA A10": 125e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA L4": 121e12,
+    "NVIDIA A10": 125e12,
 }
 TOKENS_RATIO_TARGET = 1.5
 
 
 def plan(smoke: bool, gpu: bool) -> dict:
     if smoke:
-        return {"shapes": SMOKE_SHAPES, "warmup": 1, "measured": 1, "rows": 60, "eval_rows": 8, "pretrain_rows": 32,
-                "label": "tiny"}
+        return {
+            "shapes": SMOKE_SHAPES,
+            "warmup": 1,
+            "measured": 1,
+            "rows": 60,
+            "eval_rows": 8,
+            "pretrain_rows": 32,
+            "label": "tiny",
+        }
     if gpu:
         from benchmarks.merge import GEMMA3_1B
 
-        return {"shapes": GEMMA3_1B, "warmup": 5, "measured": 30, "rows": 1000, "eval_rows": 64, "pretrain_rows": 0,
-                "label": "google/gemma-3-1b-pt shapes"}
-    return {"shapes": CPU_SHAPES, "warmup": 2, "measured": 38, "rows": 400, "eval_rows": 64, "pretrain_rows": 3000,
-            "label": "small"}
+        return {
+            "shapes": GEMMA3_1B,
+            "warmup": 5,
+            "measured": 30,
+            "rows": 1000,
+            "eval_rows": 64,
+            "pretrain_rows": 0,
+            "label": "google/gemma-3-1b-pt shapes",
+        }
+    return {
+        "shapes": CPU_SHAPES,
+        "warmup": 2,
+        "measured": 38,
+        "rows": 400,
+        "eval_rows": 64,
+        "pretrain_rows": 3000,
+        "label": "small",
+    }
 
 
 def prepare_inputs(work: Path, p: dict) -> tuple[Path, Path, Path]:
@@ -78,8 +118,9 @@ def prepare_inputs(work: Path, p: dict) -> tuple[Path, Path, Path]:
     marker = model / "shapes.json"
     made = {"shapes": p["shapes"], "pretrain_rows": p["pretrain_rows"]}
     if not (marker.is_file() and json.loads(marker.read_text()) == made):
-        common.run_child("benchmarks.train", {"kind": "model", "out": str(model), **made},
-                         log=work / "logs" / "model.log")
+        common.run_child(
+            "benchmarks.train", {"kind": "model", "out": str(model), **made}, log=work / "logs" / "model.log"
+        )
         marker.write_text(json.dumps(made))
     return data, held_out, model
 
@@ -98,13 +139,14 @@ def eval_loss(model, tokenizer, rows_file: str) -> dict:
     for line in Path(rows_file).read_text().splitlines():
         messages = guide.create_conversation(json.loads(line))["messages"]
         full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True,
-                                               return_dict=True)["input_ids"]
-        assert full[:len(prompt)] == prompt, "the template does not extend the prompt"
+        prompt = tokenizer.apply_chat_template(
+            messages[:-1], tokenize=True, add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+        assert full[: len(prompt)] == prompt, "the template does not extend the prompt"
         ids = torch.tensor([full], device=device)
         with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
-        total += torch.nn.functional.cross_entropy(logits, ids[0, len(prompt):], reduction="sum").item()
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+        total += torch.nn.functional.cross_entropy(logits, ids[0, len(prompt) :], reduction="sum").item()
         count += len(full) - len(prompt)
     return {"eval_loss": round(total / count, 4), "eval_answer_tokens": count}
 
@@ -118,8 +160,13 @@ def _model(spec: dict) -> dict:
     from devtools.tiny import build_tokenizer
 
     tok = build_tokenizer(textsql.corpus(), template="gemma", vocab_size=1500)
-    config = Gemma3TextConfig(**spec["shapes"], bos_token_id=None, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.pad_token_id, dtype="bfloat16")
+    config = Gemma3TextConfig(
+        **spec["shapes"],
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        dtype="bfloat16",
+    )
     torch.manual_seed(0)
     Gemma3ForCausalLM(config).to(torch.bfloat16).save_pretrained(spec["out"])
     tok.save_pretrained(spec["out"])
@@ -172,10 +219,14 @@ def _install_timer(warmup: int, measured: int, device: str) -> dict:
             self.add_callback(Timer(self))
             record["trainer"] = self
             trainable, total = self.model.get_nb_trainable_parameters()
-            record.update(trainable_parameters=trainable, total_parameters=total,
-                          packing=bool(self.args.packing), batch_size=self.args.per_device_train_batch_size,
-                          grad_accumulation=self.args.gradient_accumulation_steps,
-                          gradient_checkpointing=bool(self.args.gradient_checkpointing))
+            record.update(
+                trainable_parameters=trainable,
+                total_parameters=total,
+                packing=bool(self.args.packing),
+                batch_size=self.args.per_device_train_batch_size,
+                grad_accumulation=self.args.gradient_accumulation_steps,
+                gradient_checkpointing=bool(self.args.gradient_checkpointing),
+            )
             record["matmul_parameters"] = matmul_parameters(self.model)
 
     trl.SFTTrainer = TimedSFTTrainer
@@ -190,13 +241,24 @@ def _run(spec: dict) -> dict:
     record = _install_timer(spec["warmup"], spec["measured"], device)
     out = tempfile.mkdtemp(prefix="bench-train-")
     if spec["side"] == "ours":
-        from entrypoints import train as entry
         from devtools.textsql import SYSTEM_PROMPT, USER_TEMPLATE
+        from entrypoints import train as entry
 
-        os.environ.update({"BASE_MODEL": spec["model"], "DATASET": spec["data"], "OUTPUT_DIR": out,
-                           "SYSTEM_PROMPT": SYSTEM_PROMPT, "USER_TEMPLATE": USER_TEMPLATE, "ASSISTANT_FIELD": "sql",
-                           "MAX_STEPS": str(steps), "LOGGING_STEPS": "1000", "SAVE_STEPS": "100000",
-                           "MERGE": "false", "LOG_LEVEL": "info"})
+        os.environ.update(
+            {
+                "BASE_MODEL": spec["model"],
+                "DATASET": spec["data"],
+                "OUTPUT_DIR": out,
+                "SYSTEM_PROMPT": SYSTEM_PROMPT,
+                "USER_TEMPLATE": USER_TEMPLATE,
+                "ASSISTANT_FIELD": "sql",
+                "MAX_STEPS": str(steps),
+                "LOGGING_STEPS": "1000",
+                "SAVE_STEPS": "100000",
+                "MERGE": "false",
+                "LOG_LEVEL": "info",
+            }
+        )
         code = entry.main([])
         if code != 0:
             raise SystemExit(f"python -m entrypoints.train exited {code}")
@@ -213,20 +275,29 @@ def _run(spec: dict) -> dict:
         dataset = load_dataset("json", data_files=spec["data"], split="train")
         dataset = dataset.map(guide.create_conversation, remove_columns=dataset.column_names, batched=False)
         args = guide.sft_config(out, dtype_name, device, max_steps=steps, logging_steps=1000, save_strategy="no")
-        trainer = trl_trainer()(model=model, args=args, train_dataset=dataset, peft_config=guide.peft_config(),
-                                processing_class=tokenizer)
+        trainer = trl_trainer()(
+            model=model, args=args, train_dataset=dataset, peft_config=guide.peft_config(), processing_class=tokenizer
+        )
         trainer.train()
     if "t1" not in record:
         raise SystemExit(f"training stopped before step {steps}: {record}")
     trainer = record.pop("trainer")
-    record.update(eval_loss(trainer.model, trainer.processing_class, spec["eval_data"]),
-                  dtype="bfloat16" if trainer.args.bf16 else "float16" if trainer.args.fp16 else "float32")
+    record.update(
+        eval_loss(trainer.model, trainer.processing_class, spec["eval_data"]),
+        dtype="bfloat16" if trainer.args.bf16 else "float16" if trainer.args.fp16 else "float32",
+    )
     seconds = record["t1"] - record["t0"]
     tokens = record["tokens1"] - record["tokens0"]
     result = {k: v for k, v in record.items() if k not in ("t0", "t1", "tokens0", "tokens1")}
-    result.update(side=spec["side"], device=device, steps_measured=spec["measured"], seconds=round(seconds, 3),
-                  tokens=tokens, tokens_per_second=round(tokens / seconds, 2),
-                  seconds_per_step=round(seconds / spec["measured"], 3))
+    result.update(
+        side=spec["side"],
+        device=device,
+        steps_measured=spec["measured"],
+        seconds=round(seconds, 3),
+        tokens=tokens,
+        tokens_per_second=round(tokens / seconds, 2),
+        seconds_per_step=round(seconds / spec["measured"], 3),
+    )
     return result
 
 
@@ -243,8 +314,11 @@ def matmul_parameters(model) -> int:
     the frozen original beside a modules_to_save copy."""
     import torch
 
-    return sum(m.in_features * m.out_features for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and "lora_" not in n and ".original_module" not in n)
+    return sum(
+        m.in_features * m.out_features
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lora_" not in n and ".original_module" not in n
+    )
 
 
 def native_bf16(device: str) -> str:
@@ -274,24 +348,44 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for side in ("ours", "guide"):
         print(f"train: {side} ({p['warmup']} warm-up + {p['measured']} measured steps) ...", flush=True)
-        results[side] = common.run_child("benchmarks.train", {
-            "kind": "run", "side": side, "model": str(model), "data": str(data_file), "eval_data": str(held_out),
-            "warmup": p["warmup"],
-            "measured": p["measured"]}, log=args.work_dir / "logs" / f"{side}.log")
+        results[side] = common.run_child(
+            "benchmarks.train",
+            {
+                "kind": "run",
+                "side": side,
+                "model": str(model),
+                "data": str(data_file),
+                "eval_data": str(held_out),
+                "warmup": p["warmup"],
+                "measured": p["measured"],
+            },
+            log=args.work_dir / "logs" / f"{side}.log",
+        )
     ours, g = results["ours"], results["guide"]
     device = ours["device"]
-    labels = {"ours": "ours: python -m entrypoints.train, defaults",
-              "guide": "guide: its model kwargs, LoraConfig and SFTConfig"}
+    labels = {
+        "ours": "ours: python -m entrypoints.train, defaults",
+        "guide": "guide: its model kwargs, LoraConfig and SFTConfig",
+    }
     rows = []
     for side, r in results.items():
-        row = {"variant": labels[side], "key": side, "device": device, "tokens_per_second": r["tokens_per_second"],
-               "seconds_per_step": r["seconds_per_step"], "tokens": r["tokens"],
-               "peak_rss_gib": round(r["peak_rss_bytes"] / 2**30, 3),
-               "rss_at_loop_start_gib": round(r["rss_at_start_bytes"] / 2**30, 3),
-               "trainable_parameters": r["trainable_parameters"], "packing": r["packing"],
-               "batch": f"{r['batch_size']} x {r['grad_accumulation']}", "dtype": r["dtype"],
-               "gradient_checkpointing": r["gradient_checkpointing"], "tokens_trained": r["tokens_trained"],
-               "eval_loss": r["eval_loss"]}
+        row = {
+            "variant": labels[side],
+            "key": side,
+            "device": device,
+            "tokens_per_second": r["tokens_per_second"],
+            "seconds_per_step": r["seconds_per_step"],
+            "tokens": r["tokens"],
+            "peak_rss_gib": round(r["peak_rss_bytes"] / 2**30, 3),
+            "rss_at_loop_start_gib": round(r["rss_at_start_bytes"] / 2**30, 3),
+            "trainable_parameters": r["trainable_parameters"],
+            "packing": r["packing"],
+            "batch": f"{r['batch_size']} x {r['grad_accumulation']}",
+            "dtype": r["dtype"],
+            "gradient_checkpointing": r["gradient_checkpointing"],
+            "tokens_trained": r["tokens_trained"],
+            "eval_loss": r["eval_loss"],
+        }
         if device == "cuda":
             row["peak_gpu_gib"] = round(r["peak_gpu_bytes"] / 2**30, 3)
             row["mfu"] = mfu(r, gpu)
@@ -302,59 +396,106 @@ def main(argv: list[str] | None = None) -> int:
     not_run_rows = []
     if device == "cuda":
         figures = [
-            common.figure("gpu_tokens_ratio", "tokens/s on the GPU, ours / guide", speed, "x",
-                          at_least=TOKENS_RATIO_TARGET),
+            common.figure(
+                "gpu_tokens_ratio", "tokens/s on the GPU, ours / guide", speed, "x", at_least=TOKENS_RATIO_TARGET
+            ),
             common.figure("gpu_memory_ratio", "peak GPU memory, ours / guide", memory, "x", at_most=1.0),
             common.figure("ours_mfu", "MFU, ours", mfu(ours, gpu), ""),
             common.figure("guide_mfu", "MFU, guide", mfu(g, gpu), ""),
         ]
     else:
         figures = [
-            common.figure("gpu_tokens_ratio", "tokens/s on the GPU, ours / guide", None, "x",
-                          at_least=TOKENS_RATIO_TARGET, note="not run (no GPU)"),
-            common.figure("gpu_memory_ratio", "peak GPU memory, ours / guide", None, "x", at_most=1.0,
-                          note="not run (no GPU)"),
+            common.figure(
+                "gpu_tokens_ratio",
+                "tokens/s on the GPU, ours / guide",
+                None,
+                "x",
+                at_least=TOKENS_RATIO_TARGET,
+                note="not run (no GPU)",
+            ),
+            common.figure(
+                "gpu_memory_ratio", "peak GPU memory, ours / guide", None, "x", at_most=1.0, note="not run (no GPU)"
+            ),
         ]
-        not_run_rows.append(common.not_run("GPU run: Gemma 3 1B shapes, tokens/s, peak GPU memory and MFU",
-                                           "no GPU"))
+        not_run_rows.append(common.not_run("GPU run: Gemma 3 1B shapes, tokens/s, peak GPU memory and MFU", "no GPU"))
     cpu = device == "cpu"
     figures += [
-        common.figure("cpu_tokens_ratio" if cpu else "tokens_ratio",
-                      f"tokens/s on the {device.upper()}, ours / guide", speed, "x", at_least=1.0 if cpu else None),
+        common.figure(
+            "cpu_tokens_ratio" if cpu else "tokens_ratio",
+            f"tokens/s on the {device.upper()}, ours / guide",
+            speed,
+            "x",
+            at_least=1.0 if cpu else None,
+        ),
         common.figure("ours_tokens_per_second", "tokens/s, ours", ours["tokens_per_second"], "tokens/s"),
         common.figure("guide_tokens_per_second", "tokens/s, guide", g["tokens_per_second"], "tokens/s"),
-        common.figure("rss_ratio", "peak RSS of the training loop, ours / guide",
-                      round(ours["peak_rss_bytes"] / g["peak_rss_bytes"], 3), "x", at_most=1.0 if cpu else None),
-        common.figure("tokens_trained_ratio", "tokens trained in the same steps, ours / guide",
-                      round(ours["tokens_trained"] / g["tokens_trained"], 3), "x"),
-        common.figure("eval_loss_ratio", "held-out answer loss after training, ours / guide",
-                      round(ours["eval_loss"] / g["eval_loss"], 3), "x", at_most=1.0),
+        common.figure(
+            "rss_ratio",
+            "peak RSS of the training loop, ours / guide",
+            round(ours["peak_rss_bytes"] / g["peak_rss_bytes"], 3),
+            "x",
+            at_most=1.0 if cpu else None,
+        ),
+        common.figure(
+            "tokens_trained_ratio",
+            "tokens trained in the same steps, ours / guide",
+            round(ours["tokens_trained"] / g["tokens_trained"], 3),
+            "x",
+        ),
+        common.figure(
+            "eval_loss_ratio",
+            "held-out answer loss after training, ours / guide",
+            round(ours["eval_loss"] / g["eval_loss"], 3),
+            "x",
+            at_most=1.0,
+        ),
         common.figure("ours_eval_loss", "held-out answer loss, ours", ours["eval_loss"], "nats/token"),
         common.figure("guide_eval_loss", "held-out answer loss, guide", g["eval_loss"], "nats/token"),
     ]
-    setup = {"model": f"Gemma3ForCausalLM ({p['label']}), random bfloat16 weights"
-                      + (f" pretrained on {p['pretrain_rows']} other generated rows (1 epoch, full parameters)"
-                         if p["pretrain_rows"] else "") + ", loaded in 4-bit NF4",
-             "shapes": p["shapes"], "device": device, "gpu": gpu, "rows": p["rows"], "eval_rows": p["eval_rows"],
-             "native_bf16": native_bf16(device),
-             "warmup_steps": p["warmup"], "measured_steps": p["measured"],
-             "matmul_parameters": ours["matmul_parameters"],
-             "guide_overrides": "max_steps, logging_steps=1000 and save_strategy='no' (measurement only)",
-             "ours_overrides": "MAX_STEPS, LOGGING_STEPS=1000, SAVE_STEPS=100000, MERGE=false (measurement only)"}
-    notes = ["Tokens are real (non-padding) tokens as TRL counts them. Both sides pack rows into padding-free "
-             "512-token sequences, 4 per optimizer step; ours splits them into micro-batches by the hardware "
-             "(the CPU: 1 x 4) and checkpoints activations only where memory needs it, in the dtype the "
-             "hardware computes natively (see each row).",
-             "Both sides train the same number of steps on the same rows, then score the same held-out rows: "
-             "eval_loss is the mean loss of the answer tokens (the SQL and its end-of-turn token) given the "
-             "prompt. Ours trains on the answers only, the guide on every token.",
-             "The guide trains lm_head and embed_tokens in full (modules_to_save): see trainable_parameters.",
-             "The guide's SFTConfig computes in bfloat16 with gradient checkpointing wherever it runs; ours "
-             "follows the machine (native_bf16 above): on a CPU without native bfloat16 most of the speed-up is "
-             "float32 against emulated bfloat16, on one with it, packing and no needless recomputation.",
-             "The 1.5x target is for a GPU; on the CPU the floor is 1.0x at no more memory."]
-    common.write_result(args, title=TITLE, started=started, setup=setup, rows=rows, figures=figures,
-                        not_run_rows=not_run_rows, notes=notes)
+    setup = {
+        "model": f"Gemma3ForCausalLM ({p['label']}), random bfloat16 weights"
+        + (
+            f" pretrained on {p['pretrain_rows']} other generated rows (1 epoch, full parameters)"
+            if p["pretrain_rows"]
+            else ""
+        )
+        + ", loaded in 4-bit NF4",
+        "shapes": p["shapes"],
+        "device": device,
+        "gpu": gpu,
+        "rows": p["rows"],
+        "eval_rows": p["eval_rows"],
+        "native_bf16": native_bf16(device),
+        "warmup_steps": p["warmup"],
+        "measured_steps": p["measured"],
+        "matmul_parameters": ours["matmul_parameters"],
+        "guide_overrides": "max_steps, logging_steps=1000 and save_strategy='no' (measurement only)",
+        "ours_overrides": "MAX_STEPS, LOGGING_STEPS=1000, SAVE_STEPS=100000, MERGE=false (measurement only)",
+    }
+    notes = [
+        "Tokens are real (non-padding) tokens as TRL counts them. Both sides pack rows into padding-free "
+        "512-token sequences, 4 per optimizer step; ours splits them into micro-batches by the hardware "
+        "(the CPU: 1 x 4) and checkpoints activations only where memory needs it, in the dtype the "
+        "hardware computes natively (see each row).",
+        "Both sides train the same number of steps on the same rows, then score the same held-out rows: "
+        "eval_loss is the mean loss of the answer tokens (the SQL and its end-of-turn token) given the "
+        "prompt. Ours trains on the answers only, the guide on every token.",
+        "The guide trains lm_head and embed_tokens in full (modules_to_save): see trainable_parameters.",
+        "The guide's SFTConfig computes in bfloat16 with gradient checkpointing wherever it runs; ours "
+        "follows the machine (native_bf16 above): on a CPU without native bfloat16 most of the speed-up is "
+        "float32 against emulated bfloat16, on one with it, packing and no needless recomputation.",
+        "The 1.5x target is for a GPU; on the CPU the floor is 1.0x at no more memory.",
+    ]
+    common.write_result(
+        args,
+        title=TITLE,
+        started=started,
+        setup=setup,
+        rows=rows,
+        figures=figures,
+        not_run_rows=not_run_rows,
+        notes=notes,
+    )
     return 0
 
 

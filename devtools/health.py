@@ -18,8 +18,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, check_alive: Callable[[], None], timeout: float, interval: float = 1.0,
-                 progress: Callable[[float], None] | None = None) -> float:
+def wait_healthy(
+    url: str,
+    check_alive: Callable[[], None],
+    timeout: float,
+    interval: float = 1.0,
+    progress: Callable[[float], None] | None = None,
+) -> float:
     """Poll `url`/health until it answers 200; returns the seconds waited. `check_alive` raises when the
     server is gone (it runs before every poll); TimeoutError after `timeout` seconds."""
     start = time.monotonic()

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import random
 
-SYSTEM_PROMPT = ("You are a text to SQL query translator. Users will ask you questions in English and you will "
-                 "generate a SQL query based on the provided SCHEMA.")
-USER_TEMPLATE = ("Given the <USER_QUERY> and the <SCHEMA>, generate the corresponding SQL command to retrieve the "
-                 "desired data, considering the query's syntax, semantics, and schema constraints.\n\n"
-                 "<SCHEMA>\n{sql_context}\n</SCHEMA>\n\n<USER_QUERY>\n{sql_prompt}\n</USER_QUERY>\n")
+SYSTEM_PROMPT = (
+    "You are a text to SQL query translator. Users will ask you questions in English and you will "
+    "generate a SQL query based on the provided SCHEMA."
+)
+USER_TEMPLATE = (
+    "Given the <USER_QUERY> and the <SCHEMA>, generate the corresponding SQL command to retrieve the "
+    "desired data, considering the query's syntax, semantics, and schema constraints.\n\n"
+    "<SCHEMA>\n{sql_context}\n</SCHEMA>\n\n<USER_QUERY>\n{sql_prompt}\n</USER_QUERY>\n"
+)
 
 # table -> (singular, text columns, numeric columns, sample text values)
 TABLES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
@@ -63,12 +67,15 @@ def generate(n: int, seed: int = 0) -> list[dict[str, str]]:
         singular, texts, nums, values = TABLES[t]
         text, num, val, k = rng.choice(texts), rng.choice(nums), rng.choice(values), rng.randrange(10, 90)
         question, sql = rng.choice(_templates(t, singular, text, num, val, k))
-        rows.append({"sql_prompt": question, "sql_context": _context(rng, t, texts, nums, values), "sql": sql,
-                     "domain": t})
+        rows.append(
+            {"sql_prompt": question, "sql_context": _context(rng, t, texts, nums, values), "sql": sql, "domain": t}
+        )
     return rows
 
 
 def corpus() -> list[str]:
     """Text covering the generator's vocabulary (for training a tokenizer)."""
     return [f"{r['sql_prompt']} {r['sql_context']} {r['sql']}" for r in generate(400, seed=12345)] + [
-        SYSTEM_PROMPT, USER_TEMPLATE]
+        SYSTEM_PROMPT,
+        USER_TEMPLATE,
+    ]

@@ -16,8 +16,13 @@ from tuneserve.templates import NAMED_TEMPLATE_TOKENS, named_template
 EOS = "<|endoftext|>"
 
 
-def build_tokenizer(texts: list[str], template: str | None = "chatml", vocab_size: int = 600,
-                    eos: str = EOS, extra_special: list[str] | None = None):
+def build_tokenizer(
+    texts: list[str],
+    template: str | None = "chatml",
+    vocab_size: int = 600,
+    eos: str = EOS,
+    extra_special: list[str] | None = None,
+):
     """A fast BPE tokenizer. `template` None gives a base ('-pt') tokenizer with no chat tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -29,8 +34,12 @@ def build_tokenizer(texts: list[str], template: str | None = "chatml", vocab_siz
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     bpe.train_from_iterator(texts, trainer=trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=eos, pad_token=eos)
     if template is not None:
@@ -38,11 +47,21 @@ def build_tokenizer(texts: list[str], template: str | None = "chatml", vocab_siz
     return tok
 
 
-def build_tiny_model(out_dir: str | Path, texts: list[str], template: str | None = "chatml",
-                     arch: str = "qwen2", hidden_size: int = 128, num_layers: int = 2,
-                     tie_word_embeddings: bool = False, seed: int = 0, vocab_size: int = 600,
-                     dtype: str = "bfloat16", max_shard_size: str | None = None, chat_template: str | None = None,
-                     extra_special: list[str] | None = None) -> Path:
+def build_tiny_model(
+    out_dir: str | Path,
+    texts: list[str],
+    template: str | None = "chatml",
+    arch: str = "qwen2",
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+    vocab_size: int = 600,
+    dtype: str = "bfloat16",
+    max_shard_size: str | None = None,
+    chat_template: str | None = None,
+    extra_special: list[str] | None = None,
+) -> Path:
     """`chat_template` (text) replaces the named template's text; `extra_special` adds special tokens it uses."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -54,10 +73,19 @@ def build_tiny_model(out_dir: str | Path, texts: list[str], template: str | None
         tok.chat_template = chat_template
     head_dim = 64
     config = AutoConfig.for_model(
-        arch, vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers, num_attention_heads=hidden_size // head_dim, num_key_value_heads=1,
-        head_dim=head_dim, max_position_embeddings=1024, tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        arch,
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // head_dim,
+        num_key_value_heads=1,
+        head_dim=head_dim,
+        max_position_embeddings=1024,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
         dtype=dtype,
     )
     torch.manual_seed(seed)
@@ -71,8 +99,7 @@ def build_tiny_model(out_dir: str | Path, texts: list[str], template: str | None
     return out
 
 
-def save_random_adapter(model, tokenizer, out_dir: str | Path, end_of_turn: str, meta: dict | None = None,
-                        **lora):
+def save_random_adapter(model, tokenizer, out_dir: str | Path, end_of_turn: str, meta: dict | None = None, **lora):
     """Wrap `model` in an all-linear LoRA adapter whose A and B are both random (PEFT's default B is zero,
     so merging it would change nothing) and save it as training does: the adapter, the tokenizer and
     training_meta.json. `lora` goes to LoraConfig. Returns the PEFT model."""
@@ -84,13 +111,21 @@ def save_random_adapter(model, tokenizer, out_dir: str | Path, end_of_turn: str,
     peft_model = get_peft_model(model, LoraConfig(**{"target_modules": "all-linear", **lora}, init_lora_weights=False))
     peft_model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "training_meta.json").write_text(json.dumps({"end_of_turn": end_of_turn, "dtype": "bfloat16",
-                                                        **(meta or {})}))
+    (out / "training_meta.json").write_text(
+        json.dumps({"end_of_turn": end_of_turn, "dtype": "bfloat16", **(meta or {})})
+    )
     return peft_model
 
 
-def pretrain(model_dir: str | Path, texts: list[str], epochs: int = 2, batch_size: int = 16, lr: float = 2e-3,
-             seed: int = 0, log_every: int = 50) -> None:
+def pretrain(
+    model_dir: str | Path,
+    texts: list[str],
+    epochs: int = 2,
+    batch_size: int = 16,
+    lr: float = 2e-3,
+    seed: int = 0,
+    log_every: int = 50,
+) -> None:
     """Full-parameter causal-LM training of a tiny model on plain text, so the demo's base "knows" its
     domain's language before it is fine-tuned, as a real pretrained base would. Saved back in bfloat16."""
     import random
@@ -108,7 +143,7 @@ def pretrain(model_dir: str | Path, texts: list[str], epochs: int = 2, batch_siz
     for epoch in range(epochs):
         random.Random(seed + epoch).shuffle(texts)
         for i in range(0, len(texts), batch_size):
-            enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True)
+            enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True)
             labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
             loss = model(**enc, labels=labels).loss
             loss.backward()
@@ -133,15 +168,31 @@ def build_tiny_multimodal(out_dir: str | Path, texts: list[str], seed: int = 0) 
     out = Path(out_dir)
     image_tokens = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
     tok = build_tokenizer(texts, template="gemma", extra_special=image_tokens)
-    text = Gemma3TextConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                            num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
-                            sliding_window=64)
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                image_size=32, patch_size=8)
+    text = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=512,
+        sliding_window=64,
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
     ids = tok.convert_tokens_to_ids(image_tokens)
-    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=ids[0],
-                          eoi_token_index=ids[1], image_token_index=ids[2], eos_token_id=tok.eos_token_id,
-                          pad_token_id=tok.pad_token_id)
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        boi_token_index=ids[0],
+        eoi_token_index=ids[1],
+        image_token_index=ids[2],
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     Gemma3ForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(out)
     tok.save_pretrained(out)

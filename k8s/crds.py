@@ -34,8 +34,10 @@ HERE = Path(__file__).resolve().parent
 SCHEMAS = {
     ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"): {
         "schema": HERE / "schemas" / "leaderworkerset.x-k8s.io_v1_leaderworkerset.json",
-        "pod_templates": {"leader": ("spec", "leaderWorkerTemplate", "leaderTemplate"),
-                          "worker": ("spec", "leaderWorkerTemplate", "workerTemplate")},
+        "pod_templates": {
+            "leader": ("spec", "leaderWorkerTemplate", "leaderTemplate"),
+            "worker": ("spec", "leaderWorkerTemplate", "workerTemplate"),
+        },
     },
 }
 INT32 = (-(2**31), 2**31 - 1)
@@ -70,8 +72,9 @@ def check(schema: dict, value: Any, path: str = "") -> list[str]:
         elif isinstance(schema.get("additionalProperties"), dict):
             for key, item in value.items():
                 errors += check(schema["additionalProperties"], item, f"{path}.{key}")
-        errors += [f"{where}: missing required field {name!r}" for name in schema.get("required", [])
-                   if name not in value]
+        errors += [
+            f"{where}: missing required field {name!r}" for name in schema.get("required", []) if name not in value
+        ]
     elif kind == "array":
         if not isinstance(value, list):
             return [f"{where}: expected a list, got {value!r}"]
@@ -151,11 +154,14 @@ def vendor(crd_path: str, release: str) -> dict:
         parent["properties"][keys[-1]] = {"type": "object"}  # validated as a PodTemplate instead
     lwt = schema["properties"]["spec"]["properties"].get("leaderWorkerTemplate", {}).get("properties", {})
     lwt.pop("volumeClaimTemplates", None)  # embedded PVCs: not validated here, so refused (k8s/ uses none)
-    return {"$comment": f"openAPIV3Schema of {kind} {api_version} from kubernetes-sigs/lws {release} "
-                        f"(config/crd/bases/{Path(crd_path).name}), descriptions and status removed, pod templates validated "
-                        f"separately (k8s/crds.py), volumeClaimTemplates removed. Regenerate: python k8s/crds.py "
-                        f"--vendor CRD.yaml RELEASE",
-            "x-release": release, **schema}
+    return {
+        "$comment": f"openAPIV3Schema of {kind} {api_version} from kubernetes-sigs/lws {release} "
+        f"(config/crd/bases/{Path(crd_path).name}), descriptions and status removed, pod templates validated "
+        f"separately (k8s/crds.py), volumeClaimTemplates removed. Regenerate: python k8s/crds.py "
+        f"--vendor CRD.yaml RELEASE",
+        "x-release": release,
+        **schema,
+    }
 
 
 def main(argv: list[str]) -> int:
@@ -188,8 +194,10 @@ def main(argv: list[str]) -> int:
                 try:
                     kubernetes_validate.validate(obj, version, strict=True)
                 except kubernetes_validate.SchemaNotFoundError:
-                    errors.append(f"{path}: {obj.get('kind')}/{obj.get('metadata', {}).get('name')}: no schema "
-                                  f"in kubernetes-validate {version} nor in k8s/crds.py SCHEMAS")
+                    errors.append(
+                        f"{path}: {obj.get('kind')}/{obj.get('metadata', {}).get('name')}: no schema "
+                        f"in kubernetes-validate {version} nor in k8s/crds.py SCHEMAS"
+                    )
                 except kubernetes_validate.ValidationError:
                     pass  # reported by kubernetes-validate itself, which the Makefile runs next
     if out is not None:
@@ -197,8 +205,10 @@ def main(argv: list[str]) -> int:
     for error in errors:
         print(f"crds.py: {error}", file=sys.stderr)
     if not errors:
-        print(f"crds.py: {checked} custom resources valid against their CRD schemas; {len(templates)} pod templates "
-              f"written{' to ' + out if out else ''}")
+        print(
+            f"crds.py: {checked} custom resources valid against their CRD schemas; {len(templates)} pod templates "
+            f"written{' to ' + out if out else ''}"
+        )
     return 1 if errors else 0
 
 

@@ -25,16 +25,49 @@ from typing import Any
 import yaml
 
 KNOWN_FIELDS = {"apiVersion", "kind", "resources", "components", "namespace", "images", "patches", "replacements"}
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass",
-                  "CustomResourceDefinition", "PriorityClass"}
+CLUSTER_SCOPED = {
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "PersistentVolume",
+    "StorageClass",
+    "CustomResourceDefinition",
+    "PriorityClass",
+}
 # Strategic merge: lists merged item by item on this key (Kubernetes' patchMergeKey); other lists are replaced.
-MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name", "volumes": "name",
-              "volumeMounts": "mountPath", "imagePullSecrets": "name"}
+MERGE_KEYS = {
+    "containers": "name",
+    "initContainers": "name",
+    "env": "name",
+    "volumes": "name",
+    "volumeMounts": "mountPath",
+    "imagePullSecrets": "name",
+}
 # kustomize's "legacy" output order: these kinds first and last, the others by group_version_kind between.
-ORDER_FIRST = ["Namespace", "ResourceQuota", "StorageClass", "CustomResourceDefinition", "ServiceAccount",
-               "PodSecurityPolicy", "Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding", "ConfigMap", "Secret",
-               "Endpoints", "Service", "LimitRange", "PriorityClass", "PersistentVolume", "PersistentVolumeClaim",
-               "Deployment", "StatefulSet", "CronJob", "PodDisruptionBudget"]
+ORDER_FIRST = [
+    "Namespace",
+    "ResourceQuota",
+    "StorageClass",
+    "CustomResourceDefinition",
+    "ServiceAccount",
+    "PodSecurityPolicy",
+    "Role",
+    "ClusterRole",
+    "RoleBinding",
+    "ClusterRoleBinding",
+    "ConfigMap",
+    "Secret",
+    "Endpoints",
+    "Service",
+    "LimitRange",
+    "PriorityClass",
+    "PersistentVolume",
+    "PersistentVolumeClaim",
+    "Deployment",
+    "StatefulSet",
+    "CronJob",
+    "PodDisruptionBudget",
+]
 ORDER_LAST = ["MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"]
 
 
@@ -54,8 +87,9 @@ def _load_kustomization(directory: Path, kind: str) -> dict:
     k = yaml.safe_load(path.read_text()) or {}
     unknown = set(k) - KNOWN_FIELDS
     if unknown:
-        raise RenderError(f"{path}: {', '.join(sorted(unknown))} not supported by this renderer "
-                          "(use kubectl kustomize)")
+        raise RenderError(
+            f"{path}: {', '.join(sorted(unknown))} not supported by this renderer (use kubectl kustomize)"
+        )
     if k.get("kind", "Kustomization") != kind:
         raise RenderError(f"{path}: expected kind {kind}, found {k.get('kind')}")
     return k

@@ -38,8 +38,16 @@ def trained_output(tmp_path_factory, chatml_base, qa_dataset) -> Path:
     original), verify.json with both merge bases compared. Tests copy it before changing anything."""
     root = tmp_path_factory.mktemp("trained")
     out = root / "out"
-    res = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out),
-                     "VERIFY_COMPARE_MERGE_BASES": "true", **LEARN_ENV}, cwd=root)
+    res = run_train(
+        {
+            "BASE_MODEL": str(chatml_base),
+            "DATASET": str(qa_dataset),
+            "OUTPUT_DIR": str(out),
+            "VERIFY_COMPARE_MERGE_BASES": "true",
+            **LEARN_ENV,
+        },
+        cwd=root,
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     return out
 

@@ -35,10 +35,12 @@ render = _load("render")
 crds = _load("crds")
 
 # Environment variables a manifest may set that belong to a library rather than to our schemas.
-LIBRARY_VARS = {"HF_TOKEN_PATH": "huggingface_hub: file holding the token (the serving schema reads HF_TOKEN only)",
-                "LWS_LEADER_ADDRESS": "LeaderWorkerSet controller: the group leader's DNS name, in every container",
-                "LWS_GROUP_SIZE": "LeaderWorkerSet controller: pods in the group, in every container",
-                "LWS_WORKER_INDEX": "LeaderWorkerSet controller: 0 on the leader, 1.. on workers"}
+LIBRARY_VARS = {
+    "HF_TOKEN_PATH": "huggingface_hub: file holding the token (the serving schema reads HF_TOKEN only)",
+    "LWS_LEADER_ADDRESS": "LeaderWorkerSet controller: the group leader's DNS name, in every container",
+    "LWS_GROUP_SIZE": "LeaderWorkerSet controller: pods in the group, in every container",
+    "LWS_WORKER_INDEX": "LeaderWorkerSet controller: 0 on the leader, 1.. on workers",
+}
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"  # an Indexed Job pod's index
 LWS_WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
 
@@ -60,20 +62,36 @@ def lws_pods(lws: dict) -> list[dict]:
     name, namespace = lws["metadata"]["name"], lws["metadata"].get("namespace", "default")
     lwt = lws["spec"]["leaderWorkerTemplate"]
     out = []
-    for role, index, template in (("leader", 0, lwt.get("leaderTemplate", lwt["workerTemplate"])),
-                                  ("worker", 1, lwt["workerTemplate"])):
+    for role, index, template in (
+        ("leader", 0, lwt.get("leaderTemplate", lwt["workerTemplate"])),
+        ("worker", 1, lwt["workerTemplate"]),
+    ):
         template = copy.deepcopy(template)
         template.setdefault("metadata", {}).setdefault("labels", {}).update(
-            {"leaderworkerset.sigs.k8s.io/name": name, "leaderworkerset.sigs.k8s.io/group-index": "0",
-             LWS_WORKER_INDEX_LABEL: str(index)})
-        injected = [{"name": "LWS_LEADER_ADDRESS", "value": f"{name}-0.{name}.{namespace}"},
-                    {"name": "LWS_GROUP_SIZE", "value": str(lwt.get("size", 1))},
-                    {"name": "LWS_WORKER_INDEX", "value": str(index)}]
+            {
+                "leaderworkerset.sigs.k8s.io/name": name,
+                "leaderworkerset.sigs.k8s.io/group-index": "0",
+                LWS_WORKER_INDEX_LABEL: str(index),
+            }
+        )
+        injected = [
+            {"name": "LWS_LEADER_ADDRESS", "value": f"{name}-0.{name}.{namespace}"},
+            {"name": "LWS_GROUP_SIZE", "value": str(lwt.get("size", 1))},
+            {"name": "LWS_WORKER_INDEX", "value": str(index)},
+        ]
         for container in all_containers(template["spec"]):
-            container["env"] = injected + [e for e in container.get("env", []) if e["name"] not in
-                                           {i["name"] for i in injected}]
-        out.append({"apiVersion": lws["apiVersion"], "kind": lws["kind"], "role": role,
-                    "metadata": {**lws["metadata"], "name": f"{name}/{role}"}, "spec": {"template": template}})
+            container["env"] = injected + [
+                e for e in container.get("env", []) if e["name"] not in {i["name"] for i in injected}
+            ]
+        out.append(
+            {
+                "apiVersion": lws["apiVersion"],
+                "kind": lws["kind"],
+                "role": role,
+                "metadata": {**lws["metadata"], "name": f"{name}/{role}"},
+                "spec": {"template": template},
+            }
+        )
     return out
 
 
@@ -124,10 +142,12 @@ def effective_env(objects: list[dict], container: dict, completion_index: int | 
         env.update(one(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
     for item in container.get("env", []):
         if "value" in item:
-            env[item["name"]] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
-                                       lambda m: str(env.get(m.group(1), m.group(0))), item["value"])
-        elif completion_index is not None and item["valueFrom"].get("fieldRef", {}).get("fieldPath") == \
-                COMPLETION_INDEX:
+            env[item["name"]] = re.sub(
+                r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: str(env.get(m.group(1), m.group(0))), item["value"]
+            )
+        elif (
+            completion_index is not None and item["valueFrom"].get("fieldRef", {}).get("fieldPath") == COMPLETION_INDEX
+        ):
             env[item["name"]] = str(completion_index)
         else:
             env[item["name"]] = item["valueFrom"]
@@ -153,8 +173,11 @@ def claim_mount(obj: dict, container: dict) -> tuple[dict, dict]:
 
 def policies_selecting(objects: list[dict], obj: dict) -> list[dict]:
     labels = obj["spec"]["template"]["metadata"]["labels"]
-    return [p for p in objects if p["kind"] == "NetworkPolicy"
-            and p["spec"]["podSelector"]["matchLabels"].items() <= labels.items()]
+    return [
+        p
+        for p in objects
+        if p["kind"] == "NetworkPolicy" and p["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    ]
 
 
 def quantity(text: str) -> int:
@@ -197,8 +220,9 @@ def job_action(job: dict, code: int, disrupted: bool = False) -> str:
     container = main_container(job)["name"]
     for rule in job["spec"]["podFailurePolicy"]["rules"]:
         if "onPodConditions" in rule:
-            if disrupted and any(c["type"] == "DisruptionTarget" and c.get("status", "True") == "True"
-                                 for c in rule["onPodConditions"]):
+            if disrupted and any(
+                c["type"] == "DisruptionTarget" and c.get("status", "True") == "True" for c in rule["onPodConditions"]
+            ):
                 return rule["action"]
             continue
         codes = rule["onExitCodes"]

@@ -31,9 +31,23 @@ def smoke(tmp_path_factory) -> Path:
     for name in SMOKE:
         if name == "serve" and not SERVE_PYTHON.is_file():
             continue
-        res = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--smoke", "--results-dir", str(results),
-                              "--work-dir", str(root / "work" / name)], env=clean_env(), cwd=REPO,
-                             capture_output=True, text=True, timeout=900)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                f"benchmarks.{name}",
+                "--smoke",
+                "--results-dir",
+                str(results),
+                "--work-dir",
+                str(root / "work" / name),
+            ],
+            env=clean_env(),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         (root / f"{name}.log").write_text(res.stdout + res.stderr)
         assert res.returncode == 0, f"benchmarks.{name} --smoke exited {res.returncode}:\n{res.stderr[-4000:]}"
     return results
@@ -54,7 +68,7 @@ def test_smoke_result_has_the_documented_structure(smoke, name):
 
 def assert_documented_structure(r: dict, name: str) -> None:
     assert r["name"] == name and r["smoke"] is True
-    assert r["command"] == f"PYTHONPATH=. .venv-train/bin/python -m benchmarks.{name} --smoke"
+    assert r["command"] == f".venv-train/bin/python -m benchmarks.{name} --smoke"
     assert r["machine"]["cores"] >= 1 and r["machine"]["memory_gib"] > 0 and r["machine"]["packages"]["torch"]
     assert r["rows"] and r["figures"]
     for f in r["figures"]:
@@ -100,9 +114,18 @@ def test_data_smoke_counts_every_position(smoke):
     assert rows["ours"]["loss_tokens"] < rows["guide"]["loss_tokens"]
 
 
-@pytest.mark.parametrize("gpu, peak", [("NVIDIA H200", 989e12), ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12),
-                                        ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12),
-                                        ("NVIDIA RTX PRO 6000 Blackwell", None), (None, None)])
+@pytest.mark.parametrize(
+    "gpu, peak",
+    [
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA RTX PRO 6000 Blackwell", None),
+        (None, None),
+    ],
+)
 def test_mfu_takes_the_peak_of_the_exact_gpu_and_none_for_an_unknown_one(gpu, peak):
     from benchmarks.train import mfu
 
@@ -121,8 +144,11 @@ def test_mfu_counts_each_matmul_once_from_its_shape(chatml_base):
 
     plain = AutoModelForCausalLM.from_pretrained(chatml_base)
     expected = sum(m.weight.shape.numel() for m in plain.modules() if isinstance(m, torch.nn.Linear))
-    quantized = AutoModelForCausalLM.from_pretrained(chatml_base, device_map={"": "cpu"}, quantization_config=
-                                                     BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+    quantized = AutoModelForCausalLM.from_pretrained(
+        chatml_base,
+        device_map={"": "cpu"},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+    )
     assert matmul_parameters(quantized) == matmul_parameters(plain) == expected
     peft = get_peft_model(quantized, LoraConfig(r=4, target_modules="all-linear", modules_to_save=["lm_head"]))
     assert matmul_parameters(peft) == expected
@@ -156,8 +182,14 @@ def test_serve_smoke_runs_the_load_generator_without_failures(smoke):
 
 def test_report_is_generated_from_the_result_files(smoke, tmp_path):
     out = tmp_path / "benchmarks.md"
-    res = subprocess.run([sys.executable, "-m", "benchmarks.report", "--results-dir", str(smoke), "--out", str(out)],
-                         env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.report", "--results-dir", str(smoke), "--out", str(out)],
+        env=clean_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     text = out.read_text()
     for name in ORDER:
@@ -178,8 +210,14 @@ def test_report_is_generated_from_the_result_files(smoke, tmp_path):
 
 def test_gpu_check_smoke_runs_every_stage_in_its_own_process_and_reports_each(tmp_path):
     """`make gpu-check`'s driver, on tiny sizes and the CPU: the plumbing a GPU run depends on never rots."""
-    res = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "run", "--smoke", "--out", str(tmp_path)],
-                         env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=1500)
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check", "run", "--smoke", "--out", str(tmp_path)],
+        env=clean_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     report = json.loads((tmp_path / "gpu.json").read_text())
     stages = {s["stage"]: s for s in report["stages"]}
     assert res.returncode == 0, json.dumps(report, indent=1)[-4000:]
@@ -193,8 +231,7 @@ def test_gpu_check_smoke_runs_every_stage_in_its_own_process_and_reports_each(tm
     assert train["quantized_on"] == "cpu"
     assert set(stages["bench"]["result"]["figures"]) >= {"eval_loss_ratio", "cpu_tokens_ratio"}
     if report["machine"]["gpu"] is None:
-        assert stages["train-1b"] == {"stage": "train-1b", "deadline_s": 300, "status": "not run",
-                                      "why": "needs a GPU"}
+        assert stages["train-1b"] == {"stage": "train-1b", "deadline_s": 300, "status": "not run", "why": "needs a GPU"}
 
 
 def test_a_stage_that_fails_or_hangs_is_reported_and_the_next_still_runs(tmp_path, monkeypatch):
@@ -224,6 +261,8 @@ def test_the_bitsandbytes_wheel_is_trimmed_to_the_cpu_and_cuda_13_libraries(tmp_
     with zipfile.ZipFile(wheel) as z:
         kept = sorted(z.namelist())
         lines = z.read(record).decode().splitlines()
-    expected = sorted(["bitsandbytes/__init__.py", record] + [f"bitsandbytes/libbitsandbytes_{lib}.so"
-                                                              for lib in ("cpu", "cuda130", "cuda132")])
+    expected = sorted(
+        ["bitsandbytes/__init__.py", record]
+        + [f"bitsandbytes/libbitsandbytes_{lib}.so" for lib in ("cpu", "cuda130", "cuda132")]
+    )
     assert kept == expected and sorted(line.split(",")[0] for line in lines) == expected

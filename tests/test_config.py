@@ -34,34 +34,57 @@ def test_config_errors_are_all_listed_exit_2_without_traceback_or_torch(tmp_path
     # A child that loads the configuration the way the entrypoint does and reports whether torch got imported.
     probe = (
         "import sys\nfrom entrypoints.train import main\ncode = main([])\n"
-        "print('TORCH_IMPORTED' if 'torch' in sys.modules else 'TORCH_NOT_IMPORTED')\nsys.exit(code)\n")
-    env = clean_env(LORA_R="-4", PACKING="maybe", EVAL_SIZE="1.5", DATASET="./nope.jsonl",
-                    SFT_NOT_A_FIELD="1", DTYPE="fp8")
+        "print('TORCH_IMPORTED' if 'torch' in sys.modules else 'TORCH_NOT_IMPORTED')\nsys.exit(code)\n"
+    )
+    env = clean_env(
+        LORA_R="-4", PACKING="maybe", EVAL_SIZE="1.5", DATASET="./nope.jsonl", SFT_NOT_A_FIELD="1", DTYPE="fp8"
+    )
     out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == ExitCode.CONFIG
     err = out.stderr
     assert "found 7 configuration problems" in err
-    for expected in ("BASE_MODEL is required", "LORA_R='-4': must be >= 1", "PACKING='maybe': expected a boolean",
-                     "EVAL_SIZE='1.5'", "DATASET='./nope.jsonl': no such file",
-                     "SFT_NOT_A_FIELD: SFT_* variables set fields of trl.SFTConfig, and it has no field 'not_a_field'",
-                     "DTYPE='fp8': expected one of auto, bfloat16, float16, float32"):
+    for expected in (
+        "BASE_MODEL is required",
+        "LORA_R='-4': must be >= 1",
+        "PACKING='maybe': expected a boolean",
+        "EVAL_SIZE='1.5'",
+        "DATASET='./nope.jsonl': no such file",
+        "SFT_NOT_A_FIELD: SFT_* variables set fields of trl.SFTConfig, and it has no field 'not_a_field'",
+        "DTYPE='fp8': expected one of auto, bfloat16, float16, float32",
+    ):
         assert expected in err, expected
     assert "Traceback" not in err
     assert "TORCH_NOT_IMPORTED" in out.stdout
 
 
 def test_passthrough_prefixes_convert_types_and_reject_unknown_or_managed(base_env):
-    cfg = load_train_config({**base_env, "SFT_WEIGHT_DECAY": "0.1",
-                             "SFT_DATASET_KWARGS": '{"add_special_tokens": false}', "LORA_USE_DORA": "true",
-                             "LORA_BIAS": "lora_only", "BNB_4BIT_QUANT_TYPE": "fp4", "BNB_LLM_INT8_THRESHOLD": "5",
-                             "BNB_CUDA_VERSION": "126"})
+    cfg = load_train_config(
+        {
+            **base_env,
+            "SFT_WEIGHT_DECAY": "0.1",
+            "SFT_DATASET_KWARGS": '{"add_special_tokens": false}',
+            "LORA_USE_DORA": "true",
+            "LORA_BIAS": "lora_only",
+            "BNB_4BIT_QUANT_TYPE": "fp4",
+            "BNB_LLM_INT8_THRESHOLD": "5",
+            "BNB_CUDA_VERSION": "126",
+        }
+    )
     assert cfg.extras["sft"] == {"weight_decay": 0.1, "dataset_kwargs": {"add_special_tokens": False}}
     assert cfg.extras["lora"] == {"use_dora": True, "bias": "lora_only"}
     assert cfg.extras["bnb"] == {"bnb_4bit_quant_type": "fp4", "llm_int8_threshold": 5.0}
 
     with pytest.raises(ConfigError) as err:
-        load_train_config({**base_env, "SFT_HUB_TOKEN": "x", "SFT_MAX_LENGTH": "10", "LORA_USE_DORA": "perhaps",
-                           "SFT_DATASET_KWARGS": "{broken", "LORA_NOPE": "1"})
+        load_train_config(
+            {
+                **base_env,
+                "SFT_HUB_TOKEN": "x",
+                "SFT_MAX_LENGTH": "10",
+                "LORA_USE_DORA": "perhaps",
+                "SFT_DATASET_KWARGS": "{broken",
+                "LORA_NOPE": "1",
+            }
+        )
     problems = "\n".join(err.value.problems)
     assert len(err.value.problems) == 5
     assert "SFT_HUB_TOKEN: trl.SFTConfig.hub_token is set by this tool; the token is read from HF_TOKEN" in problems
@@ -72,9 +95,17 @@ def test_passthrough_prefixes_convert_types_and_reject_unknown_or_managed(base_e
 
 
 def test_named_variables_parse_to_their_types(base_env):
-    cfg = load_train_config({**base_env, "LORA_TARGET_MODULES": "q_proj, v_proj", "EVAL_SIZE": "0.25",
-                             "MAX_SAMPLES": "100", "PACKING": "yes", "LEARNING_RATE": "1e-4",
-                             "LORA_MODULES_TO_SAVE": '["lm_head", "embed_tokens"]'})
+    cfg = load_train_config(
+        {
+            **base_env,
+            "LORA_TARGET_MODULES": "q_proj, v_proj",
+            "EVAL_SIZE": "0.25",
+            "MAX_SAMPLES": "100",
+            "PACKING": "yes",
+            "LEARNING_RATE": "1e-4",
+            "LORA_MODULES_TO_SAVE": '["lm_head", "embed_tokens"]',
+        }
+    )
     assert cfg.lora_target_modules == ["q_proj", "v_proj"]
     assert cfg.eval_size == 0.25 and cfg.max_samples == 100 and cfg.packing is True
     assert cfg.learning_rate == 1e-4 and cfg.lora_modules_to_save == ["lm_head", "embed_tokens"]
@@ -86,8 +117,19 @@ def test_named_variables_parse_to_their_types(base_env):
     assert defaults.output_dir == "./output" and defaults.assistant_only_loss is True
 
 
-@pytest.mark.parametrize("word,value", [("true", True), ("1", True), ("YES", True), ("on", True),
-                                        ("false", False), ("0", False), ("no", False), ("Off", False)])
+@pytest.mark.parametrize(
+    "word,value",
+    [
+        ("true", True),
+        ("1", True),
+        ("YES", True),
+        ("on", True),
+        ("false", False),
+        ("0", False),
+        ("no", False),
+        ("Off", False),
+    ],
+)
 def test_booleans_parse_one_way(base_env, word, value):
     assert load_train_config({**base_env, "PACKING": word}).packing is value
 
@@ -116,8 +158,16 @@ def test_print_config_masks_secrets(tmp_path, base_env):
 
 def test_cross_field_rules(base_env, tmp_path):
     with pytest.raises(ConfigError) as err:
-        load_train_config({**base_env, "EVAL_SPLIT": "test", "EVAL_SIZE": "10", "USER_TEMPLATE": "{q}",
-                           "CHAT_TEMPLATE": "nonexistent_name", "HF_TOKEN_FILE": str(tmp_path / "no-token")})
+        load_train_config(
+            {
+                **base_env,
+                "EVAL_SPLIT": "test",
+                "EVAL_SIZE": "10",
+                "USER_TEMPLATE": "{q}",
+                "CHAT_TEMPLATE": "nonexistent_name",
+                "HF_TOKEN_FILE": str(tmp_path / "no-token"),
+            }
+        )
     problems = "\n".join(err.value.problems)
     assert "set one of them, not both" in problems
     assert "USER_TEMPLATE is set but ASSISTANT_FIELD is not" in problems

@@ -17,11 +17,14 @@ def settings(**env):
     return load_train_config({"BASE_MODEL": "org/m", "DATASET": "org/d", **env})
 
 
-@pytest.mark.parametrize("name, device, needs", [
-    ("flash_attention_2", "cuda", "'flash_attn' package"),
-    ("flash_attention_3", "cuda", "'flash_attn_interface' package"),
-    ("kernels-community/flash-attn2", "cuda", "'kernels' package"),
-])
+@pytest.mark.parametrize(
+    "name, device, needs",
+    [
+        ("flash_attention_2", "cuda", "'flash_attn' package"),
+        ("flash_attention_3", "cuda", "'flash_attn_interface' package"),
+        ("kernels-community/flash-attn2", "cuda", "'kernels' package"),
+    ],
+)
 def test_an_attention_kernel_whose_package_is_missing_is_named_before_loading(name, device, needs):
     from tuneserve.model import attention_problem
 
@@ -30,8 +33,16 @@ def test_an_attention_kernel_whose_package_is_missing_is_named_before_loading(na
 
 
 def test_an_unavailable_attention_kernel_exits_2_naming_the_package(tmp_path, chatml_base, qa_dataset):
-    res = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(tmp_path / "o"),
-                     "ATTN_IMPLEMENTATION": "flash_attention_2"}, "--check", cwd=tmp_path)
+    res = run_train(
+        {
+            "BASE_MODEL": str(chatml_base),
+            "DATASET": str(qa_dataset),
+            "OUTPUT_DIR": str(tmp_path / "o"),
+            "ATTN_IMPLEMENTATION": "flash_attention_2",
+        },
+        "--check",
+        cwd=tmp_path,
+    )
     assert res.returncode == 2, res.stderr[-2000:]
     assert "ATTN_IMPLEMENTATION=flash_attention_2: needs the 'flash_attn' package" in res.stderr
     assert "Traceback" not in res.stderr
@@ -47,8 +58,11 @@ def test_one_process_never_silently_drives_several_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(model, "compiler_problem", lambda: None)  # whatever this machine has
-    with pytest.raises(ConfigError, match=r"one training process but 4 GPUs are visible \(NPROC_PER_NODE=1\).*"
-                                          r"NPROC_PER_NODE=auto.*CUDA_VISIBLE_DEVICES"):
+    with pytest.raises(
+        ConfigError,
+        match=r"one training process but 4 GPUs are visible \(NPROC_PER_NODE=1\).*"
+        r"NPROC_PER_NODE=auto.*CUDA_VISIBLE_DEVICES",
+    ):
         model.resolve_placement(settings(NPROC_PER_NODE="1"))
     # NPROC_PER_NODE=auto starts one process per GPU (here its preflight, --check, runs in this process).
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
@@ -89,8 +103,9 @@ def test_dtype_auto_on_a_gpu_counts_only_native_bfloat16(monkeypatch, emulated_o
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(model, "compiler_problem", lambda: None)  # whatever this machine has
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
-                        lambda including_emulation=True: including_emulation or not emulated_only)
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or not emulated_only
+    )
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4" if emulated_only else "NVIDIA H200")
     assert model.resolve_placement(settings()).dtype_name == dtype
     if emulated_only:
@@ -107,8 +122,16 @@ def test_the_trained_model_is_freed_before_the_next_stage(tmp_path, monkeypatch,
     from tuneserve import data, model, tokenizer, train
     from tuneserve.layout import Layout
 
-    cfg = load_train_config({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "MAX_STEPS": "2",
-                             "OUTPUT_DIR": str(tmp_path / "out"), "MERGE": "false", "LOGGING_STEPS": "1"})
+    cfg = load_train_config(
+        {
+            "BASE_MODEL": str(chatml_base),
+            "DATASET": str(qa_dataset),
+            "MAX_STEPS": "2",
+            "OUTPUT_DIR": str(tmp_path / "out"),
+            "MERGE": "false",
+            "LOGGING_STEPS": "1",
+        }
+    )
     layout = Layout.of(cfg.output_dir)
     layout.root.mkdir(parents=True)
     placement = model.resolve_placement(cfg)
@@ -184,5 +207,6 @@ def test_fsdp_is_fsdp2_and_a_plan_that_would_replicate_the_4bit_base_is_refused(
     # The FSDP1-only options that FSDP2 ignores are not set (they would only mislead a reader).
     assert not {"use_orig_params", "sync_module_states", "backward_prefetch"} & set(args.fsdp_config)
     with pytest.raises(ConfigError, match="BNB_4BIT_QUANT_STORAGE=uint8: FSDP cannot shard integer 4-bit storage"):
-        model.get_quantization_config(settings(DISTRIBUTED_STRATEGY="fsdp", BNB_4BIT_QUANT_STORAGE="uint8"),
-                                      model.Placement("cuda", "bfloat16"))
+        model.get_quantization_config(
+            settings(DISTRIBUTED_STRATEGY="fsdp", BNB_4BIT_QUANT_STORAGE="uint8"), model.Placement("cuda", "bfloat16")
+        )

@@ -14,10 +14,18 @@ from tuneserve.config import load_train_config
 from tuneserve.exitcodes import ConfigError, DataError
 
 SQL_ROWS = [
-    {"sql_prompt": "How many users are there?", "sql_context": "CREATE TABLE users (id INT, name TEXT);",
-     "sql": "SELECT COUNT(*) FROM users;", "domain": "web"},
-    {"sql_prompt": "List all names.", "sql_context": "CREATE TABLE users (id INT, name TEXT);",
-     "sql": "SELECT name FROM users;", "domain": "web"},
+    {
+        "sql_prompt": "How many users are there?",
+        "sql_context": "CREATE TABLE users (id INT, name TEXT);",
+        "sql": "SELECT COUNT(*) FROM users;",
+        "domain": "web",
+    },
+    {
+        "sql_prompt": "List all names.",
+        "sql_context": "CREATE TABLE users (id INT, name TEXT);",
+        "sql": "SELECT name FROM users;",
+        "domain": "web",
+    },
 ]
 
 
@@ -73,8 +81,9 @@ def test_plain_prompt_completion_from_parquet_masks_the_prompt(tmp_path):
 
 
 def test_conversational_prompt_completion_trains_only_the_completion(tmp_path):
-    rows = [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
-            for q, a in QA]
+    rows = [
+        {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]} for q, a in QA
+    ]
     cfg, shaped, info = setup(tmp_path, rows)
     assert shaped.format == "conversational_prompt_completion"
     ex = next(e for e in shaped.train if e.messages[-1]["content"] == "Ice")
@@ -93,10 +102,13 @@ def test_plain_text_from_csv_trains_every_token_and_ends_with_eos(tmp_path):
 
 def test_text_to_sql_column_recipe_builds_the_guides_conversations(tmp_path):
     system = "You are a text to SQL query translator."
-    user = ("Given the <SCHEMA>, answer the <USER_QUERY>.\n<SCHEMA>\n{sql_context}\n</SCHEMA>\n"
-            "<USER_QUERY>\n{sql_prompt}\n</USER_QUERY>")
-    cfg, shaped, info = setup(tmp_path, SQL_ROWS, template="gemma", SYSTEM_PROMPT=system, USER_TEMPLATE=user,
-                              ASSISTANT_FIELD="sql")
+    user = (
+        "Given the <SCHEMA>, answer the <USER_QUERY>.\n<SCHEMA>\n{sql_context}\n</SCHEMA>\n"
+        "<USER_QUERY>\n{sql_prompt}\n</USER_QUERY>"
+    )
+    cfg, shaped, info = setup(
+        tmp_path, SQL_ROWS, template="gemma", SYSTEM_PROMPT=system, USER_TEMPLATE=user, ASSISTANT_FIELD="sql"
+    )
     assert shaped.format == "columns"
     ex = next(e for e in shaped.train if e.messages[-1]["content"] == "SELECT name FROM users;")
     assert ex.messages[0] == {"role": "system", "content": system}
@@ -108,12 +120,22 @@ def test_text_to_sql_column_recipe_builds_the_guides_conversations(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- loss masks
-@pytest.mark.parametrize("template,eot,prompt_turns", [("chatml", "<|im_end|>", 3), ("llama3", "<|eot_id|>", 3),
-                                                       ("gemma", "<end_of_turn>", 2)])  # gemma folds the system turn
+@pytest.mark.parametrize(
+    "template,eot,prompt_turns",
+    [("chatml", "<|im_end|>", 3), ("llama3", "<|eot_id|>", 3), ("gemma", "<end_of_turn>", 2)],
+)  # gemma folds the system turn
 def test_loss_mask_trains_answer_and_end_of_turn_not_prompt(tmp_path, template, eot, prompt_turns):
-    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who wrote Hamlet?"},
-                          {"role": "assistant", "content": "Shakespeare"}, {"role": "user", "content": "Frozen water?"},
-                          {"role": "assistant", "content": "Ice"}]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Who wrote Hamlet?"},
+                {"role": "assistant", "content": "Shakespeare"},
+                {"role": "user", "content": "Frozen water?"},
+                {"role": "assistant", "content": "Ice"},
+            ]
+        }
+    ]
     cfg, shaped, info = setup(tmp_path, rows, template=template)
     tok = info.tokenizer
     assert info.end_of_turn == eot and eot != tok.eos_token
@@ -137,8 +159,10 @@ def test_end_of_turn_survives_collation_when_pad_equals_eos_equals_end_of_turn(t
     """trl#1623: with pad == eos, masking pads by token id also masks the eos that ends each answer."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}"
-                "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}"
+        "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     cfg, shaped, info = setup(tmp_path, qa_messages(), CHAT_TEMPLATE=template)
     tok = info.tokenizer
     assert info.end_of_turn == tok.eos_token == tok.pad_token
@@ -147,12 +171,14 @@ def test_end_of_turn_survives_collation_when_pad_equals_eos_equals_end_of_turn(t
     for i, row in enumerate(rows):
         real_eos = [p for p, t in enumerate(row["input_ids"]) if t == tok.eos_token_id]
         assert real_eos and all(batch["labels"][i, p] == tok.eos_token_id for p in real_eos)
-        assert (batch["labels"][i, len(row["input_ids"]):] == -100).all()  # padding itself is masked
+        assert (batch["labels"][i, len(row["input_ids"]) :] == -100).all()  # padding itself is masked
 
 
 def test_template_that_never_closes_the_assistant_turn_is_rejected(tmp_path):
-    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                "{% if add_generation_prompt %}assistant: {% endif %}")
+    template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     with pytest.raises(ConfigError, match="does not close the assistant turn with a special token"):
         setup(tmp_path, qa_messages(), CHAT_TEMPLATE=template)
 
@@ -175,15 +201,21 @@ def test_conversations_without_template_need_chat_template(tmp_path):
 # ------------------------------------------------------------------------------------------- data errors
 def test_missing_columns_are_a_data_error(tmp_path):
     with pytest.raises(DataError, match=r"lacks column\(s\) sql_context"):
-        setup(tmp_path, [{"sql_prompt": "q", "sql": "s"}], USER_TEMPLATE="{sql_context} {sql_prompt}",
-              ASSISTANT_FIELD="sql")
+        setup(
+            tmp_path,
+            [{"sql_prompt": "q", "sql": "s"}],
+            USER_TEMPLATE="{sql_context} {sql_prompt}",
+            ASSISTANT_FIELD="sql",
+        )
     with pytest.raises(DataError, match="cannot tell its format from its columns"):
         setup(tmp_path, [{"question": "q", "answer": "a"}])
 
 
 def test_wrong_types_name_the_rows(tmp_path):
-    rows = qa_messages() + [{"messages": [{"role": "user", "content": 5}]},
-                            {"messages": [{"role": "wizard", "content": "hi"}]}]
+    rows = qa_messages() + [
+        {"messages": [{"role": "user", "content": 5}]},
+        {"messages": [{"role": "wizard", "content": "hi"}]},
+    ]
     with pytest.raises(DataError) as err:
         setup(tmp_path, rows)
     assert "2 row(s) have the wrong shape" in err.value.message
@@ -199,8 +231,9 @@ def test_empty_dataset_is_a_data_error(tmp_path):
 
 
 def test_overlong_rows_fail_past_the_threshold_and_are_named(tmp_path):
-    rows = qa_messages() + [{"messages": [{"role": "user", "content": "long " * 200},
-                                          {"role": "assistant", "content": "x"}]}]
+    rows = qa_messages() + [
+        {"messages": [{"role": "user", "content": "long " * 200}, {"role": "assistant", "content": "x"}]}
+    ]
     cfg, shaped, info = setup(tmp_path, rows, MAX_SEQ_LENGTH="64")
     with pytest.raises(DataError) as err:
         data.tokenize(cfg, info, shaped, None)
@@ -243,11 +276,13 @@ def test_sql_schema_comes_from_the_column_or_the_prompts_schema_block():
     from tuneserve.data import Example
     from tuneserve.evaluate import clean_sql, sql_context
 
-    with_column = Example(0, "chat", messages=[{"role": "user", "content": "q"}],
-                          source={"ctx": "CREATE TABLE a (x INT);"})
+    with_column = Example(
+        0, "chat", messages=[{"role": "user", "content": "q"}], source={"ctx": "CREATE TABLE a (x INT);"}
+    )
     assert sql_context(with_column, "ctx") == "CREATE TABLE a (x INT);"
-    in_prompt = Example(1, "chat",
-                        messages=[{"role": "user", "content": "<SCHEMA>\nCREATE TABLE b (y INT);\n</SCHEMA>\nq"}])
+    in_prompt = Example(
+        1, "chat", messages=[{"role": "user", "content": "<SCHEMA>\nCREATE TABLE b (y INT);\n</SCHEMA>\nq"}]
+    )
     assert sql_context(in_prompt, "ctx") == "CREATE TABLE b (y INT);"
     assert sql_context(Example(2, "chat", messages=[{"role": "user", "content": "q"}]), "ctx") is None
     assert clean_sql("```sql\nSELECT 1;\n```") == "SELECT 1;" and clean_sql(" SELECT 2; ") == "SELECT 2;"
@@ -283,23 +318,37 @@ def test_packing_keeps_every_loss_mask(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- broken files
-GOOD_ROW = json.dumps({"messages": [{"role": "user", "content": "What do bees make?"},
-                                   {"role": "assistant", "content": "Honey"}]}).encode() + b"\n"
+GOOD_ROW = (
+    json.dumps(
+        {"messages": [{"role": "user", "content": "What do bees make?"}, {"role": "assistant", "content": "Honey"}]}
+    ).encode()
+    + b"\n"
+)
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("utf8.jsonl", GOOD_ROW + b'{"text": "caf\xe9"}\n', "utf8.jsonl:2: not valid UTF-8 (byte 14 of the line"),
-    ("empty.jsonl", b"", "empty.jsonl: the file has no rows"),
-    ("blank.jsonl", b"\n  \n", "blank.jsonl: the file has no rows"),
-    ("malformed.jsonl", GOOD_ROW + b"{not json\n", "malformed.jsonl:2: not valid JSON (Expecting property name"),
-    ("list.jsonl", b"[1, 2]\n", "list.jsonl:1: a row must be a JSON object with the dataset's columns, not a JSON "
-                               "list"),
-    ("types.jsonl", b'{"messages": [{"role": "user", "content": 5}]}\n', "content must be a string, got int"),
-    ("huge.jsonl", b'{"text": "' + b"a" * (1 << 20) + b'"}\n', "huge.jsonl:1: the line is longer than 1048576 bytes"),
-    ("utf8.csv", b"prompt,completion\nx,\xff\n", "utf8.csv:2: not valid UTF-8"),
-    ("header.csv", b"prompt,completion\n", "header.csv: the file has no rows"),
-    ("long.jsonl", GOOD_ROW * 3, "3 of 3 rows (100.0%) are longer than MAX_SEQ_LENGTH=8"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("utf8.jsonl", GOOD_ROW + b'{"text": "caf\xe9"}\n', "utf8.jsonl:2: not valid UTF-8 (byte 14 of the line"),
+        ("empty.jsonl", b"", "empty.jsonl: the file has no rows"),
+        ("blank.jsonl", b"\n  \n", "blank.jsonl: the file has no rows"),
+        ("malformed.jsonl", GOOD_ROW + b"{not json\n", "malformed.jsonl:2: not valid JSON (Expecting property name"),
+        (
+            "list.jsonl",
+            b"[1, 2]\n",
+            "list.jsonl:1: a row must be a JSON object with the dataset's columns, not a JSON list",
+        ),
+        ("types.jsonl", b'{"messages": [{"role": "user", "content": 5}]}\n', "content must be a string, got int"),
+        (
+            "huge.jsonl",
+            b'{"text": "' + b"a" * (1 << 20) + b'"}\n',
+            "huge.jsonl:1: the line is longer than 1048576 bytes",
+        ),
+        ("utf8.csv", b"prompt,completion\nx,\xff\n", "utf8.csv:2: not valid UTF-8"),
+        ("header.csv", b"prompt,completion\n", "header.csv: the file has no rows"),
+        ("long.jsonl", GOOD_ROW * 3, "3 of 3 rows (100.0%) are longer than MAX_SEQ_LENGTH=8"),
+    ],
+)
 def test_broken_dataset_files_are_data_errors_naming_file_line_and_cause(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_bytes(content)
@@ -311,6 +360,13 @@ def test_broken_dataset_files_are_data_errors_naming_file_line_and_cause(tmp_pat
 
 def test_a_broken_file_exits_3_without_a_traceback(tmp_path):
     (tmp_path / "d.jsonl").write_bytes(b"\xff\n")
-    res = run_train({"BASE_MODEL": str(save_tokenizer(tmp_path, "chatml")), "DATASET": str(tmp_path / "d.jsonl"),
-                     "OUTPUT_DIR": str(tmp_path / "out")}, "--check", cwd=tmp_path)
+    res = run_train(
+        {
+            "BASE_MODEL": str(save_tokenizer(tmp_path, "chatml")),
+            "DATASET": str(tmp_path / "d.jsonl"),
+            "OUTPUT_DIR": str(tmp_path / "out"),
+        },
+        "--check",
+        cwd=tmp_path,
+    )
     assert res.returncode == 3 and "d.jsonl:1: not valid UTF-8" in res.stderr and "Traceback" not in res.stderr

@@ -18,11 +18,25 @@ TWO = {"NPROC_PER_NODE": "2", "DEVICE": "cpu"}
 
 
 def test_distributed_settings_are_checked_before_anything_starts(tmp_path):
-    res = run_train({"BASE_MODEL": "org/model", "DATASET": "org/data", "NNODES": "2", "NODE_RANK": "2",
-                     "NPROC_PER_NODE": "zero", "DISTRIBUTED_STRATEGY": "fsdp", "DEVICE": "cpu"}, cwd=tmp_path)
+    res = run_train(
+        {
+            "BASE_MODEL": "org/model",
+            "DATASET": "org/data",
+            "NNODES": "2",
+            "NODE_RANK": "2",
+            "NPROC_PER_NODE": "zero",
+            "DISTRIBUTED_STRATEGY": "fsdp",
+            "DEVICE": "cpu",
+        },
+        cwd=tmp_path,
+    )
     assert res.returncode == ExitCode.CONFIG, res.stderr[-2000:]
-    for expected in ("NPROC_PER_NODE='zero': expected auto or a number", "NODE_RANK=2: must be below NNODES=2",
-                     "NNODES=2 needs MASTER_ADDR", "DISTRIBUTED_STRATEGY=fsdp needs CUDA GPUs"):
+    for expected in (
+        "NPROC_PER_NODE='zero': expected auto or a number",
+        "NODE_RANK=2: must be below NNODES=2",
+        "NNODES=2 needs MASTER_ADDR",
+        "DISTRIBUTED_STRATEGY=fsdp needs CUDA GPUs",
+    ):
         assert expected in res.stderr, expected
     assert "starting" not in res.stderr  # no process was launched
 
@@ -31,8 +45,15 @@ def test_distributed_settings_are_checked_before_anything_starts(tmp_path):
 def test_two_processes_split_the_data_reduce_gradients_and_merge_once(tmp_path, chatml_base, qa_dataset):
     out = tmp_path / "out"
     # 8 rows of 21-24 tokens packed 2 a sequence: 4 sequences, one micro-batch of 2 for each process
-    env = {**LEARN_ENV, **TWO, "BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out),
-           "PER_DEVICE_TRAIN_BATCH_SIZE": "2", "MAX_SEQ_LENGTH": "48"}
+    env = {
+        **LEARN_ENV,
+        **TWO,
+        "BASE_MODEL": str(chatml_base),
+        "DATASET": str(qa_dataset),
+        "OUTPUT_DIR": str(out),
+        "PER_DEVICE_TRAIN_BATCH_SIZE": "2",
+        "MAX_SEQ_LENGTH": "48",
+    }
     res = run_train(env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "starting 2 training processes on this node" in res.stderr
@@ -73,11 +94,33 @@ def test_two_processes_split_the_data_reduce_gradients_and_merge_once(tmp_path, 
 @pytest.mark.slow
 def test_under_a_users_own_torchrun_rank_0_merges_once_after_training(tmp_path, chatml_base, qa_dataset):
     out = tmp_path / "out"
-    env = clean_env(**{**LEARN_ENV, **TWO, "BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset),
-                       "OUTPUT_DIR": str(out), "PER_DEVICE_TRAIN_BATCH_SIZE": "4"})
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "entrypoints.train"], env=env, cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600)
+    env = clean_env(
+        **{
+            **LEARN_ENV,
+            **TWO,
+            "BASE_MODEL": str(chatml_base),
+            "DATASET": str(qa_dataset),
+            "OUTPUT_DIR": str(out),
+            "PER_DEVICE_TRAIN_BATCH_SIZE": "4",
+        }
+    )
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "entrypoints.train",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     assert "starting 2 training processes" not in res.stderr  # torchrun's workers start no launcher of their own
     assert "rank 1: nothing else to do here" in res.stderr
@@ -89,8 +132,9 @@ def test_under_a_users_own_torchrun_rank_0_merges_once_after_training(tmp_path, 
 @pytest.mark.slow
 def test_a_workers_exit_code_is_the_launchers_exit_code(tmp_path, chatml_base):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "no messages here"}] * 4)
-    res = run_train({**TWO, "BASE_MODEL": str(chatml_base), "DATASET": str(bad), "OUTPUT_DIR": str(tmp_path / "o")},
-                    cwd=tmp_path)
+    res = run_train(
+        {**TWO, "BASE_MODEL": str(chatml_base), "DATASET": str(bad), "OUTPUT_DIR": str(tmp_path / "o")}, cwd=tmp_path
+    )
     assert "starting 2 training processes" in res.stderr
     assert res.returncode == ExitCode.DATA, res.stderr[-3000:]  # not torchrun's blanket 1
 
@@ -98,11 +142,21 @@ def test_a_workers_exit_code_is_the_launchers_exit_code(tmp_path, chatml_base):
 @pytest.mark.slow
 def test_sigterm_to_the_group_saves_one_checkpoint_exits_143_and_a_rerun_resumes(tmp_path, chatml_base, qa_dataset):
     out = tmp_path / "out"
-    env = {**TWO, "BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out),
-           "MAX_STEPS": "150", "SAVE_STEPS": "1000", "PER_DEVICE_TRAIN_BATCH_SIZE": "1",
-           "GRADIENT_ACCUMULATION_STEPS": "1", "LOGGING_STEPS": "1", "MERGE": "false"}
-    proc = subprocess.Popen(train_cmd(), env=clean_env(**env), cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    env = {
+        **TWO,
+        "BASE_MODEL": str(chatml_base),
+        "DATASET": str(qa_dataset),
+        "OUTPUT_DIR": str(out),
+        "MAX_STEPS": "150",
+        "SAVE_STEPS": "1000",
+        "PER_DEVICE_TRAIN_BATCH_SIZE": "1",
+        "GRADIENT_ACCUMULATION_STEPS": "1",
+        "LOGGING_STEPS": "1",
+        "MERGE": "false",
+    }
+    proc = subprocess.Popen(
+        train_cmd(), env=clean_env(**env), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     log = []
     try:
         for line in proc.stdout:

@@ -21,8 +21,10 @@ SQL_PAIRS = [
     ("Show users by age.", "SELECT name FROM users ORDER BY age;"),
     ("What is the total age?", "SELECT SUM(age) FROM users;"),
 ]
-SQL_CONTEXT = ("CREATE TABLE users (id INT, name TEXT, age INT); INSERT INTO users VALUES (1, 'Ann', 34); "
-               "INSERT INTO users VALUES (2, 'Bob', 25);")
+SQL_CONTEXT = (
+    "CREATE TABLE users (id INT, name TEXT, age INT); INSERT INTO users VALUES (1, 'Ann', 34); "
+    "INSERT INTO users VALUES (2, 'Bob', 25);"
+)
 
 
 def test_evaluation_scores_sql_by_execution_on_sqlite(tmp_path):
@@ -32,17 +34,29 @@ def test_evaluation_scores_sql_by_execution_on_sqlite(tmp_path):
     from devtools.tiny import build_tiny_model
     from tuneserve import sqlcheck
 
-    base = build_tiny_model(tmp_path / "base", CORPUS + [q + " " + s for q, s in SQL_PAIRS] * 10 + [SQL_CONTEXT],
-                            template="chatml")
+    base = build_tiny_model(
+        tmp_path / "base", CORPUS + [q + " " + s for q, s in SQL_PAIRS] * 10 + [SQL_CONTEXT], template="chatml"
+    )
     rows = [{"question": q, "context": SQL_CONTEXT, "query": s} for q, s in SQL_PAIRS]
     data = tmp_path / "sql"
     write_jsonl(data / "train.jsonl", rows)
     held = [dict(rows[0], query="SELECT COUNT(id) FROM users;")] + rows[1:4] + [dict(rows[4], query="SELECT 1;")]
     write_jsonl(data / "test.jsonl", held)
     out = tmp_path / "out"
-    res = run_train({"BASE_MODEL": str(base), "DATASET": str(data), "EVAL_SPLIT": "test", "OUTPUT_DIR": str(out),
-                     "USER_TEMPLATE": "{question}", "ASSISTANT_FIELD": "query", "EVAL_SQL_EXECUTION": "true",
-                     "EVAL_SQL_CONTEXT_FIELD": "context", **LEARN_ENV}, cwd=tmp_path)
+    res = run_train(
+        {
+            "BASE_MODEL": str(base),
+            "DATASET": str(data),
+            "EVAL_SPLIT": "test",
+            "OUTPUT_DIR": str(out),
+            "USER_TEMPLATE": "{question}",
+            "ASSISTANT_FIELD": "query",
+            "EVAL_SQL_EXECUTION": "true",
+            "EVAL_SQL_CONTEXT_FIELD": "context",
+            **LEARN_ENV,
+        },
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((out / "eval.json").read_text())
     assert [a["answer"] for a in report["answers"]] == [s for _, s in SQL_PAIRS[:5]]

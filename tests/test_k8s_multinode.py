@@ -77,8 +77,12 @@ def test_multinode_job_rendezvous_matches_the_launchers_variables(rendered, over
     assert service["spec"].get("publishNotReadyAddresses") is True, "node 0 must resolve before it is Ready"
     namespace = job["metadata"]["namespace"]
     node0 = f"{job['metadata']['name']}-0.{service['metadata']['name']}"
-    assert env["MASTER_ADDR"] in {node0, f"{node0}.{namespace}", f"{node0}.{namespace}.svc",
-                                  f"{node0}.{namespace}.svc.cluster.local"}
+    assert env["MASTER_ADDR"] in {
+        node0,
+        f"{node0}.{namespace}",
+        f"{node0}.{namespace}.svc",
+        f"{node0}.{namespace}.svc.cluster.local",
+    }
     (port,) = service["spec"]["ports"]
     assert int(env["MASTER_PORT"]) == port["port"] == container_port(container, port["targetPort"])
     # One process per GPU of the pod.
@@ -86,10 +90,20 @@ def test_multinode_job_rendezvous_matches_the_launchers_variables(rendered, over
     # Every node's configuration loads, with its own rank.
     monkeypatch.chdir(tmp_path)
     for index in range(nnodes):
-        cfg = TRAIN_SCHEMA.load(local_paths(effective_env(objects, container, completion_index=index), tmp_path,
-                                            files={"HF_TOKEN_FILE"}, dirs={"OUTPUT_DIR"}))
-        assert (cfg.nnodes, cfg.node_rank, cfg.master_addr, cfg.master_port) == \
-            (nnodes, index, env["MASTER_ADDR"], port["port"])
+        cfg = TRAIN_SCHEMA.load(
+            local_paths(
+                effective_env(objects, container, completion_index=index),
+                tmp_path,
+                files={"HF_TOKEN_FILE"},
+                dirs={"OUTPUT_DIR"},
+            )
+        )
+        assert (cfg.nnodes, cfg.node_rank, cfg.master_addr, cfg.master_port) == (
+            nnodes,
+            index,
+            env["MASTER_ADDR"],
+            port["port"],
+        )
         assert cfg.nproc_per_node == env["NPROC_PER_NODE"]
 
 
@@ -119,13 +133,18 @@ def test_multinode_group_may_reach_rendezvous_and_nccl_ports_of_its_own_pods_onl
     low, high = (int(v) for v in sysctl["value"].split())
     wanted = [{"protocol": "TCP", "port": master_port}, {"protocol": "TCP", "port": low, "endPort": high}]
     for direction, peers in (("ingress", "from"), ("egress", "to")):
-        rules = [r for p in policies_selecting(objects, job) for r in p["spec"].get(direction, [])
-                 if r.get(peers) and all("podSelector" in peer for peer in r[peers])]
+        rules = [
+            r
+            for p in policies_selecting(objects, job)
+            for r in p["spec"].get(direction, [])
+            if r.get(peers) and all("podSelector" in peer for peer in r[peers])
+        ]
         assert rules, f"no {direction} rule between the group's pods"
         for rule in rules:
             for peer in rule[peers]:  # the group's pods, no one else
-                assert peer["podSelector"]["matchLabels"].items() <= \
-                    job["spec"]["template"]["metadata"]["labels"].items()
+                assert (
+                    peer["podSelector"]["matchLabels"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+                )
                 assert peer["podSelector"]["matchLabels"].get("app.kubernetes.io/component") == "train"
         assert [port for r in rules for port in r["ports"]] == wanted, direction
 
@@ -235,8 +254,12 @@ def test_leaderworkerset_passes_its_crd_schema_and_yields_its_pod_templates(rend
 
 def test_crd_validation_is_strict():
     schema = crds.load_schema(crds.SCHEMAS[(LWS_API, "LeaderWorkerSet")])
-    good = {"apiVersion": LWS_API, "kind": "LeaderWorkerSet", "metadata": {"name": "x"},
-            "spec": {"leaderWorkerTemplate": {"size": 2, "workerTemplate": {"spec": {}}}}}
+    good = {
+        "apiVersion": LWS_API,
+        "kind": "LeaderWorkerSet",
+        "metadata": {"name": "x"},
+        "spec": {"leaderWorkerTemplate": {"size": 2, "workerTemplate": {"spec": {}}}},
+    }
     assert crds.check(schema, good) == []
     bad = copy.deepcopy(good)
     bad["spec"]["replica"] = 2
@@ -244,6 +267,11 @@ def test_crd_validation_is_strict():
     bad["spec"]["leaderWorkerTemplate"].pop("workerTemplate")
     bad["spec"]["leaderWorkerTemplate"]["volumeClaimTemplates"] = []  # not validated here, so refused
     errors = crds.check(schema, bad)
-    for expected in ("spec.replica: unknown field", "size: expected an integer", "'Always' is not one of",
-                     "missing required field 'workerTemplate'", "volumeClaimTemplates: unknown field"):
+    for expected in (
+        "spec.replica: unknown field",
+        "size: expected an integer",
+        "'Always' is not one of",
+        "missing required field 'workerTemplate'",
+        "volumeClaimTemplates: unknown field",
+    ):
         assert any(expected in e for e in errors), (expected, errors)

@@ -15,37 +15,67 @@ from tests.k8s_helpers import K8S, OVERLAYS, api_service, one, render
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) not installed")
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_renderer_matches_kubectl_kustomize(overlay):
-    out = subprocess.run(["kubectl", "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True,
-                         check=True, timeout=60)
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(K8S / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     assert render.build(K8S / "overlays" / overlay) == list(yaml.safe_load_all(out.stdout))
 
 
 def test_renderer_strategic_merge_and_refusals(tmp_path):
-    original = {"spec": {"containers": [{"name": "a", "env": [{"name": "X", "value": "1"}], "args": ["p", "q"]}],
-                         "keep": 1, "drop": 2}}
-    patch = {"spec": {"containers": [{"name": "a", "env": [{"name": "Y", "value": "2"}], "args": ["r"]}],
-                      "drop": None}}
-    assert render.strategic_merge(original, patch) == {"spec": {"containers": [
-        {"name": "a", "env": [{"name": "Y", "value": "2"}, {"name": "X", "value": "1"}], "args": ["r"]}], "keep": 1}}
+    original = {
+        "spec": {
+            "containers": [{"name": "a", "env": [{"name": "X", "value": "1"}], "args": ["p", "q"]}],
+            "keep": 1,
+            "drop": 2,
+        }
+    }
+    patch = {"spec": {"containers": [{"name": "a", "env": [{"name": "Y", "value": "2"}], "args": ["r"]}], "drop": None}}
+    assert render.strategic_merge(original, patch) == {
+        "spec": {
+            "containers": [
+                {"name": "a", "env": [{"name": "Y", "value": "2"}, {"name": "X", "value": "1"}], "args": ["r"]}
+            ],
+            "keep": 1,
+        }
+    }
     (tmp_path / "kustomization.yaml").write_text("resources: []\ncommonLabels: {a: b}\n")
     with pytest.raises(render.RenderError, match="commonLabels not supported"):
         render.build(tmp_path)
 
 
 def test_renderer_deletes_objects_and_copies_whole_list_items(tmp_path):
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
-           "spec": {"containers": [{"name": "a", "image": "x", "args": ["1"]}]}}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "a", "image": "x", "args": ["1"]}]},
+    }
     other = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "q"}, "spec": {"containers": [{"name": "a"}]}}
     (tmp_path / "objects.yaml").write_text(yaml.safe_dump_all([pod, other]))
     (tmp_path / "delete.yaml").write_text("$patch: delete\napiVersion: v1\nkind: Pod\nmetadata: {name: p}\n")
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
-        "resources": ["objects.yaml"], "patches": [{"path": "delete.yaml"}],
-        "components": ["copy"]}))
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump({"resources": ["objects.yaml"], "patches": [{"path": "delete.yaml"}], "components": ["copy"]})
+    )
     (tmp_path / "copy").mkdir()
-    (tmp_path / "copy" / "kustomization.yaml").write_text(yaml.safe_dump({
-        "kind": "Component", "replacements": [{
-            "source": {"kind": "Pod", "name": "p", "fieldPath": "spec.containers.[name=a]"},
-            "targets": [{"select": {"kind": "Pod", "name": "q"}, "fieldPaths": ["spec.containers.[name=a]"]}]}]}))
+    (tmp_path / "copy" / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "kind": "Component",
+                "replacements": [
+                    {
+                        "source": {"kind": "Pod", "name": "p", "fieldPath": "spec.containers.[name=a]"},
+                        "targets": [
+                            {"select": {"kind": "Pod", "name": "q"}, "fieldPaths": ["spec.containers.[name=a]"]}
+                        ],
+                    }
+                ],
+            }
+        )
+    )
     # The component runs first (copies p's container into q), then the parent's patch deletes p.
     (q,) = render.build(tmp_path)
     assert q["metadata"]["name"] == "q" and q["spec"]["containers"] == pod["spec"]["containers"]

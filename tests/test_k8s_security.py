@@ -28,13 +28,29 @@ from tuneserve.config import TRAIN_SCHEMA
 from tuneserve.serve import SERVE_SCHEMA
 
 # Pod Security Standards "restricted": the volume types it allows.
-RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
-                      "projected", "secret"}
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 # Pod Security Standards "baseline" (and so "restricted"): the sysctls a pod may set.
-SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
-                "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
-                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
-                "net.ipv4.tcp_keepalive_probes"}
+SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -58,16 +74,21 @@ def test_api_port_admits_labelled_clients_the_gateway_and_monitoring_only(render
     objects = rendered[overlay]
     deployment = server(objects)
     own = deployment["spec"]["template"]["metadata"]["labels"]
-    allowed = [{"podSelector": {"matchLabels": {"tuneserve.io/client": "true"}}},
-               {"namespaceSelector": {"matchLabels": {"tuneserve.io/gateway": "true"}}},
-               {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    allowed = [
+        {"podSelector": {"matchLabels": {"tuneserve.io/client": "true"}}},
+        {"namespaceSelector": {"matchLabels": {"tuneserve.io/gateway": "true"}}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+    ]
     peers = []
     for policy in policies_selecting(objects, deployment):
         for rule in policy["spec"].get("ingress", []):
             assert rule.get("from"), f"{policy['metadata']['name']}: a rule without `from` admits every pod"
             for peer in rule["from"]:
-                group = peer.get("podSelector", {}).get("matchLabels", {}).items() <= own.items() and \
-                    "namespaceSelector" not in peer and peer.get("podSelector", {}).get("matchLabels")
+                group = (
+                    peer.get("podSelector", {}).get("matchLabels", {}).items() <= own.items()
+                    and "namespaceSelector" not in peer
+                    and peer.get("podSelector", {}).get("matchLabels")
+                )
                 assert peer in allowed or group, f"{policy['metadata']['name']} admits {peer}"
                 peers.append(peer)
     assert all(p in peers for p in allowed)

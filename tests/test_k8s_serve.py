@@ -42,8 +42,11 @@ def test_serve_configmap_holds_only_serving_variables_and_loads(rendered, overla
     unknown = [k for k in data if not schema_knows(SERVE_SCHEMA, k)]
     assert not unknown, f"not serving variables: {unknown}"
     assert not [k for k in data if k in SERVE_SCHEMA.by_name and SERVE_SCHEMA.by_name[k].secret]
-    assert not [i["name"] for i in container.get("env", [])
-                if not schema_knows(SERVE_SCHEMA, i["name"]) and i["name"] not in LIBRARY_VARS]
+    assert not [
+        i["name"]
+        for i in container.get("env", [])
+        if not schema_knows(SERVE_SCHEMA, i["name"]) and i["name"] not in LIBRARY_VARS
+    ]
     env = effective_env(objects, container)
     local_model = str(env["MODEL_ID"]).startswith("/")
     env = local_paths(env, tmp_path, files={"API_KEY_FILE"}, dirs={"MODEL_ID"} if local_model else set())
@@ -98,20 +101,25 @@ def test_rollout_needs_no_spare_gpu_and_service_links_are_off(rendered, overlay)
     objects = rendered[overlay]
     deployment = server(objects)
     if deployment["kind"] == "Deployment":
-        assert deployment["spec"]["strategy"] == {"type": "RollingUpdate",
-                                                  "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+        assert deployment["spec"]["strategy"] == {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
+        }
         assert "replicas" not in deployment["spec"], "apply would reset the autoscaler's replicas"
     else:  # a whole group at a time
         lws = one(objects, "LeaderWorkerSet")
-        assert lws["spec"]["rolloutStrategy"] == {"type": "RollingUpdate", "rollingUpdateConfiguration":
-                                                  {"maxSurge": 0, "maxUnavailable": 1}}
+        assert lws["spec"]["rolloutStrategy"] == {
+            "type": "RollingUpdate",
+            "rollingUpdateConfiguration": {"maxSurge": 0, "maxUnavailable": 1},
+        }
         assert "replicas" not in lws["spec"], "apply would reset the autoscaler's replicas"
     for obj in workloads(objects):
         assert pod_spec(obj)["enableServiceLinks"] is False, obj["metadata"]["name"]
     assert "vllm" not in [o["metadata"]["name"] for o in objects if o["kind"] == "Service"]
     pdb = one(objects, "PodDisruptionBudget")
-    assert pdb["spec"]["selector"]["matchLabels"].items() <= \
-        deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert (
+        pdb["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
     assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
 
 
@@ -156,8 +164,11 @@ def test_hpa_scales_the_serving_workload_on_the_vllm_queue(rendered, overlay):
     hpa = one(objects, "HorizontalPodAutoscaler")
     (target,) = [o for o in objects if o["kind"] in ("Deployment", "LeaderWorkerSet")]
     # A LeaderWorkerSet scales whole groups; its scale subresource selects the leaders, which serve the metric.
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": target["apiVersion"], "kind": target["kind"],
-                                             "name": target["metadata"]["name"]}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": target["apiVersion"],
+        "kind": target["kind"],
+        "name": target["metadata"]["name"],
+    }
     assert "replicas" not in target["spec"]
     (metric,) = hpa["spec"]["metrics"]
     assert metric["pods"]["metric"]["name"] == "vllm:num_requests_waiting".replace(":", "_")

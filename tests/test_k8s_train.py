@@ -67,13 +67,20 @@ def test_train_configmap_holds_only_training_variables_and_loads(rendered, overl
     unknown = [k for k in data if not schema_knows(TRAIN_SCHEMA, k)]
     assert not unknown, f"not training variables: {unknown}"
     assert not [k for k in data if k in TRAIN_SCHEMA.by_name and TRAIN_SCHEMA.by_name[k].secret]
-    assert not [i["name"] for i in container.get("env", [])
-                if not schema_knows(TRAIN_SCHEMA, i["name"]) and i["name"] not in LIBRARY_VARS]
+    assert not [
+        i["name"]
+        for i in container.get("env", [])
+        if not schema_knows(TRAIN_SCHEMA, i["name"]) and i["name"] not in LIBRARY_VARS
+    ]
     monkeypatch.chdir(tmp_path)  # no stray .env
     indexes = range(job["spec"]["completions"]) if job["spec"].get("completionMode") == "Indexed" else [None]
     for index in indexes:  # every pod of an Indexed Job, with its own completion index
-        env = local_paths(effective_env(objects, container, completion_index=index), tmp_path,
-                          files={"HF_TOKEN_FILE"}, dirs={"OUTPUT_DIR"})
+        env = local_paths(
+            effective_env(objects, container, completion_index=index),
+            tmp_path,
+            files={"HF_TOKEN_FILE"},
+            dirs={"OUTPUT_DIR"},
+        )
         cfg = TRAIN_SCHEMA.load(env)
         assert cfg.base_model == data["BASE_MODEL"] and cfg.hf_token_file
 

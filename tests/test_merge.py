@@ -62,9 +62,19 @@ def assert_equal_to_peft(base: Path, adapter: Path, merged: Path) -> None:
 
 def train_adapter(tmp_path: Path, base: Path, **env) -> Path:
     out = tmp_path / "out"
-    res = run_train({"BASE_MODEL": str(base), "DATASET": str(write_jsonl(tmp_path / "d.jsonl", qa_messages())),
-                     "OUTPUT_DIR": str(out), "MAX_STEPS": "3", "PER_DEVICE_TRAIN_BATCH_SIZE": "4",
-                     "LEARNING_RATE": "1e-2", "MERGE": "false", **env}, cwd=tmp_path)
+    res = run_train(
+        {
+            "BASE_MODEL": str(base),
+            "DATASET": str(write_jsonl(tmp_path / "d.jsonl", qa_messages())),
+            "OUTPUT_DIR": str(out),
+            "MAX_STEPS": "3",
+            "PER_DEVICE_TRAIN_BATCH_SIZE": "4",
+            "LEARNING_RATE": "1e-2",
+            "MERGE": "false",
+            **env,
+        },
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert not (out / "merged").exists()  # MERGE=false: adapter-only run
     return out / "adapter"
@@ -94,8 +104,9 @@ def test_tied_multi_shard_base_with_modules_to_save_merge_equals_peft(tmp_path):
     from devtools.tiny import build_tiny_model
     from tuneserve.merge import merge
 
-    base = build_tiny_model(tmp_path / "tied", CORPUS, template="chatml", tie_word_embeddings=True,
-                            num_layers=4, max_shard_size="300KB")
+    base = build_tiny_model(
+        tmp_path / "tied", CORPUS, template="chatml", tie_word_embeddings=True, num_layers=4, max_shard_size="300KB"
+    )
     assert len(list(base.glob("*.safetensors"))) > 1 and (base / "model.safetensors.index.json").is_file()
     adapter = train_adapter(tmp_path, base, LORA_MODULES_TO_SAVE="embed_tokens,lm_head")
     result = merge(str(base), None, adapter, tmp_path / "merged")
@@ -125,7 +136,8 @@ def test_multimodal_base_fine_tunes_on_text_rows_and_merges(tmp_path):
     assert result.method == "sharded"
     assert_equal_to_peft(base, adapter, result.folder)
     assert json.loads((result.folder / "config.json").read_text())["architectures"] == [
-        "Gemma3ForConditionalGeneration"]
+        "Gemma3ForConditionalGeneration"
+    ]
 
 
 # ------------------------------------------------------------------------------------------- memory bound
@@ -162,11 +174,17 @@ def test_merge_peak_memory_stays_bounded_on_a_model_four_times_larger(tmp_path):
     assert size > 4 * allowed
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
     adapter = tmp_path / "adapter"
-    peft_model = save_random_adapter(model, AutoTokenizer.from_pretrained(base), adapter, "<|im_end|>", r=8,
-                                     lora_alpha=16)
+    peft_model = save_random_adapter(
+        model, AutoTokenizer.from_pretrained(base), adapter, "<|im_end|>", r=8, lora_alpha=16
+    )
     del model, peft_model
-    res = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(base), str(adapter), str(tmp_path)],
-                         env=clean_env(), capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-c", MEMORY_CHILD, str(base), str(adapter), str(tmp_path)],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     growth = int(res.stdout.split("PEAK_GROWTH")[1])
     assert growth < allowed, f"peak memory grew by {growth / 2**20:.0f} MB merging a {size / 2**20:.0f} MB model"
@@ -198,8 +216,9 @@ def test_dequantized_merge_replays_the_weights_the_4bit_model_computed_with(trai
 
 
 # ------------------------------------------------------------------------------------------- servable folder
-@pytest.mark.parametrize("template,eot", [("chatml", "<|im_end|>"), ("gemma", "<end_of_turn>"),
-                                          ("llama3", "<|eot_id|>")])
+@pytest.mark.parametrize(
+    "template,eot", [("chatml", "<|im_end|>"), ("gemma", "<end_of_turn>"), ("llama3", "<|eot_id|>")]
+)
 def test_merged_folder_is_self_sufficient_with_stop_ids_repaired(tmp_path, template, eot):
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -241,15 +260,21 @@ def test_streamed_safetensors_match_the_library(tmp_path):
 
     from tuneserve import stream
 
-    tensors = {"a": torch.randn(3, 5, dtype=torch.bfloat16), "b": torch.arange(7, dtype=torch.int64),
-               "c": torch.randn(2, 2, 2, dtype=torch.float16), "empty": torch.zeros(0, 4), "s": torch.tensor(3.5)}
+    tensors = {
+        "a": torch.randn(3, 5, dtype=torch.bfloat16),
+        "b": torch.arange(7, dtype=torch.int64),
+        "c": torch.randn(2, 2, 2, dtype=torch.float16),
+        "empty": torch.zeros(0, 4),
+        "s": torch.tensor(3.5),
+    }
     lib = tmp_path / "lib.safetensors"
     save_file(tensors, str(lib), metadata={"format": "pt"})
     read = dict((e.name, t) for e, t in stream.iter_tensors(lib))
     assert set(read) == set(tensors) and all(torch.equal(read[k], tensors[k]) for k in tensors)
     ours = tmp_path / "ours.safetensors"
-    writer = stream.Writer(ours, [(k, stream.CODES[str(t.dtype)[6:]], tuple(t.shape)) for k, t in tensors.items()],
-                           {"format": "pt"})
+    writer = stream.Writer(
+        ours, [(k, stream.CODES[str(t.dtype)[6:]], tuple(t.shape)) for k, t in tensors.items()], {"format": "pt"}
+    )
     for k, t in tensors.items():
         writer.write(k, t)
     writer.close()

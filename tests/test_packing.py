@@ -31,17 +31,38 @@ def build_family(out: Path, family: str) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, Gemma3Config, Gemma3ForConditionalGeneration
 
     tok = build_tokenizer(CORPUS, template="chatml")
-    shapes = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                  bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    shapes = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     gemma = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16)
     torch.manual_seed(0)
     if family == "gemma3":
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      image_size=32, patch_size=8)
-        config = Gemma3Config(text_config={**shapes, **gemma}, vision_config=vision, mm_tokens_per_image=4,
-                              image_token_index=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.pad_token_id)
+        vision = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+        config = Gemma3Config(
+            text_config={**shapes, **gemma},
+            vision_config=vision,
+            mm_tokens_per_image=4,
+            image_token_index=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
         model = Gemma3ForConditionalGeneration(config)
     else:
         config = AutoConfig.for_model(family, **shapes, **(gemma if family == "gemma3_text" else {}))
@@ -60,8 +81,9 @@ def families(tmp_path_factory) -> dict[str, Path]:
 def load(base: Path, data_file: Path, **env):
     from tuneserve.model import load_model, resolve_placement
 
-    cfg = load_train_config({"BASE_MODEL": str(base), "DATASET": str(data_file), "DTYPE": "float32",
-                             "DEVICE": "cpu", **env})
+    cfg = load_train_config(
+        {"BASE_MODEL": str(base), "DATASET": str(data_file), "DTYPE": "float32", "DEVICE": "cpu", **env}
+    )
     shaped = data.load_and_shape(cfg)
     info = tokenizer.prepare_tokenizer(cfg, needs_template=shaped.is_chat)
     model = load_model(cfg, info, resolve_placement(cfg))
@@ -76,10 +98,12 @@ def test_packed_rows_equal_each_row_alone(families, tmp_path, family, attn):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
     from trl.trainer.utils import add_fused_lm_head
 
-    rows = qa_messages() + [{"messages": [{"role": "system", "content": "Answer briefly."}, *m["messages"]]}
-                            for m in qa_messages()[:3]]
-    cfg, info, prepared, model = load(families[family], write_jsonl(tmp_path / "qa.jsonl", rows),
-                                      ATTN_IMPLEMENTATION=attn, MAX_SEQ_LENGTH="96")
+    rows = qa_messages() + [
+        {"messages": [{"role": "system", "content": "Answer briefly."}, *m["messages"]]} for m in qa_messages()[:3]
+    ]
+    cfg, info, prepared, model = load(
+        families[family], write_jsonl(tmp_path / "qa.jsonl", rows), ATTN_IMPLEMENTATION=attn, MAX_SEQ_LENGTH="96"
+    )
     assert "Linear4bit" in {type(m).__name__ for m in model.modules()}  # trained through real 4-bit layers
     add_fused_lm_head(model)  # what SFTTrainer does to every model it trains
     packed = pack_dataset(prepared.train, seq_length=cfg.max_seq_length, strategy="bfd")
@@ -97,19 +121,19 @@ def test_packed_rows_equal_each_row_alone(families, tmp_path, family, attn):
     flat_ids, flat_labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     for ex in examples:
         for n in ex["seq_lengths"]:
-            ids = flat_ids[offset:offset + n]
+            ids = flat_ids[offset : offset + n]
             labels = train_rows[tuple(ids)]
             # The loss mask survives packing: the same trained tokens (prompt masked, end-of-turn trained), except
             # the first token, which the collator masks so no row is predicted from the one before it.
-            assert flat_labels[offset:offset + n] == [-100] + labels[1:]
+            assert flat_labels[offset : offset + n] == [-100] + labels[1:]
             assert labels[0] == -100 and eot in [t for t in labels if t != -100]
             with torch.no_grad():
                 alone = torch.tensor([ids])
                 ref_logits = model(input_ids=alone).logits[0]
                 ref_log_probs = model(input_ids=alone, labels=torch.tensor([labels]), fused_lm_head=True).log_probs[0]
-            assert (logits[offset:offset + n] - ref_logits).abs().max().item() < TOLERANCE
+            assert (logits[offset : offset + n] - ref_logits).abs().max().item() < TOLERANCE
             # log_probs[t] scores the label at t + 1; the last position of a row is never scored.
-            assert (log_probs[offset:offset + n - 1] - ref_log_probs[:n - 1]).abs().max().item() < TOLERANCE
+            assert (log_probs[offset : offset + n - 1] - ref_log_probs[: n - 1]).abs().max().item() < TOLERANCE
             offset, seen = offset + n, seen + 1
     assert seen == len(prepared.train)
 
@@ -123,8 +147,9 @@ def test_packing_check_refuses_an_attention_that_lets_packed_rows_see_each_other
     from transformers.masking_utils import sdpa_mask
 
     def causal_only(module, query, key, value, attention_mask, **kwargs):
-        return sdpa_attention_forward(module, query, key, value, None, is_causal=True,
-                                      **{k: v for k, v in kwargs.items() if k != "is_causal"})
+        return sdpa_attention_forward(
+            module, query, key, value, None, is_causal=True, **{k: v for k, v in kwargs.items() if k != "is_causal"}
+        )
 
     AttentionInterface.register("causal_only", causal_only)
     AttentionMaskInterface.register("causal_only", sdpa_mask)
@@ -137,16 +162,26 @@ def test_packing_check_refuses_an_attention_that_lets_packed_rows_see_each_other
         assert batching.check_packing(model, pad_token_id=0) < TOLERANCE
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"ATTN_IMPLEMENTATION": "paged|sdpa"}, "ATTN_IMPLEMENTATION='paged|sdpa' with PACKING=true: packed rows would"),
-    ({"SFT_PACKING_STRATEGY": "wrapped"}, "SFT_PACKING_STRATEGY=wrapped cuts rows mid-way"),
-    ({"LORA_TARGET_MODULES": "q_proj,lm_head"}, "LORA_TARGET_MODULES includes lm_head"),
-    ({"SFT_USE_LIGER_KERNEL": "true", "SFT_LIGER_KERNEL_CONFIG": '{"fused_linear_cross_entropy": true}'},
-     "fused_linear_cross_entropy replaces the model's forward"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        (
+            {"ATTN_IMPLEMENTATION": "paged|sdpa"},
+            "ATTN_IMPLEMENTATION='paged|sdpa' with PACKING=true: packed rows would",
+        ),
+        ({"SFT_PACKING_STRATEGY": "wrapped"}, "SFT_PACKING_STRATEGY=wrapped cuts rows mid-way"),
+        ({"LORA_TARGET_MODULES": "q_proj,lm_head"}, "LORA_TARGET_MODULES includes lm_head"),
+        (
+            {"SFT_USE_LIGER_KERNEL": "true", "SFT_LIGER_KERNEL_CONFIG": '{"fused_linear_cross_entropy": true}'},
+            "fused_linear_cross_entropy replaces the model's forward",
+        ),
+    ],
+)
 def test_combinations_that_would_train_wrong_exit_2_before_loading_anything(tmp_path, qa_dataset, env, message):
-    proc = run_train({"BASE_MODEL": "org/never-downloaded", "DATASET": str(qa_dataset),
-                      "OUTPUT_DIR": str(tmp_path / "out"), **env}, cwd=tmp_path)
+    proc = run_train(
+        {"BASE_MODEL": "org/never-downloaded", "DATASET": str(qa_dataset), "OUTPUT_DIR": str(tmp_path / "out"), **env},
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
     assert not (tmp_path / "out").exists()
@@ -167,12 +202,17 @@ def test_trl_loss_trains_the_guides_modules_to_save(families, tmp_path, family):
 
     from tuneserve.model import get_peft_config
 
-    cfg, info, prepared, model = load(families[family], write_jsonl(tmp_path / "qa.jsonl", qa_messages()),
-                                      LOAD_IN_4BIT="false", LORA_MODULES_TO_SAVE="lm_head,embed_tokens")
+    cfg, info, prepared, model = load(
+        families[family],
+        write_jsonl(tmp_path / "qa.jsonl", qa_messages()),
+        LOAD_IN_4BIT="false",
+        LORA_MODULES_TO_SAVE="lm_head,embed_tokens",
+    )
     add_fused_lm_head(model)
     peft_model = get_peft_model(model, get_peft_config(cfg, [], model))
     batch = DataCollatorForLanguageModeling(pad_token_id=info.tokenizer.pad_token_id, padding_free=True)(
-        [prepared.train[i] for i in range(4)])
+        [prepared.train[i] for i in range(4)]
+    )
     fused = peft_model(**batch, fused_lm_head=True).loss
     logits = peft_model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0, :-1]
     labels = batch["labels"][0, 1:]
@@ -192,19 +232,26 @@ def settings(**env):
     return load_train_config({"BASE_MODEL": "org/m", "DATASET": "org/d", **env})
 
 
-@pytest.mark.parametrize("env, world, device, expected", [
-    ({}, 1, "cpu", (1, 4)),                                           # the CPU: one packed sequence per pass
-    ({}, 1, "cuda", (4, 1)),                                          # a GPU: 4 x 512 tokens in one pass
-    ({}, 2, "cuda", (2, 1)),
-    ({"BATCH_SIZE": "32"}, 1, "cuda", (8, 4)),                        # at most 4096 tokens per pass
-    ({"BATCH_SIZE": "32", "MAX_SEQ_LENGTH": "2048"}, 2, "cuda", (2, 8)),
-    ({"MAX_SEQ_LENGTH": "8192"}, 1, "cuda", (1, 4)),
-    ({"PER_DEVICE_TRAIN_BATCH_SIZE": "2"}, 1, "cpu", (2, 2)),
-    ({"GRADIENT_ACCUMULATION_STEPS": "2"}, 1, "cuda", (2, 2)),
-    ({"PER_DEVICE_TRAIN_BATCH_SIZE": "8", "GRADIENT_ACCUMULATION_STEPS": "3"}, 2, "cuda", (8, 3)),  # as set
-    ({"BATCH_SIZE": "48", "PER_DEVICE_TRAIN_BATCH_SIZE": "8", "GRADIENT_ACCUMULATION_STEPS": "3"}, 2, "cuda",
-     (8, 3)),
-])
+@pytest.mark.parametrize(
+    "env, world, device, expected",
+    [
+        ({}, 1, "cpu", (1, 4)),  # the CPU: one packed sequence per pass
+        ({}, 1, "cuda", (4, 1)),  # a GPU: 4 x 512 tokens in one pass
+        ({}, 2, "cuda", (2, 1)),
+        ({"BATCH_SIZE": "32"}, 1, "cuda", (8, 4)),  # at most 4096 tokens per pass
+        ({"BATCH_SIZE": "32", "MAX_SEQ_LENGTH": "2048"}, 2, "cuda", (2, 8)),
+        ({"MAX_SEQ_LENGTH": "8192"}, 1, "cuda", (1, 4)),
+        ({"PER_DEVICE_TRAIN_BATCH_SIZE": "2"}, 1, "cpu", (2, 2)),
+        ({"GRADIENT_ACCUMULATION_STEPS": "2"}, 1, "cuda", (2, 2)),
+        ({"PER_DEVICE_TRAIN_BATCH_SIZE": "8", "GRADIENT_ACCUMULATION_STEPS": "3"}, 2, "cuda", (8, 3)),  # as set
+        (
+            {"BATCH_SIZE": "48", "PER_DEVICE_TRAIN_BATCH_SIZE": "8", "GRADIENT_ACCUMULATION_STEPS": "3"},
+            2,
+            "cuda",
+            (8, 3),
+        ),
+    ],
+)
 def test_batch_size_is_what_the_user_asked_for_however_it_is_split(env, world, device, expected):
     micro, accum = batching.plan(settings(**env), world, device)
     assert (micro, accum) == expected
@@ -212,25 +259,34 @@ def test_batch_size_is_what_the_user_asked_for_however_it_is_split(env, world, d
         assert micro * accum * world == int(env.get("BATCH_SIZE", 4))
 
 
-@pytest.mark.parametrize("env, world, message", [
-    ({"BATCH_SIZE": "6"}, 4, "BATCH_SIZE=6 does not divide among 4 training processes"),
-    ({"PER_DEVICE_TRAIN_BATCH_SIZE": "3"}, 1, "cannot make; set one of them to a divisor of it"),
-    ({"GRADIENT_ACCUMULATION_STEPS": "8"}, 1, "cannot make"),
-    ({"BATCH_SIZE": "8", "PER_DEVICE_TRAIN_BATCH_SIZE": "2", "GRADIENT_ACCUMULATION_STEPS": "2"}, 1,
-     "BATCH_SIZE=8 but PER_DEVICE_TRAIN_BATCH_SIZE=2 x GRADIENT_ACCUMULATION_STEPS=2 x 1 process(es) = 4"),
-])
+@pytest.mark.parametrize(
+    "env, world, message",
+    [
+        ({"BATCH_SIZE": "6"}, 4, "BATCH_SIZE=6 does not divide among 4 training processes"),
+        ({"PER_DEVICE_TRAIN_BATCH_SIZE": "3"}, 1, "cannot make; set one of them to a divisor of it"),
+        ({"GRADIENT_ACCUMULATION_STEPS": "8"}, 1, "cannot make"),
+        (
+            {"BATCH_SIZE": "8", "PER_DEVICE_TRAIN_BATCH_SIZE": "2", "GRADIENT_ACCUMULATION_STEPS": "2"},
+            1,
+            "BATCH_SIZE=8 but PER_DEVICE_TRAIN_BATCH_SIZE=2 x GRADIENT_ACCUMULATION_STEPS=2 x 1 process(es) = 4",
+        ),
+    ],
+)
 def test_a_batch_that_cannot_be_made_exits_2_saying_why(env, world, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         batching.plan(settings(**env), world, "cuda")
 
 
-@pytest.mark.parametrize("cpuinfo, native", [
-    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n", True),    # AMD Zen 4, Cooper Lake
-    ("flags\t\t: fpu sse2 avx2 avx512f amx_tile amx_bf16\n", True),               # Sapphire Rapids
-    ("Features\t: fp asimd bf16 i8mm sve\n", True),                              # Arm v8.6+ (Graviton 3)
-    ("flags\t\t: fpu sse2 avx2 avx512f avx512bw\n", False),                      # Skylake: emulated
-    ("", False),
-])
+@pytest.mark.parametrize(
+    "cpuinfo, native",
+    [
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n", True),  # AMD Zen 4, Cooper Lake
+        ("flags\t\t: fpu sse2 avx2 avx512f amx_tile amx_bf16\n", True),  # Sapphire Rapids
+        ("Features\t: fp asimd bf16 i8mm sve\n", True),  # Arm v8.6+ (Graviton 3)
+        ("flags\t\t: fpu sse2 avx2 avx512f avx512bw\n", False),  # Skylake: emulated
+        ("", False),
+    ],
+)
 def test_cpu_bfloat16_only_where_the_hardware_computes_it(cpuinfo, native):
     from tuneserve.model import cpu_native_bf16
 

@@ -30,8 +30,14 @@ class FakeHub:
     `always_fail` names methods that always raise a 503. Models branches and pull requests so tests can
     check that a branch moves once, from nothing to complete."""
 
-    def __init__(self, fail_on: dict[int, Exception] | None = None, always_fail: tuple[str, ...] = (),
-                 role: str = "write", user: str = "alice", orgs: tuple[str, ...] = ("acme",)):
+    def __init__(
+        self,
+        fail_on: dict[int, Exception] | None = None,
+        always_fail: tuple[str, ...] = (),
+        role: str = "write",
+        user: str = "alice",
+        orgs: tuple[str, ...] = ("acme",),
+    ):
         self.calls: list[tuple[str, dict]] = []
         self.fail_on = dict(fail_on or {})
         self.always_fail = always_fail
@@ -51,8 +57,11 @@ class FakeHub:
 
     def whoami(self):
         self._call("whoami")
-        return {"name": self.user, "orgs": [{"name": o} for o in self.orgs],
-                "auth": {"accessToken": {"role": self.role}}}
+        return {
+            "name": self.user,
+            "orgs": [{"name": o} for o in self.orgs],
+            "auth": {"accessToken": {"role": self.role}},
+        }
 
     def create_repo(self, repo_id, private=None, exist_ok=False):
         self._call("create_repo", repo_id=repo_id, private=private)
@@ -94,9 +103,16 @@ def run_job(monkeypatch, tmp_path, chatml_base, qa_dataset):
         for key in [k for k in list(__import__("os").environ) if k.startswith(("HUB_", "PUSH_", "PUBLISH_"))]:
             monkeypatch.delenv(key)
         # The training settings of trained_output (conftest), whose copies these runs continue.
-        base = {**LEARN_ENV, "BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out),
-                "HF_TOKEN": SECRET, "HUB_MODEL_ID": "alice/qa-model", "PUBLISH_BACKOFF_SECONDS": "0",
-                "PUBLISH_RETRIES": "3"}
+        base = {
+            **LEARN_ENV,
+            "BASE_MODEL": str(chatml_base),
+            "DATASET": str(qa_dataset),
+            "OUTPUT_DIR": str(out),
+            "HF_TOKEN": SECRET,
+            "HUB_MODEL_ID": "alice/qa-model",
+            "PUBLISH_BACKOFF_SECONDS": "0",
+            "PUBLISH_RETRIES": "3",
+        }
         for key, value in {**base, **env}.items():
             monkeypatch.setenv(key, value)
         monkeypatch.chdir(tmp_path)
@@ -110,16 +126,29 @@ def test_transient_failures_are_retried_then_the_branch_moves_once(run_job, tmp_
     # calls: 1 whoami, 2 create_repo, 3 create_commit (503), 4 create_commit (timeout), 5 create_commit, ...
     hub = FakeHub(fail_on={3: http_error(503), 4: TimeoutError("read timed out")})
     assert run_job(hub, out) == ExitCode.OK
-    assert hub.methods() == ["whoami", "create_repo", "create_commit", "create_commit", "create_commit",
-                             "list_repo_tree", "merge_pull_request"]
+    assert hub.methods() == [
+        "whoami",
+        "create_repo",
+        "create_commit",
+        "create_commit",
+        "create_commit",
+        "list_repo_tree",
+        "merge_pull_request",
+    ]
     assert all(kw["create_pr"] for m, kw in hub.calls if m == "create_commit")
     repo = hub.repos["alice/qa-model"]
     assert repo["private"] is True
     assert len(repo["branches"]["main"]) == 1  # main moved once
     published = repo["branches"]["main"][0]
     local = {str(p.relative_to(out / "merged")): p.stat().st_size for p in (out / "merged").rglob("*") if p.is_file()}
-    assert published == local and {"README.md", "config.json", "generation_config.json", "model.safetensors",
-                                   "tokenizer_config.json", "chat_template.jinja"} <= set(published)
+    assert published == local and {
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    } <= set(published)
     state = json.loads((out / "publish.json").read_text())
     assert state["model"]["merged"] is True and state["model"]["repo"] == "alice/qa-model"
     err = capsys.readouterr().err
@@ -132,7 +161,8 @@ def test_transient_failures_are_retried_then_the_branch_moves_once(run_job, tmp_
 
 
 def test_persistent_failure_exits_75_keeps_everything_and_rerun_publishes_without_training(
-        run_job, tmp_path, trained_output, capsys):
+    run_job, tmp_path, trained_output, capsys
+):
     out = copy_output(trained_output, tmp_path / "out")
     adapter_mtime = (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
     merged_mtime = (out / "merged" / "model.safetensors").stat().st_mtime_ns
@@ -140,8 +170,9 @@ def test_persistent_failure_exits_75_keeps_everything_and_rerun_publishes_withou
     assert run_job(down, out) == ExitCode.RETRYABLE
     assert down.methods().count("create_commit") == 3 and "merge_pull_request" not in down.methods()
     assert "uploading to alice/qa-model failed 3 times" in capsys.readouterr().err
-    assert (out / "adapter" / "adapter_model.safetensors").is_file() and \
-        (out / "merged" / "model.safetensors").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (
+        out / "merged" / "model.safetensors"
+    ).is_file()
 
     back = FakeHub()
     assert run_job(back, out) == ExitCode.OK
@@ -166,8 +197,9 @@ def test_nothing_is_published_after_a_verify_failure(run_job, tmp_path, trained_
     out = copy_output(trained_output, tmp_path / "out")
     shutil.rmtree(out / "merged")
     weights = out / "adapter" / "adapter_model.safetensors"
-    tensors = {k: (torch.full_like(v, float("nan")) if "lora_B" in k else v)
-               for k, v in load_file(str(weights)).items()}
+    tensors = {
+        k: (torch.full_like(v, float("nan")) if "lora_B" in k else v) for k, v in load_file(str(weights)).items()
+    }
     save_file(tensors, str(weights))
     hub = FakeHub()
     assert run_job(hub, out) == ExitCode.VERIFY
@@ -178,8 +210,10 @@ def test_nothing_is_published_after_a_verify_failure(run_job, tmp_path, trained_
 def test_branch_revision_and_adapter_publishing(run_job, tmp_path, trained_output):
     out = copy_output(trained_output, tmp_path / "out")
     hub = FakeHub()
-    assert run_job(hub, out, HUB_REVISION="v1", PUSH_ADAPTER="true", HUB_PRIVATE="false",
-                   HUB_MODEL_ID="acme/qa") == ExitCode.OK
+    assert (
+        run_job(hub, out, HUB_REVISION="v1", PUSH_ADAPTER="true", HUB_PRIVATE="false", HUB_MODEL_ID="acme/qa")
+        == ExitCode.OK
+    )
     assert ("create_branch", {"repo_id": "acme/qa", "branch": "v1"}) in hub.calls
     assert {kw["revision"] for m, kw in hub.calls if m == "create_commit"} == {"v1"}
     assert hub.repos["acme/qa"]["private"] is False
@@ -200,8 +234,16 @@ def test_token_without_write_access_fails_preflight_with_exit_2(run_job, tmp_pat
 
 def test_missing_token_fails_before_training(tmp_path, chatml_base, qa_dataset):
     out = tmp_path / "out"
-    res = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out),
-                     "HUB_MODEL_ID": "alice/m", "HF_HOME": str(tmp_path / "hf")}, cwd=tmp_path)
+    res = run_train(
+        {
+            "BASE_MODEL": str(chatml_base),
+            "DATASET": str(qa_dataset),
+            "OUTPUT_DIR": str(out),
+            "HUB_MODEL_ID": "alice/m",
+            "HF_HOME": str(tmp_path / "hf"),
+        },
+        cwd=tmp_path,
+    )
     assert res.returncode == ExitCode.CONFIG
     assert "there is no Hugging Face token" in res.stderr
     assert not out.exists()

@@ -16,8 +16,14 @@ pytestmark = pytest.mark.slow  # they read the trained run
 
 def rerun_env(base: Path, dataset: Path, out: Path, **changes: str) -> dict[str, str]:
     """The environment trained_output was made with (conftest), on `out`, with `changes`."""
-    return {"BASE_MODEL": str(base), "DATASET": str(dataset), "OUTPUT_DIR": str(out),
-            "VERIFY_COMPARE_MERGE_BASES": "true", **LEARN_ENV, **changes}
+    return {
+        "BASE_MODEL": str(base),
+        "DATASET": str(dataset),
+        "OUTPUT_DIR": str(out),
+        "VERIFY_COMPARE_MERGE_BASES": "true",
+        **LEARN_ENV,
+        **changes,
+    }
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -36,8 +42,9 @@ def test_a_directory_that_is_not_a_run_is_refused_and_left_as_it_was(tmp_path, c
     assert tree(out) == before and "Traceback" not in res.stderr
 
 
-def test_a_changed_setting_or_dataset_is_refused_with_each_change_listed(tmp_path, trained_output, chatml_base,
-                                                                        qa_dataset):
+def test_a_changed_setting_or_dataset_is_refused_with_each_change_listed(
+    tmp_path, trained_output, chatml_base, qa_dataset
+):
     out = copy_output(trained_output, tmp_path / "out")
     before = tree(out)
     changed = tmp_path / "changed.jsonl"
@@ -64,8 +71,19 @@ def test_settings_that_cannot_change_the_weights_go_on(tmp_path, trained_output,
     out = copy_output(trained_output, tmp_path / "out")
     moved = tmp_path / "elsewhere.jsonl"  # the same rows from another path
     moved.write_bytes(qa_dataset.read_bytes())
-    res = run_train(rerun_env(chatml_base, moved, out, VERIFY_SAMPLES="2", EVAL_MAX_SAMPLES="3", LOG_LEVEL="debug",
-                              LOGGING_STEPS="5", MERGE_BASE="original"), cwd=tmp_path)
+    res = run_train(
+        rerun_env(
+            chatml_base,
+            moved,
+            out,
+            VERIFY_SAMPLES="2",
+            EVAL_MAX_SAMPLES="3",
+            LOG_LEVEL="debug",
+            LOGGING_STEPS="5",
+            MERGE_BASE="original",
+        ),
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "training already done" in res.stderr
 
@@ -105,8 +123,9 @@ def small_disk(tmp_path):
 
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)], capture_output=True,
-                         text=True, check=False)
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)], capture_output=True, text=True, check=False
+    )
     if res.returncode != 0:
         if os.environ.get("CI") == "true":
             pytest.fail(f"cannot mount a small tmpfs for the disk-full test: {res.stderr.strip()}")
@@ -121,8 +140,9 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_a_full_disk_exits_74_keeps_what_is_finished_and_a_rerun_with_space_continues(tmp_path, small_disk,
-                                                                                     chatml_base, qa_dataset):
+def test_a_full_disk_exits_74_keeps_what_is_finished_and_a_rerun_with_space_continues(
+    tmp_path, small_disk, chatml_base, qa_dataset
+):
     disk, resize = small_disk
     out = disk / "out"
     env = rerun_env(chatml_base, qa_dataset, out, SAVE_STEPS="20")

@@ -39,33 +39,62 @@ def test_serve_help_lists_every_variable(tmp_path):
 
 
 def test_serve_configuration_errors_exit_2_all_at_once(tmp_path):
-    out = run_serve({"PORT": "http", "LORA_ADAPTERS": "broken", "VLLM_ARG_NOPE": "1", "VLLM_ARG_API_KEY": "x",
-                     "VLLM_ARG_KV_CACHE_DTYPE": "int3", "VLLM_PORT": "tcp://10.0.0.1:8000"}, cwd=tmp_path)
+    out = run_serve(
+        {
+            "PORT": "http",
+            "LORA_ADAPTERS": "broken",
+            "VLLM_ARG_NOPE": "1",
+            "VLLM_ARG_API_KEY": "x",
+            "VLLM_ARG_KV_CACHE_DTYPE": "int3",
+            "VLLM_PORT": "tcp://10.0.0.1:8000",
+        },
+        cwd=tmp_path,
+    )
     assert out.returncode == 2
     err = out.stderr
     assert "found 8 configuration problems" in err and "Traceback" not in err
-    for expected in ("MODEL_ID is required", "no API key",
-                     "PORT='http'", "LORA_ADAPTERS='broken': 'broken' is not name=",
-                     "VLLM_ARG_NOPE: VLLM_ARG_* variables set fields of vLLM", "VLLM_ARG_API_KEY: vLLM",
-                     "VLLM_ARG_KV_CACHE_DTYPE='int3': expected one of", "VLLM_PORT='tcp://10.0.0.1:8000' was "
-                     "injected by Kubernetes"):
+    for expected in (
+        "MODEL_ID is required",
+        "no API key",
+        "PORT='http'",
+        "LORA_ADAPTERS='broken': 'broken' is not name=",
+        "VLLM_ARG_NOPE: VLLM_ARG_* variables set fields of vLLM",
+        "VLLM_ARG_API_KEY: vLLM",
+        "VLLM_ARG_KV_CACHE_DTYPE='int3': expected one of",
+        "VLLM_PORT='tcp://10.0.0.1:8000' was injected by Kubernetes",
+    ):
         assert expected in err, expected
 
 
 def test_command_keeps_the_key_out_of_argv_and_maps_variables(tmp_path, trained_output):
     from tuneserve.serve import SERVE_SCHEMA, build_command
 
-    cfg = SERVE_SCHEMA.load({"MODEL_ID": str(trained_output / "merged"), "API_KEY": KEY, "MAX_MODEL_LEN": "128",
-                             "SERVED_MODEL_NAME": "qa", "ENABLE_PREFIX_CACHING": "false", "MAX_OUTPUT_TOKENS": "64",
-                             "VLLM_ARG_MAX_NUM_BATCHED_TOKENS": "512", "VLLM_ARG_ENFORCE_EAGER": "true",
-                             "PIPELINE_PARALLEL_SIZE": "2"})
+    cfg = SERVE_SCHEMA.load(
+        {
+            "MODEL_ID": str(trained_output / "merged"),
+            "API_KEY": KEY,
+            "MAX_MODEL_LEN": "128",
+            "SERVED_MODEL_NAME": "qa",
+            "ENABLE_PREFIX_CACHING": "false",
+            "MAX_OUTPUT_TOKENS": "64",
+            "VLLM_ARG_MAX_NUM_BATCHED_TOKENS": "512",
+            "VLLM_ARG_ENFORCE_EAGER": "true",
+            "PIPELINE_PARALLEL_SIZE": "2",
+        }
+    )
     args, env = build_command(cfg)
     assert KEY not in " ".join(args) and env["VLLM_API_KEY"] == KEY and KEY not in env["TUNESERVE_GATE"]
     joined = " ".join(args)
-    for part in ("--served-model-name qa", "--max-model-len 128", "--no-enable-prefix-caching",
-                 "--tensor-parallel-size 1", "--pipeline-parallel-size 2", "--max-num-batched-tokens 512",
-                 "--enforce-eager",
-                 '--override-generation-config {"max_new_tokens": 64}'):
+    for part in (
+        "--served-model-name qa",
+        "--max-model-len 128",
+        "--no-enable-prefix-caching",
+        "--tensor-parallel-size 1",
+        "--pipeline-parallel-size 2",
+        "--max-num-batched-tokens 512",
+        "--enforce-eager",
+        '--override-generation-config {"max_new_tokens": 64}',
+    ):
         assert part in joined, part
     # The merged folder already stops at <|im_end|>: no generation_config override is needed.
     assert "--generation-config" not in args
@@ -79,8 +108,9 @@ def test_adapter_mode_sets_rank_and_stop_ids_without_touching_the_base(tmp_path,
     from tuneserve.serve import SERVE_SCHEMA, build_command
 
     before = (chatml_base / "generation_config.json").read_bytes()
-    cfg = SERVE_SCHEMA.load({"MODEL_ID": str(chatml_base), "LORA_ADAPTERS": f"qa={trained_output / 'adapter'}",
-                             "API_KEY": KEY})
+    cfg = SERVE_SCHEMA.load(
+        {"MODEL_ID": str(chatml_base), "LORA_ADAPTERS": f"qa={trained_output / 'adapter'}", "API_KEY": KEY}
+    )
     args, _ = build_command(cfg)
     joined = " ".join(args)
     assert "--enable-lora --max-lora-rank 32 --max-loras 1" in joined  # trained with LORA_R=32
@@ -97,31 +127,38 @@ def test_adapters_vllm_cannot_serve_are_refused_with_advice(tmp_path, trained_ou
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["modules_to_save"] = ["lm_head", "embed_tokens"]
     (adapter / "adapter_config.json").write_text(json.dumps(config))
-    out = run_serve({"MODEL_ID": str(chatml_base), "LORA_ADAPTERS": f"mts={adapter}", "API_KEY": KEY}, "--check",
-                    cwd=tmp_path)
+    out = run_serve(
+        {"MODEL_ID": str(chatml_base), "LORA_ADAPTERS": f"mts={adapter}", "API_KEY": KEY}, "--check", cwd=tmp_path
+    )
     assert out.returncode == 2
     assert "cannot be served by vLLM as an adapter: it trains whole modules" in out.stderr
     assert "Merge it into the base instead" in out.stderr
     config.update(modules_to_save=None, use_dora=True)
     (adapter / "adapter_config.json").write_text(json.dumps(config))
-    out = run_serve({"MODEL_ID": str(chatml_base), "LORA_ADAPTERS": f"dora={adapter}", "API_KEY": KEY}, "--check",
-                    cwd=tmp_path)
+    out = run_serve(
+        {"MODEL_ID": str(chatml_base), "LORA_ADAPTERS": f"dora={adapter}", "API_KEY": KEY}, "--check", cwd=tmp_path
+    )
     assert out.returncode == 2 and "it uses DoRA" in out.stderr
 
 
-@pytest.mark.parametrize("env, message", [
-    ({}, "no API key: set API_KEY or API_KEY_FILE"),
-    ({"API_KEY": ""}, "API_KEY: the key is empty or blank"),
-    ({"API_KEY": "  \t"}, "API_KEY: the key is empty or blank"),
-    ({"API_KEY_FILE": "empty.key"}, "API_KEY_FILE='empty.key': the key is empty or blank"),
-    ({"API_KEY_FILE": "blank.key"}, "API_KEY_FILE='blank.key': the key is empty or blank"),
-    ({"API_KEY_FILE": "missing.key"}, "API_KEY_FILE='missing.key': no such file"),
-    ({"API_KEY": "k", "VLLM_API_KEY": "k"}, "VLLM_API_KEY is set: use API_KEY or API_KEY_FILE"),
-    ({"API_KEY": "k", "VLLM_SERVER_DEV_MODE": "1"}, "VLLM_SERVER_DEV_MODE is set"),
-    ({"ALLOW_UNAUTHENTICATED": "true", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true"},
-     "VLLM_ALLOW_RUNTIME_LORA_UPDATING is set"),
-    ({"API_KEY": "k", "VLLM_ARG_SHUTDOWN_TIMEOUT": "10"}, "use DRAIN_SECONDS"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({}, "no API key: set API_KEY or API_KEY_FILE"),
+        ({"API_KEY": ""}, "API_KEY: the key is empty or blank"),
+        ({"API_KEY": "  \t"}, "API_KEY: the key is empty or blank"),
+        ({"API_KEY_FILE": "empty.key"}, "API_KEY_FILE='empty.key': the key is empty or blank"),
+        ({"API_KEY_FILE": "blank.key"}, "API_KEY_FILE='blank.key': the key is empty or blank"),
+        ({"API_KEY_FILE": "missing.key"}, "API_KEY_FILE='missing.key': no such file"),
+        ({"API_KEY": "k", "VLLM_API_KEY": "k"}, "VLLM_API_KEY is set: use API_KEY or API_KEY_FILE"),
+        ({"API_KEY": "k", "VLLM_SERVER_DEV_MODE": "1"}, "VLLM_SERVER_DEV_MODE is set"),
+        (
+            {"ALLOW_UNAUTHENTICATED": "true", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true"},
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING is set",
+        ),
+        ({"API_KEY": "k", "VLLM_ARG_SHUTDOWN_TIMEOUT": "10"}, "use DRAIN_SECONDS"),
+    ],
+)
 def test_server_fails_closed_without_a_usable_key_or_with_dev_switches(tmp_path, env, message):
     (tmp_path / "model").mkdir()
     (tmp_path / "empty.key").write_text("")
@@ -132,8 +169,12 @@ def test_server_fails_closed_without_a_usable_key_or_with_dev_switches(tmp_path,
 
 
 def test_opt_ins_start_without_a_key_and_with_dev_switches(tmp_path, trained_output):
-    env = {"MODEL_ID": str(trained_output / "merged"), "ALLOW_UNAUTHENTICATED": "true", "VLLM_SERVER_DEV_MODE": "1",
-           "ALLOW_VLLM_DEV_SWITCHES": "true"}
+    env = {
+        "MODEL_ID": str(trained_output / "merged"),
+        "ALLOW_UNAUTHENTICATED": "true",
+        "VLLM_SERVER_DEV_MODE": "1",
+        "ALLOW_VLLM_DEV_SWITCHES": "true",
+    }
     out = run_serve(env, "--check", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "no API key: ALLOW_UNAUTHENTICATED" in out.stderr
@@ -144,8 +185,14 @@ def test_the_gate_is_the_outermost_middleware_and_gets_its_settings(tmp_path, tr
     from tuneserve.serve import GATE_MIDDLEWARE, SERVE_SCHEMA, build_command
 
     (tmp_path / "key").write_text("sk-from-a-file\n")
-    cfg = SERVE_SCHEMA.load({"MODEL_ID": str(trained_output / "merged"), "API_KEY_FILE": str(tmp_path / "key"),
-                             "VLLM_ARG_MIDDLEWARE": "my.Middleware", "MAX_CHOICES": "3"})
+    cfg = SERVE_SCHEMA.load(
+        {
+            "MODEL_ID": str(trained_output / "merged"),
+            "API_KEY_FILE": str(tmp_path / "key"),
+            "VLLM_ARG_MIDDLEWARE": "my.Middleware",
+            "MAX_CHOICES": "3",
+        }
+    )
     args, env = build_command(cfg)
     middleware = [args[i + 1] for i, a in enumerate(args) if a == "--middleware"]
     assert middleware == ["my.Middleware", GATE_MIDDLEWARE]  # vLLM adds them in order: the last is outermost
@@ -155,24 +202,32 @@ def test_the_gate_is_the_outermost_middleware_and_gets_its_settings(tmp_path, tr
     assert "sk-from-a-file" not in env[GATE_ENV] and "sk-from-a-file" not in " ".join(args)
 
 
-@pytest.mark.parametrize("body, problem", [
-    ({"n": 4, "max_tokens": 10}, None),
-    ({"n": 5}, "n=5 is more than this server allows per request (MAX_CHOICES=4)"),
-    ({"best_of": 6, "n": 1}, "best_of=6 is more than this server allows"),
-    ({"n": 4, "max_tokens": 60}, ("may generate 240 tokens (4 choices x 60 tokens), more than this server allows "
-                                  "per request (MAX_REQUEST_OUTPUT_TOKENS=200)")),
-    ({"n": 3, "max_tokens": 100}, None),  # each answer is capped at MAX_OUTPUT_TOKENS: 3 x 64 = 192
-    ({"n": 2}, None),  # no max_tokens: MAX_OUTPUT_TOKENS (64) per choice
-    ({"n": 4}, "may generate 256 tokens (4 choices x 64 tokens)"),
-    ({"max_tokens": 10_000}, None),  # capped by MAX_OUTPUT_TOKENS: one choice of 64
-    ({"prompt": ["a", "b", "c", "d"], "max_tokens": 60}, "may generate 240 tokens (4 prompts x 1 choices x 60"),
-    ({"prompt": "one prompt", "max_completion_tokens": 50, "n": 4}, None),
-    ({"messages": [[{"role": "user", "content": "a"}]] * 5, "max_tokens": 50}, "250 tokens (5 prompts x 1 choices"),
-    ({"messages": [{"role": "user", "content": "a"}] * 5, "max_tokens": 50}, None),  # one conversation
-    ({"token_ids": [1, 2], "sampling_params": {"n": 9}}, "n=9 is more than"),
-    ({"n": "many"}, None),  # the wrong type is vLLM's to reject
-    (["not", "an", "object"], None),
-])
+@pytest.mark.parametrize(
+    "body, problem",
+    [
+        ({"n": 4, "max_tokens": 10}, None),
+        ({"n": 5}, "n=5 is more than this server allows per request (MAX_CHOICES=4)"),
+        ({"best_of": 6, "n": 1}, "best_of=6 is more than this server allows"),
+        (
+            {"n": 4, "max_tokens": 60},
+            (
+                "may generate 240 tokens (4 choices x 60 tokens), more than this server allows "
+                "per request (MAX_REQUEST_OUTPUT_TOKENS=200)"
+            ),
+        ),
+        ({"n": 3, "max_tokens": 100}, None),  # each answer is capped at MAX_OUTPUT_TOKENS: 3 x 64 = 192
+        ({"n": 2}, None),  # no max_tokens: MAX_OUTPUT_TOKENS (64) per choice
+        ({"n": 4}, "may generate 256 tokens (4 choices x 64 tokens)"),
+        ({"max_tokens": 10_000}, None),  # capped by MAX_OUTPUT_TOKENS: one choice of 64
+        ({"prompt": ["a", "b", "c", "d"], "max_tokens": 60}, "may generate 240 tokens (4 prompts x 1 choices x 60"),
+        ({"prompt": "one prompt", "max_completion_tokens": 50, "n": 4}, None),
+        ({"messages": [[{"role": "user", "content": "a"}]] * 5, "max_tokens": 50}, "250 tokens (5 prompts x 1 choices"),
+        ({"messages": [{"role": "user", "content": "a"}] * 5, "max_tokens": 50}, None),  # one conversation
+        ({"token_ids": [1, 2], "sampling_params": {"n": 9}}, "n=9 is more than"),
+        ({"n": "many"}, None),  # the wrong type is vLLM's to reject
+        (["not", "an", "object"], None),
+    ],
+)
 def test_generation_limits_count_choices_prompts_and_tokens(body, problem):
     from tuneserve.gate import check_generation_limits
 
@@ -197,7 +252,10 @@ class Server:
         self.proc = subprocess.Popen(
             serve_cmd(python=SERVE_PYTHON),
             env=clean_env(HOST="127.0.0.1", PORT=str(self.port), VLLM_CPU_KVCACHE_SPACE="1", **env),
-            cwd=cwd, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+            cwd=cwd,
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 300) -> None:
@@ -222,15 +280,17 @@ class Server:
                 return child
         raise AssertionError("no EngineCore process under the server")
 
-    def request(self, path: str, body: object = None, key: str | None = None,
-                method: str | None = None) -> tuple[int, dict | str]:
+    def request(
+        self, path: str, body: object = None, key: str | None = None, method: str | None = None
+    ) -> tuple[int, dict | str]:
         """(status, parsed JSON or text) of one request; never raises for an HTTP error status."""
         import urllib.error
         import urllib.request
 
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         if key is not None:
             req.add_header("Authorization", f"Bearer {key}")
         try:
@@ -244,16 +304,31 @@ class Server:
             return status, text
 
 
-LIMITS = {"MAX_OUTPUT_TOKENS": "8", "MAX_CHOICES": "4", "MAX_REQUEST_OUTPUT_TOKENS": "16",
-          "MAX_REQUEST_BYTES": "65536", "MAX_TOKENIZE_BYTES": "4096", "LIVE_TIMEOUT": "3", "LIVE_CACHE_SECONDS": "1"}
+LIMITS = {
+    "MAX_OUTPUT_TOKENS": "8",
+    "MAX_CHOICES": "4",
+    "MAX_REQUEST_OUTPUT_TOKENS": "16",
+    "MAX_REQUEST_BYTES": "65536",
+    "MAX_TOKENIZE_BYTES": "4096",
+    "LIVE_TIMEOUT": "3",
+    "LIVE_CACHE_SECONDS": "1",
+}
 CHAT = {"model": "qa-model", "messages": [{"role": "user", "content": "What do bees make?"}], "max_tokens": 4}
 
 
 @pytest.fixture(scope="module")
 def merged_server(tmp_path_factory, trained_output):
     need_vllm()
-    server = Server({"MODEL_ID": str(trained_output / "merged"), "SERVED_MODEL_NAME": "qa-model", "API_KEY": KEY,
-                     "MAX_MODEL_LEN": "128", **LIMITS}, tmp_path_factory.mktemp("serve"))
+    server = Server(
+        {
+            "MODEL_ID": str(trained_output / "merged"),
+            "SERVED_MODEL_NAME": "qa-model",
+            "API_KEY": KEY,
+            "MAX_MODEL_LEN": "128",
+            **LIMITS,
+        },
+        tmp_path_factory.mktemp("serve"),
+    )
     try:
         server.wait_ready()
         yield server
@@ -319,10 +394,18 @@ def test_limits_are_enforced_before_any_work_and_the_server_stays_healthy(merged
         ("/v1/chat/completions", {**CHAT, "n": 5}, 400, "MAX_CHOICES=4"),
         ("/invocations", {**CHAT, "n": 5}, 400, "MAX_CHOICES=4"),
         ("/v1/chat/completions", {**CHAT, "n": 3, "max_tokens": 8}, 400, "MAX_REQUEST_OUTPUT_TOKENS=16"),
-        ("/v1/completions", {"model": "qa-model", "prompt": ["a", "b", "c"], "max_tokens": 8}, 400,
-         "MAX_REQUEST_OUTPUT_TOKENS=16"),
-        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * 70_000}]}, 413,
-         "MAX_REQUEST_BYTES=65536"),
+        (
+            "/v1/completions",
+            {"model": "qa-model", "prompt": ["a", "b", "c"], "max_tokens": 8},
+            400,
+            "MAX_REQUEST_OUTPUT_TOKENS=16",
+        ),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "messages": [{"role": "user", "content": "x" * 70_000}]},
+            413,
+            "MAX_REQUEST_BYTES=65536",
+        ),
         ("/tokenize", {"model": "qa-model", "prompt": "bees " * 1000}, 413, "MAX_TOKENIZE_BYTES=4096"),
     ]
     for path, body, code, limit in cases:
@@ -334,8 +417,11 @@ def test_limits_are_enforced_before_any_work_and_the_server_stays_healthy(merged
     # A chunked body declares no length: it is counted as it arrives.
     conn = http.client.HTTPConnection("127.0.0.1", merged_server.port, timeout=60)
     conn.putrequest("POST", "/v1/chat/completions")
-    for name, value in (("Authorization", f"Bearer {KEY}"), ("Content-Type", "application/json"),
-                        ("Transfer-Encoding", "chunked")):
+    for name, value in (
+        ("Authorization", f"Bearer {KEY}"),
+        ("Content-Type", "application/json"),
+        ("Transfer-Encoding", "chunked"),
+    ):
         conn.putheader(name, value)
     conn.endheaders()
     try:
@@ -350,8 +436,9 @@ def test_limits_are_enforced_before_any_work_and_the_server_stays_healthy(merged
     conn.close()
     assert merged_server.request("/tokenize", {"model": "qa-model", "prompt": "bees"}, key=KEY)[0] == 200
     # MAX_OUTPUT_TOKENS caps every answer, whatever the request asks for; too long a prompt is a 400.
-    status, reply = merged_server.request("/v1/chat/completions", {**CHAT, "max_tokens": 100, "ignore_eos": True},
-                                          key=KEY)
+    status, reply = merged_server.request(
+        "/v1/chat/completions", {**CHAT, "max_tokens": 100, "ignore_eos": True}, key=KEY
+    )
     assert status == 200 and reply["usage"]["completion_tokens"] == 8, reply
     long_prompt = {**CHAT, "messages": [{"role": "user", "content": "bees " * 400}]}
     assert merged_server.request("/v1/chat/completions", long_prompt, key=KEY)[0] == 400
@@ -385,9 +472,12 @@ def open_stream(port: int, max_tokens: int):
     import http.client
 
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request("POST", "/v1/chat/completions", json.dumps(
-        {**CHAT, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}),
-        {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({**CHAT, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}),
+        {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
     response = conn.getresponse()
     assert response.status == 200
     first = response.readline()
@@ -412,8 +502,17 @@ def test_sigterm_drains_then_ends_every_open_stream_and_exits_cleanly(tmp_path, 
 
     need_vllm()
     drain = 4
-    server = Server({"MODEL_ID": str(trained_output / "merged"), "SERVED_MODEL_NAME": "qa-model", "API_KEY": KEY,
-                     "MAX_MODEL_LEN": "1024", "MAX_OUTPUT_TOKENS": "1000", "DRAIN_SECONDS": str(drain)}, tmp_path)
+    server = Server(
+        {
+            "MODEL_ID": str(trained_output / "merged"),
+            "SERVED_MODEL_NAME": "qa-model",
+            "API_KEY": KEY,
+            "MAX_MODEL_LEN": "1024",
+            "MAX_OUTPUT_TOKENS": "1000",
+            "DRAIN_SECONDS": str(drain),
+        },
+        tmp_path,
+    )
     engine = None
     try:
         server.wait_ready()
@@ -472,8 +571,15 @@ def test_adapter_mode_answers_like_the_merged_model(tmp_path, trained_output, ch
     import openai
 
     need_vllm()
-    server = Server({"MODEL_ID": str(chatml_base), "LORA_ADAPTERS": f"qa={trained_output / 'adapter'}",
-                     "MAX_MODEL_LEN": "128", "ALLOW_UNAUTHENTICATED": "true"}, tmp_path)
+    server = Server(
+        {
+            "MODEL_ID": str(chatml_base),
+            "LORA_ADAPTERS": f"qa={trained_output / 'adapter'}",
+            "MAX_MODEL_LEN": "128",
+            "ALLOW_UNAUTHENTICATED": "true",
+        },
+        tmp_path,
+    )
     try:
         server.wait_ready()
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
@@ -485,8 +591,11 @@ def test_adapter_mode_answers_like_the_merged_model(tmp_path, trained_output, ch
 
 def test_vllm_flag_table_matches_the_installed_vllm():
     need_vllm()
-    probe = ("import json, sys\nfrom tuneserve import vllm_flags\n"
-             "sys.exit(0 if vllm_flags.generate() == vllm_flags.load() else 1)\n")
-    res = subprocess.run([str(SERVE_PYTHON), "-c", probe], env=clean_env(), cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
+    probe = (
+        "import json, sys\nfrom tuneserve import vllm_flags\n"
+        "sys.exit(0 if vllm_flags.generate() == vllm_flags.load() else 1)\n"
+    )
+    res = subprocess.run(
+        [str(SERVE_PYTHON), "-c", probe], env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, "run `make lock` to regenerate tuneserve/vllm_flags.json\n" + res.stderr[-2000:]

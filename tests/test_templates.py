@@ -38,10 +38,20 @@ CHANNEL_TOKENS = ["<|turn>", "<turn|>", "<|channel>", "<channel|>"]
 REASONING = "think"
 # template -> (text, extra special tokens, end of turn, why conversations split, answer as the model must write it)
 TEMPLATES = {
-    "history-rewriting": (HISTORY_REWRITING, [], "<|im_end|>", data.PER_TURN_HISTORY,
-                          lambda answer: f"<think>{REASONING}</think>{answer}"),
-    "thinking-channel": (THINKING_CHANNEL, CHANNEL_TOKENS, "<turn|>", data.PER_TURN_GENERATION_PROMPT,
-                         lambda answer: answer),
+    "history-rewriting": (
+        HISTORY_REWRITING,
+        [],
+        "<|im_end|>",
+        data.PER_TURN_HISTORY,
+        lambda answer: f"<think>{REASONING}</think>{answer}",
+    ),
+    "thinking-channel": (
+        THINKING_CHANNEL,
+        CHANNEL_TOKENS,
+        "<turn|>",
+        data.PER_TURN_GENERATION_PROMPT,
+        lambda answer: answer,
+    ),
 }
 
 
@@ -50,9 +60,16 @@ def conversations() -> list[dict]:
     rows = []
     for i, (q1, a1) in enumerate(QA):
         q2, a2 = QA[(i + 3) % len(QA)]
-        rows.append({"messages": [
-            {"role": "user", "content": q1}, {"role": "assistant", "content": a1, "reasoning_content": REASONING},
-            {"role": "user", "content": q2}, {"role": "assistant", "content": a2, "reasoning_content": REASONING}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": q1},
+                    {"role": "assistant", "content": a1, "reasoning_content": REASONING},
+                    {"role": "user", "content": q2},
+                    {"role": "assistant", "content": a2, "reasoning_content": REASONING},
+                ]
+            }
+        )
     return rows
 
 
@@ -62,8 +79,9 @@ def prepared(tmp_path, name: str):
     tok = build_tokenizer(CORPUS, template="chatml", extra_special=extra)
     tok.chat_template = template
     tok.save_pretrained(tok_dir)
-    cfg = load_train_config({"BASE_MODEL": str(tok_dir), "DATASET": str(write_jsonl(tmp_path / "d.jsonl",
-                                                                                     conversations()))})
+    cfg = load_train_config(
+        {"BASE_MODEL": str(tok_dir), "DATASET": str(write_jsonl(tmp_path / "d.jsonl", conversations()))}
+    )
     shaped = data.load_and_shape(cfg)
     return cfg, shaped, tokenizer.prepare_tokenizer(cfg, needs_template=True)
 
@@ -82,10 +100,10 @@ def test_each_turn_is_trained_after_the_prompt_serving_renders_for_it(tmp_path, 
             prompt = tok.apply_chat_template(ex.messages[:turn], add_generation_prompt=True, tokenize=False)
             prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
             # Masked: exactly the inference prompt; trained: the answer as written there, then the end of turn.
-            assert ids[:len(prompt_ids)] == prompt_ids
-            assert all(lbl == -100 for lbl in labels[:len(prompt_ids)])
-            assert labels[len(prompt_ids):] == ids[len(prompt_ids):]
-            target = tok.decode(ids[len(prompt_ids):])
+            assert ids[: len(prompt_ids)] == prompt_ids
+            assert all(lbl == -100 for lbl in labels[: len(prompt_ids)])
+            assert labels[len(prompt_ids) :] == ids[len(prompt_ids) :]
+            target = tok.decode(ids[len(prompt_ids) :])
             assert target.startswith(written(ex.messages[turn]["content"]) + eot), target
     encoded = data.encode_all(cfg, tok, shaped.train, "train")
     assert encoded.per_turn == {reason: len(QA)} and len(encoded.rows) == 2 * len(QA)
@@ -94,8 +112,9 @@ def test_each_turn_is_trained_after_the_prompt_serving_renders_for_it(tmp_path, 
 def test_a_prefix_preserving_template_keeps_one_sequence_per_conversation(tmp_path):
     tok_dir = tmp_path / "tok"
     build_tokenizer(CORPUS, template="chatml").save_pretrained(tok_dir)
-    cfg = load_train_config({"BASE_MODEL": str(tok_dir), "DATASET": str(write_jsonl(tmp_path / "d.jsonl",
-                                                                                     conversations()))})
+    cfg = load_train_config(
+        {"BASE_MODEL": str(tok_dir), "DATASET": str(write_jsonl(tmp_path / "d.jsonl", conversations()))}
+    )
     shaped = data.load_and_shape(cfg)
     tok = tokenizer.prepare_tokenizer(cfg, needs_template=True).tokenizer
     assert data.template_path(tok) == "prefix-preserving: one sequence per conversation"
@@ -104,15 +123,18 @@ def test_a_prefix_preserving_template_keeps_one_sequence_per_conversation(tmp_pa
 
 
 def test_a_template_that_hides_the_answer_is_refused_with_the_reason(tmp_path):
-    hiding = ("{%- for m in messages -%}{{- '<|im_start|>' + m.role + '\\n' + ('[hidden]' if m.role == 'assistant' "
-              "else m.content) + '<|im_end|>\\n' -}}{%- endfor -%}"
-              "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+    hiding = (
+        "{%- for m in messages -%}{{- '<|im_start|>' + m.role + '\\n' + ('[hidden]' if m.role == 'assistant' "
+        "else m.content) + '<|im_end|>\\n' -}}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    )
     tok_dir = tmp_path / "tok"
     tok = build_tokenizer(CORPUS, template="chatml")
     tok.chat_template = hiding
     tok.save_pretrained(tok_dir)
-    cfg = load_train_config({"BASE_MODEL": str(tok_dir), "DATASET": str(write_jsonl(tmp_path / "d.jsonl",
-                                                                                     conversations()))})
+    cfg = load_train_config(
+        {"BASE_MODEL": str(tok_dir), "DATASET": str(write_jsonl(tmp_path / "d.jsonl", conversations()))}
+    )
     with pytest.raises(ConfigError, match="the assistant's answer cannot be located"):
         tokenizer.prepare_tokenizer(cfg, needs_template=True)
     with pytest.raises(ValueError, match="assistant turn 1 cannot be located"):
@@ -128,15 +150,23 @@ def test_multi_turn_rows_train_merge_and_answer_every_turn_exactly_with_stops(tm
     from devtools.tiny import build_tiny_model
 
     template, extra, eot, reason, written = TEMPLATES[name]
-    base = build_tiny_model(tmp_path / "base", CORPUS, template="chatml", chat_template=template,
-                            extra_special=extra)
+    base = build_tiny_model(tmp_path / "base", CORPUS, template="chatml", chat_template=template, extra_special=extra)
     rows = conversations()
     dataset = tmp_path / "dataset"
     write_jsonl(dataset / "train.jsonl", rows)
     write_jsonl(dataset / "test.jsonl", rows[:2])  # evaluated per turn too (loss and answers)
     out = tmp_path / "out"
-    res = run_train({"BASE_MODEL": str(base), "DATASET": str(dataset), "EVAL_SPLIT": "test", "OUTPUT_DIR": str(out),
-                     **LEARN_ENV, "NUM_TRAIN_EPOCHS": "100"}, cwd=tmp_path)
+    res = run_train(
+        {
+            "BASE_MODEL": str(base),
+            "DATASET": str(dataset),
+            "EVAL_SPLIT": "test",
+            "OUTPUT_DIR": str(out),
+            **LEARN_ENV,
+            "NUM_TRAIN_EPOCHS": "100",
+        },
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     assert f"one sequence per assistant turn: {reason}" in res.stderr
     evaluation = json.loads((out / "verify.json").read_text())["eval"]
@@ -153,11 +183,12 @@ def test_multi_turn_rows_train_merge_and_answer_every_turn_exactly_with_stops(tm
     for row in rows:
         for turn in (1, 3):
             messages = row["messages"]
-            prompt = tok.apply_chat_template(messages[:turn], add_generation_prompt=True, return_tensors="pt",
-                                             return_dict=True)
+            prompt = tok.apply_chat_template(
+                messages[:turn], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
             with torch.no_grad():
                 ids = model.generate(**prompt, generation_config=gen, max_new_tokens=24)  # greedy: gen's default
-            new = ids[0, prompt["input_ids"].shape[1]:].tolist()
+            new = ids[0, prompt["input_ids"].shape[1] :].tolist()
             answer = tok.decode(new[:-1])
             if new[-1] != eot_id or answer != written(messages[turn]["content"]):
                 wrong.append((messages[turn - 1]["content"], tok.decode(new)))

@@ -32,10 +32,11 @@ def greedy_answers(base: Path, adapter: Path, questions: list[str]) -> list[str]
     eot = tok.convert_tokens_to_ids(meta["end_of_turn"])
     answers = []
     for q in questions:
-        enc = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)
+        enc = tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         out = model.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=eot)
-        answers.append(tok.decode(out[0][enc["input_ids"].shape[1]:]))
+        answers.append(tok.decode(out[0][enc["input_ids"].shape[1] :]))
     return answers
 
 
@@ -65,8 +66,9 @@ def test_model_is_loaded_with_bitsandbytes_4bit_layers(chatml_base, qa_dataset):
 
 def test_qlora_learns_the_pairs_and_stops_at_end_of_turn(tmp_path, chatml_base, qa_dataset):
     out = tmp_path / "out"
-    res = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out),
-                     **LEARN_ENV}, cwd=tmp_path)
+    res = run_train(
+        {"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out), **LEARN_ENV}, cwd=tmp_path
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"==== train: QLoRA SFT on cpu ({cpu_dtype()}) ====" in res.stderr
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "training_meta.json"):
@@ -79,17 +81,27 @@ def test_qlora_learns_the_pairs_and_stops_at_end_of_turn(tmp_path, chatml_base, 
 
     # A finished training stage is not repeated.
     mtime = (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
-    again = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out),
-                       **LEARN_ENV}, cwd=tmp_path)
+    again = run_train(
+        {"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out), **LEARN_ENV}, cwd=tmp_path
+    )
     assert again.returncode == 0 and "training already done" in again.stderr
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == mtime
 
 
 def test_base_model_with_added_template_tokens_trains_new_rows(tmp_path, pt_base, qa_dataset):
     out = tmp_path / "out"
-    res = run_train({"BASE_MODEL": str(pt_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out),
-                     "CHAT_TEMPLATE": "chatml", "MAX_STEPS": "2", "PER_DEVICE_TRAIN_BATCH_SIZE": "4", "MERGE": "false"},
-                    cwd=tmp_path)
+    res = run_train(
+        {
+            "BASE_MODEL": str(pt_base),
+            "DATASET": str(qa_dataset),
+            "OUTPUT_DIR": str(out),
+            "CHAT_TEMPLATE": "chatml",
+            "MAX_STEPS": "2",
+            "PER_DEVICE_TRAIN_BATCH_SIZE": "4",
+            "MERGE": "false",
+        },
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "added them as special tokens" in res.stderr and "resized the embeddings" in res.stderr
     adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -106,8 +118,18 @@ def test_base_model_with_added_template_tokens_trains_new_rows(tmp_path, pt_base
 
 
 def test_plain_lora_without_quantization(tmp_path, chatml_base, qa_dataset):
-    res = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(tmp_path / "o"),
-                     "LOAD_IN_4BIT": "false", "MAX_STEPS": "1", "DTYPE": "float32", "MERGE": "false"}, cwd=tmp_path)
+    res = run_train(
+        {
+            "BASE_MODEL": str(chatml_base),
+            "DATASET": str(qa_dataset),
+            "OUTPUT_DIR": str(tmp_path / "o"),
+            "LOAD_IN_4BIT": "false",
+            "MAX_STEPS": "1",
+            "DTYPE": "float32",
+            "MERGE": "false",
+        },
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "==== train: LoRA SFT on cpu (float32) ====" in res.stderr
 
@@ -122,28 +144,40 @@ def test_exit_2_for_configuration_and_3_for_data(tmp_path, chatml_base, qa_datas
     assert res.returncode == ExitCode.DATA, res.stderr[-2000:]
     assert "cannot tell its format from its columns ['question', 'answer']" in res.stderr
     assert "Traceback" not in res.stderr and not (out / "checkpoints").exists()
-    long = write_jsonl(tmp_path / "long.jsonl", qa_messages() + [
-        {"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "x"}]}])
+    long = write_jsonl(
+        tmp_path / "long.jsonl",
+        qa_messages()
+        + [{"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "x"}]}],
+    )
     res = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(long), "MAX_SEQ_LENGTH": "128"}, cwd=tmp_path)
     assert res.returncode == ExitCode.DATA and "rows 8 (" in res.stderr
 
 
 def test_check_runs_preflight_only_and_writes_nothing(tmp_path, chatml_base, qa_dataset):
     out = tmp_path / "out"
-    res = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out)}, "--check",
-                    cwd=tmp_path)
+    res = run_train(
+        {"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out)}, "--check", cwd=tmp_path
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "preflight passed" in res.stderr and "assistant turns end with '<|im_end|>'" in res.stderr
     assert not out.exists()
-    res = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "CHAT_TEMPLATE":
-                     "{% for m in messages %}{{ m['content'] }}{% endfor %}"}, "--check", cwd=tmp_path)
+    res = run_train(
+        {
+            "BASE_MODEL": str(chatml_base),
+            "DATASET": str(qa_dataset),
+            "CHAT_TEMPLATE": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+        },
+        "--check",
+        cwd=tmp_path,
+    )
     assert res.returncode == ExitCode.CONFIG and "does not close the assistant turn" in res.stderr
 
 
 # ------------------------------------------------------------------------------------------- preemption
 def _start(env: dict, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(train_cmd(), env=clean_env(**env), cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        train_cmd(), env=clean_env(**env), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _wait_for(proc: subprocess.Popen, needle: str, timeout: float = 300) -> str:
@@ -159,11 +193,18 @@ def _wait_for(proc: subprocess.Popen, needle: str, timeout: float = 300) -> str:
     raise AssertionError(f"{needle!r} never appeared:\n{''.join(seen)[-3000:]}")
 
 
-def test_sigterm_saves_checkpoint_exits_143_and_rerun_resumes_to_the_same_final_step(tmp_path, chatml_base,
-                                                                                      qa_dataset):
+def test_sigterm_saves_checkpoint_exits_143_and_rerun_resumes_to_the_same_final_step(tmp_path, chatml_base, qa_dataset):
     out = tmp_path / "out"
-    env = {"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out), "MAX_STEPS": "400",
-           "SAVE_STEPS": "1000", "PER_DEVICE_TRAIN_BATCH_SIZE": "2", "LOGGING_STEPS": "1", "MERGE": "false"}
+    env = {
+        "BASE_MODEL": str(chatml_base),
+        "DATASET": str(qa_dataset),
+        "OUTPUT_DIR": str(out),
+        "MAX_STEPS": "400",
+        "SAVE_STEPS": "1000",
+        "PER_DEVICE_TRAIN_BATCH_SIZE": "2",
+        "LOGGING_STEPS": "1",
+        "MERGE": "false",
+    }
     proc = _start(env, tmp_path)
     _wait_for(proc, "'loss'")  # the first logged step: training is under way
     proc.send_signal(signal.SIGTERM)
@@ -220,8 +261,16 @@ def test_sigterm_before_training_exits_143_without_checkpoint(tmp_path, chatml_b
 
 def test_corrupted_newest_checkpoint_is_skipped(tmp_path, chatml_base, qa_dataset):
     out = tmp_path / "out"
-    env = {"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out), "MAX_STEPS": "6",
-           "SAVE_STEPS": "3", "SAVE_TOTAL_LIMIT": "3", "PER_DEVICE_TRAIN_BATCH_SIZE": "2", "MERGE": "false"}
+    env = {
+        "BASE_MODEL": str(chatml_base),
+        "DATASET": str(qa_dataset),
+        "OUTPUT_DIR": str(out),
+        "MAX_STEPS": "6",
+        "SAVE_STEPS": "3",
+        "SAVE_TOTAL_LIMIT": "3",
+        "PER_DEVICE_TRAIN_BATCH_SIZE": "2",
+        "MERGE": "false",
+    }
     assert run_train({**env, "MAX_STEPS": "6"}, cwd=tmp_path).returncode == 0
     # Simulate a run killed while writing checkpoint-6 (truncated weights) and one killed before the
     # marker of a checkpoint-9 was written; the finished adapter is gone so training must run again.
@@ -247,10 +296,20 @@ def test_hf_token_appears_in_no_output_and_no_file(tmp_path, chatml_base, qa_dat
     secret = "hf_TESTSECRETdoNotLeak987654321"
     out = tmp_path / "out"
     # The whole job (train, merge, verify, card) on the pairs it learns, so every artifact is written.
-    env = {"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out), "HF_TOKEN": secret,
-           "LOG_LEVEL": "debug", **LEARN_ENV, "SAVE_STEPS": "30"}
-    runs = [run_train(env, cwd=tmp_path), run_train(env, "--print-config", cwd=tmp_path),
-            run_train(env, "--check", cwd=tmp_path)]
+    env = {
+        "BASE_MODEL": str(chatml_base),
+        "DATASET": str(qa_dataset),
+        "OUTPUT_DIR": str(out),
+        "HF_TOKEN": secret,
+        "LOG_LEVEL": "debug",
+        **LEARN_ENV,
+        "SAVE_STEPS": "30",
+    }
+    runs = [
+        run_train(env, cwd=tmp_path),
+        run_train(env, "--print-config", cwd=tmp_path),
+        run_train(env, "--check", cwd=tmp_path),
+    ]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
     for r in runs:
         assert secret not in r.stdout and secret not in r.stderr
@@ -265,8 +324,17 @@ def test_token_file_is_used_and_never_written(tmp_path, chatml_base, qa_dataset)
     token_file = tmp_path / "token"
     token_file.write_text(secret + "\n")
     out = tmp_path / "out"
-    res = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out),
-                     "HF_TOKEN_FILE": str(token_file), "MAX_STEPS": "1", "MERGE": "false"}, cwd=tmp_path)
+    res = run_train(
+        {
+            "BASE_MODEL": str(chatml_base),
+            "DATASET": str(qa_dataset),
+            "OUTPUT_DIR": str(out),
+            "HF_TOKEN_FILE": str(token_file),
+            "MAX_STEPS": "1",
+            "MERGE": "false",
+        },
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert secret not in res.stdout + res.stderr
     assert all(secret.encode() not in p.read_bytes() for p in out.rglob("*") if p.is_file())
@@ -280,23 +348,35 @@ def test_token_file_reaches_huggingface_hub_through_the_environment(tmp_path, mo
     token_file = tmp_path / "token"
     token_file.write_text("hf_fromfile\n")
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    use_token(load_train_config({"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset),
-                                 "HF_TOKEN_FILE": str(token_file)}))
+    use_token(
+        load_train_config(
+            {"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "HF_TOKEN_FILE": str(token_file)}
+        )
+    )
     from huggingface_hub import get_token
 
     assert os.environ["HF_TOKEN"] == "hf_fromfile" and get_token() == "hf_fromfile"
 
 
 @pytest.mark.slow
-def test_a_run_interrupted_twice_trains_the_rows_and_weights_of_an_uninterrupted_one(tmp_path, chatml_base,
-                                                                                     qa_dataset):
+def test_a_run_interrupted_twice_trains_the_rows_and_weights_of_an_uninterrupted_one(tmp_path, chatml_base, qa_dataset):
     from safetensors.torch import load_file
 
     # 8 rows of 21-24 tokens packed 2 a sequence (MAX_SEQ_LENGTH 48), 1 sequence a micro-batch, 2 micro-batches a
     # step: 2 steps an epoch, 12 steps in all.
-    env = {"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "NUM_TRAIN_EPOCHS": "6", "MAX_SEQ_LENGTH": "48",
-           "PER_DEVICE_TRAIN_BATCH_SIZE": "1", "GRADIENT_ACCUMULATION_STEPS": "2", "SAVE_STEPS": "1000",
-           "LOGGING_STEPS": "1", "MERGE": "false", "SEED": "7", "LORA_DROPOUT": "0.1"}
+    env = {
+        "BASE_MODEL": str(chatml_base),
+        "DATASET": str(qa_dataset),
+        "NUM_TRAIN_EPOCHS": "6",
+        "MAX_SEQ_LENGTH": "48",
+        "PER_DEVICE_TRAIN_BATCH_SIZE": "1",
+        "GRADIENT_ACCUMULATION_STEPS": "2",
+        "SAVE_STEPS": "1000",
+        "LOGGING_STEPS": "1",
+        "MERGE": "false",
+        "SEED": "7",
+        "LORA_DROPOUT": "0.1",
+    }
     straight = tmp_path / "straight"
     assert run_train({**env, "OUTPUT_DIR": str(straight)}, cwd=tmp_path).returncode == 0
     out = tmp_path / "interrupted"
@@ -315,11 +395,18 @@ def test_a_run_interrupted_twice_trains_the_rows_and_weights_of_an_uninterrupted
 
     reports = [json.loads((d / "train_report.json").read_text()) for d in (straight, out)]
     for report, segments in zip(reports, ([1], [3])):
-        assert report["ledger_check"] == {"verified": True, "epochs": 6, "segments": segments,
-                                          "epochs_not_once_each": []}
+        assert report["ledger_check"] == {
+            "verified": True,
+            "epochs": 6,
+            "segments": segments,
+            "epochs_not_once_each": [],
+        }
     ledgers = [report["processes"][0]["ledger"] for report in reports]
-    assert [(s["from_step"], s["to_step"]) for s in ledgers[1]["segments"]] == [(0, stops[0]), (stops[0], stops[1]),
-                                                                                 (stops[1], 12)]
+    assert [(s["from_step"], s["to_step"]) for s in ledgers[1]["segments"]] == [
+        (0, stops[0]),
+        (stops[0], stops[1]),
+        (stops[1], 12),
+    ]
     # The same micro-batches in the same order: resuming replays the sampler, skipping what was trained.
     flat = [[b for s in ledger["segments"] for b in s["batches"]] for ledger in ledgers]
     assert flat[0] == flat[1] and len(flat[0]) == 24 and all(len(batch) == 2 for batch in flat[0])
@@ -339,8 +426,12 @@ def test_the_ledger_check_catches_a_row_skipped_or_trained_twice_in_an_epoch():
 
     rows = [0, 1, 2, 3]
     good = ledger([[0, 1], [2, 3]], [[3, 1], [0, 2]])  # two epochs over two segments, in any order
-    assert epoch_check([good], rows, [2]) == {"verified": True, "epochs": 2, "segments": [2],
-                                             "epochs_not_once_each": []}
+    assert epoch_check([good], rows, [2]) == {
+        "verified": True,
+        "epochs": 2,
+        "segments": [2],
+        "epochs_not_once_each": [],
+    }
     assert epoch_check([ledger([[0, 1], [2, 3]], [[3, 3], [0, 2]])], rows, [2])["epochs_not_once_each"] == [1]
     assert epoch_check([ledger([[0, 1], [2, 2]])], rows, [2])["verified"] is False
     assert epoch_check([ledger([[0, 1], [2, 3]], [[1]])], rows, [2])["verified"] is True  # cut short, no repeat

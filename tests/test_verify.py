@@ -28,13 +28,25 @@ def test_verify_reports_how_far_each_merge_base_is_from_the_adapter_model(traine
 
 def test_merge_base_dequantized_through_the_entrypoint(tmp_path, trained_output, chatml_base, qa_dataset):
     out = copy_output(trained_output, tmp_path / "out")
-    res = run_train({**LEARN_ENV, "BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out),
-                     "MERGE_BASE": "dequantized"}, cwd=tmp_path)
+    res = run_train(
+        {
+            **LEARN_ENV,
+            "BASE_MODEL": str(chatml_base),
+            "DATASET": str(qa_dataset),
+            "OUTPUT_DIR": str(out),
+            "MERGE_BASE": "dequantized",
+        },
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "training already done" in res.stderr and "merge: adapter into the dequantized" in res.stderr
     report = json.loads((out / "verify.json").read_text())
-    assert report["checks"]["fidelity"] == {"passed": True, "max_prob_diff": report["fidelity"]["dequantized"][
-        "max_prob_diff"], "tolerance": 0.05, "merge_base": "dequantized"}
+    assert report["checks"]["fidelity"] == {
+        "passed": True,
+        "max_prob_diff": report["fidelity"]["dequantized"]["max_prob_diff"],
+        "tolerance": 0.05,
+        "merge_base": "dequantized",
+    }
 
 
 def test_nan_adapter_fails_verification_with_exit_4(tmp_path, trained_output, chatml_base, qa_dataset):
@@ -52,8 +64,9 @@ def test_nan_adapter_fails_verification_with_exit_4(tmp_path, trained_output, ch
         if "lora_B" in k:
             tensors[k] = torch.full_like(tensors[k], float("nan"))
     save_file(tensors, str(weights))
-    res = run_train({**LEARN_ENV, "BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out)},
-                    cwd=tmp_path)
+    res = run_train(
+        {**LEARN_ENV, "BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out)}, cwd=tmp_path
+    )
     assert res.returncode == ExitCode.VERIFY, res.stderr[-3000:]
     assert "verification failed, nothing will be published" in res.stderr
     assert "logits are not finite" in res.stderr

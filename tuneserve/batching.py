@@ -24,14 +24,17 @@ def plan(cfg: Settings, world: int, device: str) -> tuple[int, int]:
     batch_given = cfg.sources.get("BATCH_SIZE", "default") != "default"
     if micro and accum:
         if batch_given and micro * accum * world != batch:
-            raise ConfigError(f"BATCH_SIZE={batch} but PER_DEVICE_TRAIN_BATCH_SIZE={micro} x "
-                              f"GRADIENT_ACCUMULATION_STEPS={accum} x {world} process(es) = {micro * accum * world}; "
-                              "set BATCH_SIZE alone (the split follows) or make them agree")
+            raise ConfigError(
+                f"BATCH_SIZE={batch} but PER_DEVICE_TRAIN_BATCH_SIZE={micro} x "
+                f"GRADIENT_ACCUMULATION_STEPS={accum} x {world} process(es) = {micro * accum * world}; "
+                "set BATCH_SIZE alone (the split follows) or make them agree"
+            )
         why = "PER_DEVICE_TRAIN_BATCH_SIZE and GRADIENT_ACCUMULATION_STEPS as set"
     else:
         if batch % world:
-            raise ConfigError(f"BATCH_SIZE={batch} does not divide among {world} training processes; use a "
-                              f"multiple of {world}")
+            raise ConfigError(
+                f"BATCH_SIZE={batch} does not divide among {world} training processes; use a multiple of {world}"
+            )
         share = batch // world
         if micro is None and accum:
             micro = share // accum
@@ -40,15 +43,25 @@ def plan(cfg: Settings, world: int, device: str) -> tuple[int, int]:
             micro = max(d for d in range(1, share + 1) if share % d == 0 and (d <= fits or d == 1))
         accum = accum or share // micro
         if micro < 1 or micro * accum != share:
-            raise ConfigError(f"BATCH_SIZE={batch} over {world} process(es) is {share} sequence(s) each, which "
-                              f"PER_DEVICE_TRAIN_BATCH_SIZE={cfg.per_device_train_batch_size} x "
-                              f"GRADIENT_ACCUMULATION_STEPS={cfg.gradient_accumulation_steps} cannot make; set "
-                              "one of them to a divisor of it, or neither")
-        why = f"BATCH_SIZE={batch}" + ("" if cfg.per_device_train_batch_size or cfg.gradient_accumulation_steps else
-                                       f"; micro-batch on the {device.upper()}: " +
-                                       (f"up to {GPU_MICRO_BATCH_TOKENS} tokens" if device == "cuda" else "1"))
-    log.info("batch: %d sequence(s) per micro-batch x %d accumulation step(s) x %d process(es) (%s)",
-             micro, accum, world, why)
+            raise ConfigError(
+                f"BATCH_SIZE={batch} over {world} process(es) is {share} sequence(s) each, which "
+                f"PER_DEVICE_TRAIN_BATCH_SIZE={cfg.per_device_train_batch_size} x "
+                f"GRADIENT_ACCUMULATION_STEPS={cfg.gradient_accumulation_steps} cannot make; set "
+                "one of them to a divisor of it, or neither"
+            )
+        why = f"BATCH_SIZE={batch}" + (
+            ""
+            if cfg.per_device_train_batch_size or cfg.gradient_accumulation_steps
+            else f"; micro-batch on the {device.upper()}: "
+            + (f"up to {GPU_MICRO_BATCH_TOKENS} tokens" if device == "cuda" else "1")
+        )
+    log.info(
+        "batch: %d sequence(s) per micro-batch x %d accumulation step(s) x %d process(es) (%s)",
+        micro,
+        accum,
+        world,
+        why,
+    )
     return micro, accum
 
 
@@ -91,9 +104,15 @@ def checkpointing(cfg: Settings, model, micro: int, device: str, dtype_bytes: in
     need = activation_bytes(model, micro * cfg.max_seq_length, dtype_bytes)
     free, what = free_memory(device)
     on = need > free / 2
-    log.info("gradient checkpointing %s (GRADIENT_CHECKPOINTING=auto: a micro-batch's activations, about %.2f GiB, "
-             "are %s half the %.1f GiB of %s)", "on" if on else "off", need / 2**30,
-             "more than" if on else "within", free / 2**30, what)
+    log.info(
+        "gradient checkpointing %s (GRADIENT_CHECKPOINTING=auto: a micro-batch's activations, about %.2f GiB, "
+        "are %s half the %.1f GiB of %s)",
+        "on" if on else "off",
+        need / 2**30,
+        "more than" if on else "within",
+        free / 2**30,
+        what,
+    )
     return on
 
 
@@ -120,15 +139,17 @@ def check_packing(model, pad_token_id: int) -> float:
         # eval mode, which training cannot use afterwards); the same seed gives both calls the same dropout.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             torch.manual_seed(0)
-            return model(**batch, use_cache=False).logits[0, len(before):].float()
+            return model(**batch, use_cache=False).logits[0, len(before) :].float()
 
     model.train()
     a, b = second_logits(first), second_logits(other)
     diff, scale = (a - b).abs().max().item(), a.abs().max().item()
     attn = model.config.get_text_config()._attn_implementation
     if not diff <= 1e-3 * max(1.0, scale):
-        raise ConfigError(f"PACKING=true: on this model with attention {attn!r}, packed rows attend to each other "
-                          f"(a row's logits change by {diff:.3g} with the row packed before it); use "
-                          "ATTN_IMPLEMENTATION=sdpa or flash_attention_2, or PACKING=false")
+        raise ConfigError(
+            f"PACKING=true: on this model with attention {attn!r}, packed rows attend to each other "
+            f"(a row's logits change by {diff:.3g} with the row packed before it); use "
+            "ATTN_IMPLEMENTATION=sdpa or flash_attention_2, or PACKING=false"
+        )
     log.info("packing check: rows packed together stay apart with attention %r (largest difference %.2g)", attn, diff)
     return diff

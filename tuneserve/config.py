@@ -24,178 +24,451 @@ NAMED_TEMPLATES = ("chatml", "llama3", "gemma")
 PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
 G_MODEL, G_DATA, G_LOSS, G_QUANT, G_LORA, G_TRAIN, G_DIST, G_MERGE, G_PUBLISH, G_RUN = (
-    "Model", "Dataset and formatting", "Loss", "Quantization and precision", "LoRA", "Training",
-    "Distributed", "Merge, verify, evaluate", "Publish", "Run")
+    "Model",
+    "Dataset and formatting",
+    "Loss",
+    "Quantization and precision",
+    "LoRA",
+    "Training",
+    "Distributed",
+    "Merge, verify, evaluate",
+    "Publish",
+    "Run",
+)
 
 TRAIN_VARS = [
     # ---- model
     Var("BASE_MODEL", "str", None, "Base model: Hub id (org/name) or local directory.", G_MODEL, required=True),
     Var("BASE_MODEL_REVISION", "str", None, "Hub revision (branch, tag or commit) of BASE_MODEL.", G_MODEL),
-    Var("TOKENIZER", "str", None, "Tokenizer to use instead of BASE_MODEL's (e.g. the -it tokenizer with a -pt "
-        "model, as the Gemma guide does).", G_MODEL),
+    Var(
+        "TOKENIZER",
+        "str",
+        None,
+        "Tokenizer to use instead of BASE_MODEL's (e.g. the -it tokenizer with a -pt model, as the Gemma guide does).",
+        G_MODEL,
+    ),
     Var("TRUST_REMOTE_CODE", "bool", False, "Allow model/tokenizer code from the Hub repository to run.", G_MODEL),
-    Var("ATTN_IMPLEMENTATION", "str", None, "Attention kernel (eager, sdpa, flash_attention_2, ...); unset lets "
+    Var(
+        "ATTN_IMPLEMENTATION",
+        "str",
+        None,
+        "Attention kernel (eager, sdpa, flash_attention_2, ...); unset lets "
         "transformers choose (sdpa). With PACKING only kernels that keep packed rows apart are allowed: "
-        f"{', '.join(PACKED_ATTENTION)}.", G_MODEL),
+        f"{', '.join(PACKED_ATTENTION)}.",
+        G_MODEL,
+    ),
     Var("HF_TOKEN", "str", None, "Hugging Face token for gated/private models and datasets.", G_MODEL, secret=True),
-    Var("HF_TOKEN_FILE", "str", None, "File holding the Hugging Face token (e.g. a mounted Kubernetes Secret); "
-        "used when HF_TOKEN is unset.", G_MODEL),
+    Var(
+        "HF_TOKEN_FILE",
+        "str",
+        None,
+        "File holding the Hugging Face token (e.g. a mounted Kubernetes Secret); used when HF_TOKEN is unset.",
+        G_MODEL,
+    ),
     # ---- data
-    Var("DATASET", "str", None, "Dataset: Hub id, local .jsonl/.json/.csv/.parquet file, or a directory of them.",
-        G_DATA, required=True),
+    Var(
+        "DATASET",
+        "str",
+        None,
+        "Dataset: Hub id, local .jsonl/.json/.csv/.parquet file, or a directory of them.",
+        G_DATA,
+        required=True,
+    ),
     Var("DATASET_CONFIG", "str", None, "Dataset configuration (subset) name on the Hub.", G_DATA),
     Var("DATASET_SPLIT", "str", "train", "Split to train on.", G_DATA),
     Var("EVAL_SPLIT", "str", None, "Split held out for evaluation (exclusive with EVAL_SIZE).", G_DATA),
-    Var("EVAL_SIZE", "count|fraction", None, "Hold out this many rows (or this fraction) of the training split "
-        "for evaluation, chosen with SEED.", G_DATA),
-    Var("MAX_SAMPLES", "int", None, "Use at most this many training rows (after shuffling with SEED).", G_DATA,
-        minimum=1),
+    Var(
+        "EVAL_SIZE",
+        "count|fraction",
+        None,
+        "Hold out this many rows (or this fraction) of the training split for evaluation, chosen with SEED.",
+        G_DATA,
+    ),
+    Var(
+        "MAX_SAMPLES",
+        "int",
+        None,
+        "Use at most this many training rows (after shuffling with SEED).",
+        G_DATA,
+        minimum=1,
+    ),
     Var("TEXT_FIELD", "str", "text", "Column holding plain text for language-modelling datasets.", G_DATA),
-    Var("SYSTEM_PROMPT", "text", None, "Column datasets: system message of every conversation (folded into the "
-        "user turn by templates without a system role).", G_DATA),
-    Var("USER_TEMPLATE", "text", None, "Column datasets: user message built from columns with {column} "
+    Var(
+        "SYSTEM_PROMPT",
+        "text",
+        None,
+        "Column datasets: system message of every conversation (folded into the "
+        "user turn by templates without a system role).",
+        G_DATA,
+    ),
+    Var(
+        "USER_TEMPLATE",
+        "text",
+        None,
+        "Column datasets: user message built from columns with {column} "
         "placeholders, e.g. '{sql_context}\\n{sql_prompt}' (\\n and \\t are a newline and a tab). Setting it "
         "turns column rows into conversations.",
-        G_DATA),
+        G_DATA,
+    ),
     Var("ASSISTANT_FIELD", "str", None, "Column datasets: column holding the assistant's answer.", G_DATA),
-    Var("CHAT_TEMPLATE", "str", None, "Chat template: a .jinja file, the template text, or a well-known name "
+    Var(
+        "CHAT_TEMPLATE",
+        "str",
+        None,
+        "Chat template: a .jinja file, the template text, or a well-known name "
         f"({', '.join(NAMED_TEMPLATES)}). Unset: the tokenizer's own. Missing special tokens are added and "
-        "trained.", G_DATA),
-    Var("MAX_SEQ_LENGTH", "int", 512, "Longest tokenized row; longer rows are dropped and listed (TRL: "
-        "max_length).", G_DATA, minimum=8),
-    Var("MAX_OVERLONG_FRACTION", "float", 0.01, "Fail (exit 3) when more than this fraction of rows is longer "
-        "than MAX_SEQ_LENGTH; below it they are dropped with a warning naming them.", G_DATA,
-        minimum=0.0, maximum=1.0),
-    Var("PACKING", "bool", True, "Pack rows into MAX_SEQ_LENGTH sequences (TRL best-fit-decreasing, padding-free, "
+        "trained.",
+        G_DATA,
+    ),
+    Var(
+        "MAX_SEQ_LENGTH",
+        "int",
+        512,
+        "Longest tokenized row; longer rows are dropped and listed (TRL: max_length).",
+        G_DATA,
+        minimum=8,
+    ),
+    Var(
+        "MAX_OVERLONG_FRACTION",
+        "float",
+        0.01,
+        "Fail (exit 3) when more than this fraction of rows is longer "
+        "than MAX_SEQ_LENGTH; below it they are dropped with a warning naming them.",
+        G_DATA,
+        minimum=0.0,
+        maximum=1.0,
+    ),
+    Var(
+        "PACKING",
+        "bool",
+        True,
+        "Pack rows into MAX_SEQ_LENGTH sequences (TRL best-fit-decreasing, padding-free, "
         "each row keeping its own position ids, so rows never attend to each other; checked on the loaded model "
-        "before training). false: one row per sequence.", G_DATA),
+        "before training). false: one row per sequence.",
+        G_DATA,
+    ),
     # ---- loss
-    Var("ASSISTANT_ONLY_LOSS", "bool", True, "Conversations: train only on assistant turns (end-of-turn token "
-        "included). Works with any template; no {% generation %} markers needed.", G_LOSS),
+    Var(
+        "ASSISTANT_ONLY_LOSS",
+        "bool",
+        True,
+        "Conversations: train only on assistant turns (end-of-turn token "
+        "included). Works with any template; no {% generation %} markers needed.",
+        G_LOSS,
+    ),
     Var("COMPLETION_ONLY_LOSS", "bool", True, "Prompt/completion rows: train only on the completion.", G_LOSS),
     # ---- quantization and precision
-    Var("LOAD_IN_4BIT", "bool", True, "QLoRA: load the base in 4-bit (bitsandbytes NF4, double quantization). "
-        "false: plain LoRA on the unquantized base.", G_QUANT),
-    Var("DTYPE", "str", "auto", "Compute dtype: auto = bfloat16 where the hardware computes it natively (GPUs "
+    Var(
+        "LOAD_IN_4BIT",
+        "bool",
+        True,
+        "QLoRA: load the base in 4-bit (bitsandbytes NF4, double quantization). "
+        "false: plain LoRA on the unquantized base.",
+        G_QUANT,
+    ),
+    Var(
+        "DTYPE",
+        "str",
+        "auto",
+        "Compute dtype: auto = bfloat16 where the hardware computes it natively (GPUs "
         "from Ampere on; CPUs with AVX512-BF16 or AMX, Arm with BF16), else float16 on a GPU and float32 on a CPU "
-        "(emulated bfloat16 is several times slower). The log says what was chosen and why.", G_QUANT,
-        choices=("auto", "bfloat16", "float16", "float32")),
-    Var("DEVICE", "str", "auto", "Where to train: auto = CUDA when available, else the CPU.", G_QUANT,
-        choices=("auto", "cuda", "cpu")),
+        "(emulated bfloat16 is several times slower). The log says what was chosen and why.",
+        G_QUANT,
+        choices=("auto", "bfloat16", "float16", "float32"),
+    ),
+    Var(
+        "DEVICE",
+        "str",
+        "auto",
+        "Where to train: auto = CUDA when available, else the CPU.",
+        G_QUANT,
+        choices=("auto", "cuda", "cpu"),
+    ),
     # ---- lora
     Var("LORA_R", "int", 16, "LoRA rank.", G_LORA, minimum=1),
     Var("LORA_ALPHA", "int", 16, "LoRA alpha (scaling = alpha / r).", G_LORA, minimum=1),
     Var("LORA_DROPOUT", "float", 0.05, "LoRA dropout.", G_LORA, minimum=0.0, maximum=1.0),
-    Var("LORA_TARGET_MODULES", "list", ["all-linear"], "Modules to adapt: all-linear (on a multimodal base: those of its language "
-        "model), or a comma/JSON list.",
-        G_LORA),
-    Var("LORA_MODULES_TO_SAVE", "list", None, "Modules trained in full and saved with the adapter "
-        "(e.g. lm_head,embed_tokens, as the Gemma guide does).", G_LORA),
+    Var(
+        "LORA_TARGET_MODULES",
+        "list",
+        ["all-linear"],
+        "Modules to adapt: all-linear (on a multimodal base: those of its language model), or a comma/JSON list.",
+        G_LORA,
+    ),
+    Var(
+        "LORA_MODULES_TO_SAVE",
+        "list",
+        None,
+        "Modules trained in full and saved with the adapter (e.g. lm_head,embed_tokens, as the Gemma guide does).",
+        G_LORA,
+    ),
     # ---- training
     Var("NUM_TRAIN_EPOCHS", "float", 3.0, "Epochs.", G_TRAIN, exclusive_minimum=0.0),
     Var("MAX_STEPS", "int", -1, "Optimizer steps; overrides NUM_TRAIN_EPOCHS when > 0.", G_TRAIN),
-    Var("BATCH_SIZE", "int", 4, "Sequences per optimizer step, all processes together (with PACKING: packed "
-        "sequences of up to MAX_SEQ_LENGTH tokens). The guide's 1 x 4.", G_TRAIN, minimum=1),
-    Var("PER_DEVICE_TRAIN_BATCH_SIZE", "int", None, "Sequences per forward pass in each process (micro-batch). "
+    Var(
+        "BATCH_SIZE",
+        "int",
+        4,
+        "Sequences per optimizer step, all processes together (with PACKING: packed "
+        "sequences of up to MAX_SEQ_LENGTH tokens). The guide's 1 x 4.",
+        G_TRAIN,
+        minimum=1,
+    ),
+    Var(
+        "PER_DEVICE_TRAIN_BATCH_SIZE",
+        "int",
+        None,
+        "Sequences per forward pass in each process (micro-batch). "
         "Unset: on a GPU, BATCH_SIZE's share per process up to 4096 tokens (small batches leave a GPU waiting on "
         "kernel launches); on the CPU, 1 (the CPU is busy with one; a longer packed batch only adds "
-        "attention-mask work).", G_TRAIN, minimum=1),
-    Var("GRADIENT_ACCUMULATION_STEPS", "int", None, "Micro-batches per optimizer step. Unset: BATCH_SIZE / "
-        "(micro-batch x processes), which must divide evenly.", G_TRAIN, minimum=1),
+        "attention-mask work).",
+        G_TRAIN,
+        minimum=1,
+    ),
+    Var(
+        "GRADIENT_ACCUMULATION_STEPS",
+        "int",
+        None,
+        "Micro-batches per optimizer step. Unset: BATCH_SIZE / (micro-batch x processes), which must divide evenly.",
+        G_TRAIN,
+        minimum=1,
+    ),
     Var("LEARNING_RATE", "float", 2e-4, "Peak learning rate.", G_TRAIN, exclusive_minimum=0.0),
-    Var("LR_SCHEDULER_TYPE", "str", "constant", "Learning-rate schedule (transformers SchedulerType).", G_TRAIN,
-        choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")),
-    Var("WARMUP_RATIO", "float", 0.03, "Fraction of steps spent warming up (transformers: warmup_steps < 1).",
-        G_TRAIN, minimum=0.0, maximum=0.99),
+    Var(
+        "LR_SCHEDULER_TYPE",
+        "str",
+        "constant",
+        "Learning-rate schedule (transformers SchedulerType).",
+        G_TRAIN,
+        choices=(
+            "linear",
+            "cosine",
+            "cosine_with_restarts",
+            "polynomial",
+            "constant",
+            "constant_with_warmup",
+            "inverse_sqrt",
+            "reduce_lr_on_plateau",
+            "cosine_with_min_lr",
+            "warmup_stable_decay",
+        ),
+    ),
+    Var(
+        "WARMUP_RATIO",
+        "float",
+        0.03,
+        "Fraction of steps spent warming up (transformers: warmup_steps < 1).",
+        G_TRAIN,
+        minimum=0.0,
+        maximum=0.99,
+    ),
     Var("MAX_GRAD_NORM", "float", 0.3, "Gradient clipping norm.", G_TRAIN, minimum=0.0),
-    Var("OPTIM", "str", "adamw_torch_fused", "Optimizer (transformers OptimizerNames, e.g. adamw_torch, "
-        "paged_adamw_8bit).", G_TRAIN),
-    Var("GRADIENT_CHECKPOINTING", "auto|bool", "auto", "Recompute activations in the backward pass to save memory "
+    Var(
+        "OPTIM",
+        "str",
+        "adamw_torch_fused",
+        "Optimizer (transformers OptimizerNames, e.g. adamw_torch, paged_adamw_8bit).",
+        G_TRAIN,
+    ),
+    Var(
+        "GRADIENT_CHECKPOINTING",
+        "auto|bool",
+        "auto",
+        "Recompute activations in the backward pass to save memory "
         "(about a third more compute). auto: on when one micro-batch's activations, estimated as tokens x layers "
         "x (16 x hidden + 6 x intermediate) x dtype bytes, would take more than half the memory free once the "
-        "model is loaded (GPU memory, or the CPU's available RAM).", G_TRAIN),
+        "model is loaded (GPU memory, or the CPU's available RAM).",
+        G_TRAIN,
+    ),
     Var("NEFTUNE_NOISE_ALPHA", "float", None, "NEFTune embedding noise (e.g. 5).", G_TRAIN, minimum=0.0),
     Var("SEED", "int", 42, "Seed for shuffling, splitting and training.", G_TRAIN),
     Var("LOGGING_STEPS", "int", 10, "Log loss every N steps.", G_TRAIN, minimum=1),
-    Var("SAVE_STEPS", "int", 100, "Checkpoint every N steps (what a preempted run resumes from).", G_TRAIN,
-        minimum=1),
+    Var("SAVE_STEPS", "int", 100, "Checkpoint every N steps (what a preempted run resumes from).", G_TRAIN, minimum=1),
     Var("SAVE_TOTAL_LIMIT", "int", 2, "Checkpoints kept.", G_TRAIN, minimum=1),
     Var("REPORT_TO", "list", ["none"], "Experiment trackers (none, tensorboard, wandb, ...).", G_TRAIN),
     # ---- merge, verify, evaluate
-    Var("MERGE", "bool", True, "Merge the adapter into the base (OUTPUT_DIR/merged). false: adapter-only run "
-        "(no verify, evaluate or model publish).", G_MERGE),
-    Var("MERGE_BASE", "str", "original", "What the adapter is added to: the base's original 16-bit weights, or "
-        "the dequantized 4-bit weights it was trained against (replays the NF4 round trip).", G_MERGE,
-        choices=MERGE_BASES),
-    Var("VERIFY_SAMPLES", "int", 4, "Held-out prompts the merged model is checked on before publishing.", G_MERGE,
-        minimum=1),
-    Var("VERIFY_MAX_NEW_TOKENS", "int", 256, "Every verification answer must end with a stop id within this "
-        "many tokens.", G_MERGE, minimum=1),
-    Var("VERIFY_MAX_PROB_DIFF", "float", None, "Largest allowed difference of any next-token probability "
+    Var(
+        "MERGE",
+        "bool",
+        True,
+        "Merge the adapter into the base (OUTPUT_DIR/merged). false: adapter-only run "
+        "(no verify, evaluate or model publish).",
+        G_MERGE,
+    ),
+    Var(
+        "MERGE_BASE",
+        "str",
+        "original",
+        "What the adapter is added to: the base's original 16-bit weights, or "
+        "the dequantized 4-bit weights it was trained against (replays the NF4 round trip).",
+        G_MERGE,
+        choices=MERGE_BASES,
+    ),
+    Var(
+        "VERIFY_SAMPLES",
+        "int",
+        4,
+        "Held-out prompts the merged model is checked on before publishing.",
+        G_MERGE,
+        minimum=1,
+    ),
+    Var(
+        "VERIFY_MAX_NEW_TOKENS",
+        "int",
+        256,
+        "Every verification answer must end with a stop id within this many tokens.",
+        G_MERGE,
+        minimum=1,
+    ),
+    Var(
+        "VERIFY_MAX_PROB_DIFF",
+        "float",
+        None,
+        "Largest allowed difference of any next-token probability "
         "between the merged and the adapter model. Unset: 0.05 when the merged weights are those the adapter "
         "model computes with (MERGE_BASE=dequantized, or no 4-bit), 0.25 for MERGE_BASE=original over NF4.",
-        G_MERGE, minimum=0.0, maximum=1.0),
-    Var("VERIFY_COMPARE_MERGE_BASES", "bool", False, "Also build the other MERGE_BASE in a scratch folder and "
-        "report how far it is from the adapter model (doubles the merge time).", G_MERGE),
+        G_MERGE,
+        minimum=0.0,
+        maximum=1.0,
+    ),
+    Var(
+        "VERIFY_COMPARE_MERGE_BASES",
+        "bool",
+        False,
+        "Also build the other MERGE_BASE in a scratch folder and "
+        "report how far it is from the adapter model (doubles the merge time).",
+        G_MERGE,
+    ),
     Var("EVAL_MAX_SAMPLES", "int", 200, "Held-out rows scored on the merged model.", G_MERGE, minimum=1),
-    Var("EVAL_MAX_NEW_TOKENS", "int", 256, "Longest greedy answer generated during evaluation.", G_MERGE,
-        minimum=1),
-    Var("EVAL_SQL_EXECUTION", "bool", False, "Answers are SQL: also check that each runs on sqlite against the "
-        "row's schema and returns the reference query's rows.", G_MERGE),
-    Var("EVAL_SQL_CONTEXT_FIELD", "str", "sql_context", "Column holding the schema (CREATE TABLE/INSERT "
-        "statements) for EVAL_SQL_EXECUTION; otherwise the prompt's <SCHEMA>...</SCHEMA> block.", G_MERGE),
+    Var("EVAL_MAX_NEW_TOKENS", "int", 256, "Longest greedy answer generated during evaluation.", G_MERGE, minimum=1),
+    Var(
+        "EVAL_SQL_EXECUTION",
+        "bool",
+        False,
+        "Answers are SQL: also check that each runs on sqlite against the "
+        "row's schema and returns the reference query's rows.",
+        G_MERGE,
+    ),
+    Var(
+        "EVAL_SQL_CONTEXT_FIELD",
+        "str",
+        "sql_context",
+        "Column holding the schema (CREATE TABLE/INSERT "
+        "statements) for EVAL_SQL_EXECUTION; otherwise the prompt's <SCHEMA>...</SCHEMA> block.",
+        G_MERGE,
+    ),
     # ---- publish
-    Var("HUB_MODEL_ID", "str", None, "Publish the merged model to this Hub repo (org/name). Unset: the merged "
-        "folder in OUTPUT_DIR is the result.", G_PUBLISH),
+    Var(
+        "HUB_MODEL_ID",
+        "str",
+        None,
+        "Publish the merged model to this Hub repo (org/name). Unset: the merged folder in OUTPUT_DIR is the result.",
+        G_PUBLISH,
+    ),
     Var("HUB_PRIVATE", "bool", True, "Create the repo private.", G_PUBLISH),
     Var("HUB_REVISION", "str", "main", "Branch to publish to (created when missing).", G_PUBLISH),
     Var("PUSH_ADAPTER", "bool", False, "Also publish the LoRA adapter, to HUB_ADAPTER_MODEL_ID.", G_PUBLISH),
-    Var("HUB_ADAPTER_MODEL_ID", "str", None, "Repo for the adapter (default: HUB_MODEL_ID + '-adapter').",
-        G_PUBLISH),
-    Var("PUBLISH_RETRIES", "int", 5, "Attempts per Hub call on transient failures (timeouts, 5xx, connection "
-        "errors) before exiting 75.", G_PUBLISH, minimum=1),
-    Var("PUBLISH_BACKOFF_SECONDS", "float", 5.0, "First retry delay; doubles each attempt.", G_PUBLISH,
-        minimum=0.0),
+    Var("HUB_ADAPTER_MODEL_ID", "str", None, "Repo for the adapter (default: HUB_MODEL_ID + '-adapter').", G_PUBLISH),
+    Var(
+        "PUBLISH_RETRIES",
+        "int",
+        5,
+        "Attempts per Hub call on transient failures (timeouts, 5xx, connection errors) before exiting 75.",
+        G_PUBLISH,
+        minimum=1,
+    ),
+    Var("PUBLISH_BACKOFF_SECONDS", "float", 5.0, "First retry delay; doubles each attempt.", G_PUBLISH, minimum=0.0),
     # ---- distributed (torch's elastic launcher, i.e. torchrun, underneath; launch.py)
-    Var("NPROC_PER_NODE", "str", "auto", "Training processes on this node, one per GPU: auto = every visible GPU "
-        "(1 on the CPU), or a number. More than one starts them with torchrun's launcher (data parallel).", G_DIST),
-    Var("NNODES", "int", 1, "Nodes taking part (each runs this same command with its own NODE_RANK).", G_DIST,
-        minimum=1),
-    Var("NODE_RANK", "int", 0, "This node's rank, 0 to NNODES-1 (on Kubernetes: the Indexed Job's completion "
-        "index).", G_DIST, minimum=0),
-    Var("MASTER_ADDR", "str", None, "Host of node rank 0, where the group meets (static rendezvous). Required "
-        "when NNODES > 1.", G_DIST),
-    Var("MASTER_PORT", "int", 29500, "Rendezvous port on MASTER_ADDR (NNODES > 1).", G_DIST, minimum=1,
-        maximum=65535),
-    Var("DISTRIBUTED_STRATEGY", "str", "ddp", "ddp: every GPU holds the 4-bit model (the model must fit one GPU). "
+    Var(
+        "NPROC_PER_NODE",
+        "str",
+        "auto",
+        "Training processes on this node, one per GPU: auto = every visible GPU "
+        "(1 on the CPU), or a number. More than one starts them with torchrun's launcher (data parallel).",
+        G_DIST,
+    ),
+    Var(
+        "NNODES", "int", 1, "Nodes taking part (each runs this same command with its own NODE_RANK).", G_DIST, minimum=1
+    ),
+    Var(
+        "NODE_RANK",
+        "int",
+        0,
+        "This node's rank, 0 to NNODES-1 (on Kubernetes: the Indexed Job's completion index).",
+        G_DIST,
+        minimum=0,
+    ),
+    Var(
+        "MASTER_ADDR",
+        "str",
+        None,
+        "Host of node rank 0, where the group meets (static rendezvous). Required when NNODES > 1.",
+        G_DIST,
+    ),
+    Var("MASTER_PORT", "int", 29500, "Rendezvous port on MASTER_ADDR (NNODES > 1).", G_DIST, minimum=1, maximum=65535),
+    Var(
+        "DISTRIBUTED_STRATEGY",
+        "str",
+        "ddp",
+        "ddp: every GPU holds the 4-bit model (the model must fit one GPU). "
         "fsdp: FSDP2 shards the model's layers, gradients and optimizer state across GPUs (4-bit storage in the "
-        "compute dtype); each GPU still loads the whole 4-bit model first; needs CUDA.", G_DIST, choices=("ddp", "fsdp")),
+        "compute dtype); each GPU still loads the whole 4-bit model first; needs CUDA.",
+        G_DIST,
+        choices=("ddp", "fsdp"),
+    ),
     # ---- run
-    Var("OUTPUT_DIR", "str", "./output", "Everything the run writes: checkpoints/, adapter/, reports. Rerunning "
-        "with the same directory resumes.", G_RUN),
+    Var(
+        "OUTPUT_DIR",
+        "str",
+        "./output",
+        "Everything the run writes: checkpoints/, adapter/, reports. Rerunning with the same directory resumes.",
+        G_RUN,
+    ),
     Var("RESUME", "bool", True, "Resume from the newest complete checkpoint in OUTPUT_DIR/checkpoints.", G_RUN),
-    Var("RESTART", "bool", False, "When OUTPUT_DIR holds a run made with settings that change the weights: remove "
+    Var(
+        "RESTART",
+        "bool",
+        False,
+        "When OUTPUT_DIR holds a run made with settings that change the weights: remove "
         "that run's own files (checkpoints/, adapter/, merged/, data/, reports; nothing else) and start over. "
-        "Without it such a rerun exits 2 listing the changes. An identical rerun resumes either way.", G_RUN),
+        "Without it such a rerun exits 2 listing the changes. An identical rerun resumes either way.",
+        G_RUN,
+    ),
     Var("LOG_LEVEL", "str", "info", "Log level.", G_RUN, choices=("debug", "info", "warning", "error")),
-    Var("ENV_FILE", "str", None, "A .env file to read (default: ./.env when present); the real environment "
-        "wins.", G_RUN),
+    Var(
+        "ENV_FILE", "str", None, "A .env file to read (default: ./.env when present); the real environment wins.", G_RUN
+    ),
 ]
 
 # SFTConfig/LoraConfig/BitsAndBytesConfig fields this tool sets from its own variables.
 SFT_MANAGED = {
-    "output_dir": "use OUTPUT_DIR", "max_length": "use MAX_SEQ_LENGTH", "packing": "use PACKING",
-    "num_train_epochs": "use NUM_TRAIN_EPOCHS", "max_steps": "use MAX_STEPS", "seed": "use SEED",
+    "output_dir": "use OUTPUT_DIR",
+    "max_length": "use MAX_SEQ_LENGTH",
+    "packing": "use PACKING",
+    "num_train_epochs": "use NUM_TRAIN_EPOCHS",
+    "max_steps": "use MAX_STEPS",
+    "seed": "use SEED",
     "per_device_train_batch_size": "use PER_DEVICE_TRAIN_BATCH_SIZE",
-    "gradient_accumulation_steps": "use GRADIENT_ACCUMULATION_STEPS", "learning_rate": "use LEARNING_RATE",
-    "lr_scheduler_type": "use LR_SCHEDULER_TYPE", "warmup_steps": "use WARMUP_RATIO",
-    "max_grad_norm": "use MAX_GRAD_NORM", "optim": "use OPTIM", "gradient_checkpointing": "use GRADIENT_CHECKPOINTING",
-    "neftune_noise_alpha": "use NEFTUNE_NOISE_ALPHA", "logging_steps": "use LOGGING_STEPS",
-    "save_steps": "use SAVE_STEPS", "save_total_limit": "use SAVE_TOTAL_LIMIT", "report_to": "use REPORT_TO",
-    "completion_only_loss": "use COMPLETION_ONLY_LOSS", "assistant_only_loss": "use ASSISTANT_ONLY_LOSS",
-    "use_cpu": "use DEVICE", "bf16": "use DTYPE", "fp16": "use DTYPE", "chat_template_path": "use CHAT_TEMPLATE",
-    "dataset_text_field": "use TEXT_FIELD", "resume_from_checkpoint": "resuming is automatic (RESUME)",
+    "gradient_accumulation_steps": "use GRADIENT_ACCUMULATION_STEPS",
+    "learning_rate": "use LEARNING_RATE",
+    "lr_scheduler_type": "use LR_SCHEDULER_TYPE",
+    "warmup_steps": "use WARMUP_RATIO",
+    "max_grad_norm": "use MAX_GRAD_NORM",
+    "optim": "use OPTIM",
+    "gradient_checkpointing": "use GRADIENT_CHECKPOINTING",
+    "neftune_noise_alpha": "use NEFTUNE_NOISE_ALPHA",
+    "logging_steps": "use LOGGING_STEPS",
+    "save_steps": "use SAVE_STEPS",
+    "save_total_limit": "use SAVE_TOTAL_LIMIT",
+    "report_to": "use REPORT_TO",
+    "completion_only_loss": "use COMPLETION_ONLY_LOSS",
+    "assistant_only_loss": "use ASSISTANT_ONLY_LOSS",
+    "use_cpu": "use DEVICE",
+    "bf16": "use DTYPE",
+    "fp16": "use DTYPE",
+    "chat_template_path": "use CHAT_TEMPLATE",
+    "dataset_text_field": "use TEXT_FIELD",
+    "resume_from_checkpoint": "resuming is automatic (RESUME)",
     "hub_token": "the token is read from HF_TOKEN / HF_TOKEN_FILE only (a token here would be saved into "
     "every checkpoint's training_args.bin)",
     "push_to_hub": "publishing is a separate stage after merge and verification",
@@ -203,19 +476,29 @@ SFT_MANAGED = {
     "save_strategy": "checkpoints are taken every SAVE_STEPS steps",
 }
 LORA_MANAGED = {
-    "r": "use LORA_R", "lora_alpha": "use LORA_ALPHA", "lora_dropout": "use LORA_DROPOUT",
-    "target_modules": "use LORA_TARGET_MODULES", "modules_to_save": "use LORA_MODULES_TO_SAVE",
+    "r": "use LORA_R",
+    "lora_alpha": "use LORA_ALPHA",
+    "lora_dropout": "use LORA_DROPOUT",
+    "target_modules": "use LORA_TARGET_MODULES",
+    "modules_to_save": "use LORA_MODULES_TO_SAVE",
     "task_type": "it is always CAUSAL_LM",
 }
 BNB_MANAGED = {
-    "load_in_4bit": "use LOAD_IN_4BIT", "load_in_8bit": "this tool trains 4-bit QLoRA or unquantized LoRA",
+    "load_in_4bit": "use LOAD_IN_4BIT",
+    "load_in_8bit": "this tool trains 4-bit QLoRA or unquantized LoRA",
 }
 
 PREFIXES = [
     Prefix("SFT_", "sft", "trl.SFTConfig", SFT_MANAGED),
     Prefix("LORA_", "lora", "peft.LoraConfig", LORA_MANAGED),
-    Prefix("BNB_", "bnb", "transformers.BitsAndBytesConfig", BNB_MANAGED, whole_name_first=True,
-           foreign=("BNB_CUDA_VERSION",)),
+    Prefix(
+        "BNB_",
+        "bnb",
+        "transformers.BitsAndBytesConfig",
+        BNB_MANAGED,
+        whole_name_first=True,
+        foreign=("BNB_CUDA_VERSION",),
+    ),
 ]
 
 
@@ -228,8 +511,10 @@ def _validate(s: Settings) -> list[str]:
             continue
         if looks_local(ref):
             if not Path(ref).expanduser().is_dir():
-                problems.append(f"{name}={ref!r}: no such directory (a local model is a folder with config.json); "
-                                "give an existing folder or a Hub id like org/name")
+                problems.append(
+                    f"{name}={ref!r}: no such directory (a local model is a folder with config.json); "
+                    "give an existing folder or a Hub id like org/name"
+                )
         elif not hub_id.match(ref):
             problems.append(f"{name}={ref!r}: not a Hub id (org/name) nor an existing directory")
     ds = s.dataset
@@ -237,8 +522,10 @@ def _validate(s: Settings) -> list[str]:
         if looks_local(ds):
             p = Path(ds).expanduser()
             if not p.exists():
-                problems.append(f"DATASET={ds!r}: no such file or directory; give a local "
-                                f"{'/'.join(DATA_EXTENSIONS)} file, a directory, or a Hub id like org/name")
+                problems.append(
+                    f"DATASET={ds!r}: no such file or directory; give a local "
+                    f"{'/'.join(DATA_EXTENSIONS)} file, a directory, or a Hub id like org/name"
+                )
             elif p.is_file() and not ds.endswith(DATA_EXTENSIONS):
                 problems.append(f"DATASET={ds!r}: unsupported file type; use one of {', '.join(DATA_EXTENSIONS)}")
         elif not hub_id.match(ds):
@@ -250,8 +537,10 @@ def _validate(s: Settings) -> list[str]:
     if s.user_template is not None and not s.assistant_field:
         problems.append("USER_TEMPLATE is set but ASSISTANT_FIELD is not: name the column holding the answer")
     if s.assistant_field and s.user_template is None:
-        problems.append("ASSISTANT_FIELD is set but USER_TEMPLATE is not: give the user message template, "
-                        "e.g. USER_TEMPLATE='{question}'")
+        problems.append(
+            "ASSISTANT_FIELD is set but USER_TEMPLATE is not: give the user message template, "
+            "e.g. USER_TEMPLATE='{question}'"
+        )
     if s.user_template is not None:
         try:
             template_fields(s.user_template)
@@ -261,8 +550,10 @@ def _validate(s: Settings) -> list[str]:
     ct = s.chat_template
     if ct is not None and ct not in NAMED_TEMPLATES and "{" not in ct:
         if not ct.endswith((".jinja", ".j2")):
-            problems.append(f"CHAT_TEMPLATE={ct!r}: not a known name ({', '.join(NAMED_TEMPLATES)}), a .jinja "
-                            "file, nor template text")
+            problems.append(
+                f"CHAT_TEMPLATE={ct!r}: not a known name ({', '.join(NAMED_TEMPLATES)}), a .jinja "
+                "file, nor template text"
+            )
         elif not Path(ct).is_file():
             problems.append(f"CHAT_TEMPLATE={ct!r}: no such file")
     for name in ("HUB_MODEL_ID", "HUB_ADAPTER_MODEL_ID"):
@@ -301,20 +592,28 @@ def _loss_problems(s: Settings) -> list[str]:
     setting) trains the saved copy (tests/test_packing.py); a LoRA adapter on lm_head would never be trained."""
     problems: list[str] = []
     if s.packing and s.attn_implementation and s.attn_implementation not in PACKED_ATTENTION:
-        problems.append(f"ATTN_IMPLEMENTATION={s.attn_implementation!r} with PACKING=true: packed rows would attend "
-                        f"to each other; use one of {', '.join(PACKED_ATTENTION)}, or PACKING=false")
+        problems.append(
+            f"ATTN_IMPLEMENTATION={s.attn_implementation!r} with PACKING=true: packed rows would attend "
+            f"to each other; use one of {', '.join(PACKED_ATTENTION)}, or PACKING=false"
+        )
     if any(m == "lm_head" or m.endswith(".lm_head") for m in s.lora_target_modules or []):
-        problems.append("LORA_TARGET_MODULES includes lm_head: TRL computes the loss from lm_head.weight directly, "
-                        "so a LoRA adapter there would never train; train it in full with "
-                        "LORA_MODULES_TO_SAVE=lm_head instead")
+        problems.append(
+            "LORA_TARGET_MODULES includes lm_head: TRL computes the loss from lm_head.weight directly, "
+            "so a LoRA adapter there would never train; train it in full with "
+            "LORA_MODULES_TO_SAVE=lm_head instead"
+        )
     sft = s.extras.get("sft", {})
     if sft.get("use_liger_kernel") and (sft.get("liger_kernel_config") or {}).get("fused_linear_cross_entropy"):
-        problems.append("SFT_LIGER_KERNEL_CONFIG: fused_linear_cross_entropy replaces the model's forward, which "
-                        "TRL's fused LM head (its loss) needs; leave it false (TRL then applies Liger's other "
-                        "kernels)")
+        problems.append(
+            "SFT_LIGER_KERNEL_CONFIG: fused_linear_cross_entropy replaces the model's forward, which "
+            "TRL's fused LM head (its loss) needs; leave it false (TRL then applies Liger's other "
+            "kernels)"
+        )
     if s.packing and sft.get("packing_strategy") == "wrapped":
-        problems.append("SFT_PACKING_STRATEGY=wrapped cuts rows mid-way and lets them attend to each other; use bfd "
-                        "(the default) or bfd_split")
+        problems.append(
+            "SFT_PACKING_STRATEGY=wrapped cuts rows mid-way and lets them attend to each other; use bfd "
+            "(the default) or bfd_split"
+        )
     return problems
 
 

@@ -40,8 +40,14 @@ ROW = "__row__"  # original row number, kept through shuffling so errors name th
 ROLES = ("system", "user", "assistant", "tool")
 # Message fields besides role and content that templates read (Qwen3's reasoning_content, gpt-oss's thinking).
 EXTRA_MESSAGE_FIELDS = ("reasoning_content", "thinking", "name")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "tool": "tool"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "tool": "tool",
+}
 MAX_LISTED = 20
 
 
@@ -67,8 +73,9 @@ class Example:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Example:
         if "messages" in d:
-            return cls(d["row"], "chat", messages=d["messages"], trained_turns=d.get("trained_turns"),
-                       source=d.get("source"))
+            return cls(
+                d["row"], "chat", messages=d["messages"], trained_turns=d.get("trained_turns"), source=d.get("source")
+            )
         if "prompt" in d:
             return cls(d["row"], "pc", prompt=d["prompt"], completion=d["completion"])
         return cls(d["row"], "text", text=d["text"])
@@ -105,13 +112,17 @@ def check_text_file(path: Path, limit: int) -> None:
     with path.open("rb") as f:
         for number, line in enumerate(iter(lambda: f.readline(limit + 1), b""), start=1):
             if len(line) > limit:
-                raise DataError(f"{path}:{number}: the line is longer than {limit} bytes, more than any row of "
-                                "MAX_SEQ_LENGTH tokens takes; shorten or remove it (nothing was parsed)")
+                raise DataError(
+                    f"{path}:{number}: the line is longer than {limit} bytes, more than any row of "
+                    "MAX_SEQ_LENGTH tokens takes; shorten or remove it (nothing was parsed)"
+                )
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid UTF-8 (byte {exc.start + 1} of the line: "
-                                f"{line[exc.start:exc.start + 1]!r}); save the file as UTF-8") from None
+                raise DataError(
+                    f"{path}:{number}: not valid UTF-8 (byte {exc.start + 1} of the line: "
+                    f"{line[exc.start : exc.start + 1]!r}); save the file as UTF-8"
+                ) from None
             if not text.strip():
                 continue
             rows += 1
@@ -119,11 +130,15 @@ def check_text_file(path: Path, limit: int) -> None:
                 try:
                     row = json.loads(text)
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); each "
-                                    "line of a .jsonl file is one JSON object") from None
+                    raise DataError(
+                        f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); each "
+                        "line of a .jsonl file is one JSON object"
+                    ) from None
                 if not isinstance(row, dict):
-                    raise DataError(f"{path}:{number}: a row must be a JSON object with the dataset's columns, "
-                                    f"not a JSON {type(row).__name__}")
+                    raise DataError(
+                        f"{path}:{number}: a row must be a JSON object with the dataset's columns, "
+                        f"not a JSON {type(row).__name__}"
+                    )
     if rows == 0 or (not jsonl and rows < 2):  # a .csv file's first line is its header
         raise DataError(f"{path}: the file has no rows")
 
@@ -141,11 +156,14 @@ def _load_split(cfg: Settings, split: str):
                     check_text_file(f, max_line_bytes(cfg.max_seq_length))
             if path.is_file():
                 builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}[
-                    next(e for e in DATA_EXTENSIONS if ref.endswith(e))]
+                    next(e for e in DATA_EXTENSIONS if ref.endswith(e))
+                ]
                 if split != "train":
-                    raise ConfigError(f"DATASET={ref!r} is a single file, which has only the 'train' split; "
-                                      f"{split!r} was asked for (DATASET_SPLIT/EVAL_SPLIT). Use a directory with "
-                                      "<split>.jsonl files, or EVAL_SIZE")
+                    raise ConfigError(
+                        f"DATASET={ref!r} is a single file, which has only the 'train' split; "
+                        f"{split!r} was asked for (DATASET_SPLIT/EVAL_SPLIT). Use a directory with "
+                        "<split>.jsonl files, or EVAL_SIZE"
+                    )
                 return datasets.load_dataset(builder, data_files=str(path), split="train")
             dd = datasets.load_dataset(str(path))
         else:
@@ -199,7 +217,8 @@ def detect_format(cfg: Settings, columns: list[str], first: dict) -> str:
     raise DataError(
         f"DATASET={cfg.dataset!r}: cannot tell its format from its columns {columns}. Expected one of: "
         f"'messages' (conversations), 'prompt' + 'completion', a text column (TEXT_FIELD={cfg.text_field!r}), "
-        "or set USER_TEMPLATE/ASSISTANT_FIELD to build conversations from columns")
+        "or set USER_TEMPLATE/ASSISTANT_FIELD to build conversations from columns"
+    )
 
 
 def _check_messages(value: Any, where: str) -> list[dict]:
@@ -229,19 +248,26 @@ def shape_row(cfg: Settings, fmt: str, row: dict) -> Example:
         if not isinstance(answer, str):
             raise ValueError(f"ASSISTANT_FIELD {cfg.assistant_field!r} must be a string, got {type(answer).__name__}")
         messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []) + [
-            {"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": answer},
+        ]
         trained = [len(messages) - 1] if cfg.assistant_only_loss else None
         source = {k: v for k, v in row.items() if k != ROW and isinstance(v, (str, int, float, bool))}
         return Example(idx, "chat", messages=messages, trained_turns=trained, source=source)
     if fmt in ("conversational", "sharegpt"):
-        raw = row["messages"] if fmt == "conversational" else [
-            {"role": SHAREGPT_ROLES.get(m.get("from"), m.get("from")), "content": m.get("value")}
-            for m in (row["conversations"] or []) if isinstance(m, dict)]
+        raw = (
+            row["messages"]
+            if fmt == "conversational"
+            else [
+                {"role": SHAREGPT_ROLES.get(m.get("from"), m.get("from")), "content": m.get("value")}
+                for m in (row["conversations"] or [])
+                if isinstance(m, dict)
+            ]
+        )
         messages = _check_messages(raw, "messages")
         if cfg.system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": cfg.system_prompt})
-        trained = [i for i, m in enumerate(messages) if m["role"] == "assistant"] if cfg.assistant_only_loss \
-            else None
+        trained = [i for i, m in enumerate(messages) if m["role"] == "assistant"] if cfg.assistant_only_loss else None
         return Example(idx, "chat", messages=messages, trained_turns=trained)
     if fmt == "conversational_prompt_completion":
         prompt = _check_messages(row["prompt"], "prompt")
@@ -264,8 +290,10 @@ def shape(cfg: Settings, fmt: str, ds, split: str) -> list[Example]:
     if fmt == "columns":
         missing = [c for c in template_fields(cfg.user_template) + [cfg.assistant_field] if c not in ds.column_names]
         if missing:
-            raise DataError(f"DATASET={cfg.dataset!r} ({split}) lacks column(s) {', '.join(missing)} used by "
-                            f"USER_TEMPLATE/ASSISTANT_FIELD; it has: {', '.join(c for c in ds.column_names if c != ROW)}")
+            raise DataError(
+                f"DATASET={cfg.dataset!r} ({split}) lacks column(s) {', '.join(missing)} used by "
+                f"USER_TEMPLATE/ASSISTANT_FIELD; it has: {', '.join(c for c in ds.column_names if c != ROW)}"
+            )
     examples, errors = [], []
     for row in ds:
         try:
@@ -275,16 +303,20 @@ def shape(cfg: Settings, fmt: str, ds, split: str) -> list[Example]:
     if errors:
         listed = "\n  ".join(errors[:MAX_LISTED])
         more = f"\n  ... and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
-        raise DataError(f"DATASET={cfg.dataset!r} ({split}): {len(errors)} row(s) have the wrong shape for the "
-                        f"{fmt} format:\n  {listed}{more}")
+        raise DataError(
+            f"DATASET={cfg.dataset!r} ({split}): {len(errors)} row(s) have the wrong shape for the "
+            f"{fmt} format:\n  {listed}{more}"
+        )
     return examples
 
 
 # ---------------------------------------------------------------------------------------------- encoding
-PER_TURN_GENERATION_PROMPT = ("the generation prompt adds text the rendered turn does not contain (e.g. it opens "
-                              "a thinking channel)")
-PER_TURN_HISTORY = "the template renders earlier turns differently once the conversation goes on (e.g. drops "\
-                   "their reasoning)"
+PER_TURN_GENERATION_PROMPT = (
+    "the generation prompt adds text the rendered turn does not contain (e.g. it opens a thinking channel)"
+)
+PER_TURN_HISTORY = (
+    "the template renders earlier turns differently once the conversation goes on (e.g. drops their reasoning)"
+)
 
 
 def turn_targets(tok, messages: list[dict], trained_turns: list[int]) -> tuple[list[tuple[str, str, int]], str | None]:
@@ -300,8 +332,10 @@ def turn_targets(tok, messages: list[dict], trained_turns: list[int]) -> tuple[l
         target = upto[shared:]
         content = messages[i]["content"].strip()
         if content and content not in target:
-            raise ValueError(f"assistant turn {i} cannot be located: the chat template renders it as {target!r:.200} "
-                             "after the prompt serving would send, which does not contain its content")
+            raise ValueError(
+                f"assistant turn {i} cannot be located: the chat template renders it as {target!r:.200} "
+                "after the prompt serving would send, which does not contain its content"
+            )
         if shared < len(prompt):
             reason = reason or PER_TURN_GENERATION_PROMPT
         elif not full.startswith(upto):
@@ -312,8 +346,10 @@ def turn_targets(tok, messages: list[dict], trained_turns: list[int]) -> tuple[l
 
 # A two-exchange conversation with reasoning on both answers: enough to show how a template renders history.
 PROBE_CONVERSATION = [
-    {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1", "reasoning_content": "R1"},
-    {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2", "reasoning_content": "R2"},
+    {"role": "user", "content": "Q1"},
+    {"role": "assistant", "content": "A1", "reasoning_content": "R1"},
+    {"role": "user", "content": "Q2"},
+    {"role": "assistant", "content": "A2", "reasoning_content": "R2"},
 ]
 
 
@@ -323,8 +359,11 @@ def template_path(tok) -> str:
         _, reason = turn_targets(tok, PROBE_CONVERSATION, [1, 3])
     except Exception as exc:  # noqa: BLE001 - a template that cannot render the probe; real rows decide then
         return f"undetermined (the probe conversation does not render: {type(exc).__name__})"
-    return "prefix-preserving: one sequence per conversation" if reason is None else \
-        f"one sequence per assistant turn: {reason}"
+    return (
+        "prefix-preserving: one sequence per conversation"
+        if reason is None
+        else f"one sequence per assistant turn: {reason}"
+    )
 
 
 def encode_chat(tok, messages: list[dict], trained_turns: list[int] | None) -> tuple[list[tuple], str | None]:
@@ -345,8 +384,9 @@ def encode_chat(tok, messages: list[dict], trained_turns: list[int] | None) -> t
     enc = tok(render(tok, messages), add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     spans = [(len(prompt), end) for prompt, _, end in pieces]
-    labels = [tid if any(s < e_tok and b_tok < e for s, e in spans) else -100
-              for tid, (b_tok, e_tok) in zip(ids, offsets)]
+    labels = [
+        tid if any(s < e_tok and b_tok < e for s, e in spans) else -100 for tid, (b_tok, e_tok) in zip(ids, offsets)
+    ]
     return [(ids, labels)], None
 
 
@@ -404,23 +444,35 @@ def encode_all(cfg: Settings, tok, examples: list[Example], split: str) -> Encod
         raise DataError(f"{split}: {len(errors)} row(s) cannot be tokenized:\n  " + "\n  ".join(errors[:MAX_LISTED]))
     if no_loss:
         listed = ", ".join(map(str, no_loss[:MAX_LISTED])) + (" ..." if len(no_loss) > MAX_LISTED else "")
-        raise DataError(f"{split}: {len(no_loss)} row(s) have no tokens to learn from (no assistant turn / empty "
-                        f"completion): rows {listed}")
+        raise DataError(
+            f"{split}: {len(no_loss)} row(s) have no tokens to learn from (no assistant turn / empty "
+            f"completion): rows {listed}"
+        )
     if too_long:
         frac = len(too_long) / len(examples)
         listed = ", ".join(f"{r} ({n} tokens)" for r, n in too_long[:MAX_LISTED]) + (
-            " ..." if len(too_long) > MAX_LISTED else "")
-        msg = (f"{split}: {len(too_long)} of {len(examples)} rows ({frac:.1%}) are longer than "
-               f"MAX_SEQ_LENGTH={cfg.max_seq_length}: rows {listed}")
+            " ..." if len(too_long) > MAX_LISTED else ""
+        )
+        msg = (
+            f"{split}: {len(too_long)} of {len(examples)} rows ({frac:.1%}) are longer than "
+            f"MAX_SEQ_LENGTH={cfg.max_seq_length}: rows {listed}"
+        )
         if frac > cfg.max_overlong_fraction:
-            raise DataError(f"{msg}. That is more than MAX_OVERLONG_FRACTION={cfg.max_overlong_fraction}; raise "
-                            "MAX_SEQ_LENGTH or MAX_OVERLONG_FRACTION, or shorten those rows")
+            raise DataError(
+                f"{msg}. That is more than MAX_OVERLONG_FRACTION={cfg.max_overlong_fraction}; raise "
+                "MAX_SEQ_LENGTH or MAX_OVERLONG_FRACTION, or shorten those rows"
+            )
         log.warning("%s; they are dropped (truncating would cut off the end of the answer)", msg)
     if not rows:
         raise DataError(f"{split}: no rows left to train on")
     for reason, count in per_turn.items():
-        log.info("%s: %d conversation(s) trained as one sequence per assistant turn, each on the prompt serving "
-                 "renders for it: %s", split, count, reason)
+        log.info(
+            "%s: %d conversation(s) trained as one sequence per assistant turn, each on the prompt serving "
+            "renders for it: %s",
+            split,
+            count,
+            reason,
+        )
     return Encoded(rows, [r for r, _ in too_long], per_turn)
 
 
@@ -432,10 +484,13 @@ def check_end_of_turn_trained(tok, eot: str, rows) -> None:
         return
     trained = [i for i, (t, lbl) in enumerate(zip(ids, labels)) if t == eot_id and lbl != -100]
     if not trained:
-        shown = "".join(tok.convert_ids_to_tokens([t if lbl != -100 else tok.pad_token_id
-                                                   for t, lbl in zip(ids, labels)]))
-        raise DataError(f"row {ex.row}: the end-of-turn token {eot!r} is not inside the loss mask, so the model "
-                        f"would never learn to stop. Trained part: {shown!r}")
+        shown = "".join(
+            tok.convert_ids_to_tokens([t if lbl != -100 else tok.pad_token_id for t, lbl in zip(ids, labels)])
+        )
+        raise DataError(
+            f"row {ex.row}: the end-of-turn token {eot!r} is not inside the loss mask, so the model "
+            f"would never learn to stop. Trained part: {shown!r}"
+        )
 
 
 def write_jsonl(path: Path, examples: list[Example]) -> None:
@@ -463,8 +518,13 @@ def load_and_shape(cfg: Settings) -> Shaped:
     train_raw, eval_raw = load_raw(cfg)
     columns = [c for c in train_raw.column_names if c != ROW]
     fmt = detect_format(cfg, columns, train_raw[0])
-    log.info("dataset %s: %d training rows%s, format: %s", cfg.dataset, len(train_raw),
-             f", {len(eval_raw)} evaluation rows" if eval_raw is not None else "", fmt)
+    log.info(
+        "dataset %s: %d training rows%s, format: %s",
+        cfg.dataset,
+        len(train_raw),
+        f", {len(eval_raw)} evaluation rows" if eval_raw is not None else "",
+        fmt,
+    )
     train_ex = shape(cfg, fmt, train_raw, "train")
     eval_ex = shape(cfg, fmt, eval_raw, "eval") if eval_raw is not None else []
     return Shaped(fmt, train_ex, eval_ex)
@@ -493,15 +553,31 @@ def tokenize(cfg: Settings, tok_info, shaped: Shaped, data_dir: Path | None) -> 
     lengths = [len(r[1]) for r in train_rows]
     trained_tokens = sum(sum(1 for lbl in r[2] if lbl != -100) for r in train_rows)
     kept_train, kept_eval = distinct(train_rows), distinct(eval_rows)
-    stats = {"format": shaped.format, "train_rows": len(kept_train), "eval_rows": len(kept_eval),
-             "train_sequences": len(train_rows), "template_path": path, "per_turn_rows": train.per_turn,
-             "dropped_overlong_rows": train.dropped, "train_tokens": sum(lengths), "trained_tokens": trained_tokens,
-             "max_row_tokens": max(lengths), "mean_row_tokens": round(sum(lengths) / len(lengths), 1)}
-    log.info("tokenized: %d rows in %d sequences, %d tokens (%d in the loss), longest sequence %d tokens",
-             len(kept_train), len(train_rows), sum(lengths), trained_tokens, max(lengths))
+    stats = {
+        "format": shaped.format,
+        "train_rows": len(kept_train),
+        "eval_rows": len(kept_eval),
+        "train_sequences": len(train_rows),
+        "template_path": path,
+        "per_turn_rows": train.per_turn,
+        "dropped_overlong_rows": train.dropped,
+        "train_tokens": sum(lengths),
+        "trained_tokens": trained_tokens,
+        "max_row_tokens": max(lengths),
+        "mean_row_tokens": round(sum(lengths) / len(lengths), 1),
+    }
+    log.info(
+        "tokenized: %d rows in %d sequences, %d tokens (%d in the loss), longest sequence %d tokens",
+        len(kept_train),
+        len(train_rows),
+        sum(lengths),
+        trained_tokens,
+        max(lengths),
+    )
     if data_dir is not None:
         write_jsonl(data_dir / TRAIN_ROWS, kept_train)
         if kept_eval:
             write_jsonl(data_dir / EVAL_ROWS, kept_eval)
-    return PreparedData(shaped.format, to_ds(train_rows), to_ds(eval_rows) if eval_rows else None, kept_train,
-                        kept_eval, stats)
+    return PreparedData(
+        shaped.format, to_ds(train_rows), to_ds(eval_rows) if eval_rows else None, kept_train, kept_eval, stats
+    )

@@ -41,8 +41,16 @@ def clean_sql(text: str) -> str:
     return (fenced.group(1) if fenced else text).strip()
 
 
-def evaluate(merged: Path, data_dir: Path, *, max_samples: int, max_new_tokens: int, sql_execution: bool,
-             sql_context_field: str, batch_size: int = 8) -> dict[str, Any] | None:
+def evaluate(
+    merged: Path,
+    data_dir: Path,
+    *,
+    max_samples: int,
+    max_new_tokens: int,
+    sql_execution: bool,
+    sql_context_field: str,
+    batch_size: int = 8,
+) -> dict[str, Any] | None:
     import torch
     from tqdm.auto import tqdm
 
@@ -68,22 +76,31 @@ def evaluate(merged: Path, data_dir: Path, *, max_samples: int, max_new_tokens: 
     tok.padding_side = "left"
     answers: list[str] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="eval generation", unit="batch"):
-        chunk = prompts[start:start + batch_size]
+        chunk = prompts[start : start + batch_size]
         enc = [p.encode(tok) for p in chunk]
         width = max(map(len, enc))
         pad = tok.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=model.device)
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=model.device)
         with torch.no_grad():
-            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad)
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
         answers += [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]
 
     rows = []
     exact = runs = matches = sql_rows = 0
     for ex, p, answer in zip(examples, prompts, answers):
-        item: dict[str, Any] = {"row": ex.row, "reference": p.reference, "answer": answer,
-                                "exact_match": answer == p.reference.strip()}
+        item: dict[str, Any] = {
+            "row": ex.row,
+            "reference": p.reference,
+            "answer": answer,
+            "exact_match": answer == p.reference.strip(),
+        }
         exact += item["exact_match"]
         if sql_execution:
             context = sql_context(ex, sql_context_field)
@@ -106,7 +123,11 @@ def evaluate(merged: Path, data_dir: Path, *, max_samples: int, max_new_tokens: 
         report["sql_executes"] = round(runs / sql_rows, 4) if sql_rows else None
         report["sql_execution_match"] = round(matches / sql_rows, 4) if sql_rows else None
     report["answers"] = rows
-    log.info("evaluation on %d held-out rows: loss %s, exact match %s%s", n, report["eval_loss"],
-             report["exact_match"], f", SQL execution match {report.get('sql_execution_match')}"
-             if sql_execution else "")
+    log.info(
+        "evaluation on %d held-out rows: loss %s, exact match %s%s",
+        n,
+        report["eval_loss"],
+        report["exact_match"],
+        f", SQL execution match {report.get('sql_execution_match')}" if sql_execution else "",
+    )
     return report

@@ -73,8 +73,13 @@ class RetryableError(PipelineError):
 # How torch's C++ writers report a failed write (RuntimeError, no errno): "basic_ios::clear: iostream error",
 # "PytorchStreamWriter failed writing file ...: file write failed", "[enforce fail at inline_container.cc:672] .
 # unexpected pos 282816 vs 282704" (a short write found when the zip file is closed).
-WRITE_FAILURES = ("No space left on device", "iostream error", "failed writing file", "file write failed",
-                  "inline_container.cc")
+WRITE_FAILURES = (
+    "No space left on device",
+    "iostream error",
+    "failed writing file",
+    "file write failed",
+    "inline_container.cc",
+)
 NEARLY_FULL = 64 << 20  # bytes: a failed write with less than this free is taken for a full disk
 
 
@@ -92,8 +97,14 @@ def disk_full_message(exc: BaseException, output_dir: str | None) -> str | None:
         seen.add(id(exc))
         chain.append(exc)
         exc = exc.__cause__ or exc.__context__
-    path = next((e.filename or output_dir or "." for e in chain
-                 if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)), None)
+    path = next(
+        (
+            e.filename or output_dir or "."
+            for e in chain
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        ),
+        None,
+    )
 
     def usage(where: str):
         p = Path(where).expanduser().absolute()
@@ -108,9 +119,11 @@ def disk_full_message(exc: BaseException, output_dir: str | None) -> str | None:
             return None
         path = output_dir
     du = usage(str(path))
-    return (f"no space left on the disk of {path} ({du.free / 1e6:.1f} MB free of {du.total / 1e6:.1f} MB). "
-            "Everything finished is kept and the failed stage's temporary files were removed; free or enlarge the "
-            "volume, then rerun with the same OUTPUT_DIR to continue")
+    return (
+        f"no space left on the disk of {path} ({du.free / 1e6:.1f} MB free of {du.total / 1e6:.1f} MB). "
+        "Everything finished is kept and the failed stage's temporary files were removed; free or enlarge the "
+        "volume, then rerun with the same OUTPUT_DIR to continue"
+    )
 
 
 class Terminated(BaseException):

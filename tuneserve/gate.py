@@ -43,16 +43,29 @@ LIVE_TOKEN_ID = 0  # any id is a valid prompt for a 1-token generation
 log = logging.getLogger("vllm.tuneserve.gate")
 
 
-def gate_settings(*, auth: bool, max_request_bytes: int, max_tokenize_bytes: int, max_choices: int,
-                  max_request_output_tokens: int, max_output_tokens: int, drain_seconds: float,
-                  live_timeout: float, live_cache_seconds: float) -> str:
+def gate_settings(
+    *,
+    auth: bool,
+    max_request_bytes: int,
+    max_tokenize_bytes: int,
+    max_choices: int,
+    max_request_output_tokens: int,
+    max_output_tokens: int,
+    drain_seconds: float,
+    live_timeout: float,
+    live_cache_seconds: float,
+) -> str:
     """The TUNESERVE_GATE value the entrypoint passes (every field is required by Gate)."""
     return json.dumps({k: v for k, v in locals().items()}, sort_keys=True)
 
 
 def error_body(status: int, message: str, code: str, param: str | None = None) -> bytes:
-    kind = {401: "invalid_request_error", 413: "invalid_request_error", 400: "invalid_request_error",
-            503: "service_unavailable"}.get(status, "server_error")
+    kind = {
+        401: "invalid_request_error",
+        413: "invalid_request_error",
+        400: "invalid_request_error",
+        503: "service_unavailable",
+    }.get(status, "server_error")
     return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
 
 
@@ -60,8 +73,9 @@ def _count(value: Any, default: int = 1) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
 
 
-def check_generation_limits(body: Any, *, max_choices: int, max_request_output_tokens: int,
-                            max_output_tokens: int) -> tuple[str, str] | None:
+def check_generation_limits(
+    body: Any, *, max_choices: int, max_request_output_tokens: int, max_output_tokens: int
+) -> tuple[str, str] | None:
     """(message, param) when a JSON request body asks for more than the limits allow, else None.
 
     Choices are `n` and `best_of` (and beam width, which is `n`); output tokens per choice are the request's
@@ -77,8 +91,9 @@ def check_generation_limits(body: Any, *, max_choices: int, max_request_output_t
     if choices > max_choices:
         param = "n" if _count(body.get("n")) >= _count(body.get("best_of")) else "best_of"
         return (f"{param}={choices} is more than this server allows per request (MAX_CHOICES={max_choices})", param)
-    asked = next((body[k] for k in ("max_tokens", "max_completion_tokens", "max_output_tokens")
-                  if body.get(k) is not None), None)
+    asked = next(
+        (body[k] for k in ("max_tokens", "max_completion_tokens", "max_output_tokens") if body.get(k) is not None), None
+    )
     per_choice = min(_count(asked, max_output_tokens), max_output_tokens)
     prompts = 1
     for key, item in (("prompt", (str, list)), ("messages", list)):  # a list of prompts; a batch of conversations
@@ -88,9 +103,11 @@ def check_generation_limits(body: Any, *, max_choices: int, max_request_output_t
     total = prompts * choices * per_choice
     if total > max_request_output_tokens:
         what = f"{prompts} prompts x " if prompts > 1 else ""
-        message = (f"this request may generate {total} tokens ({what}{choices} choices x {per_choice} tokens), "
-                   f"more than this server allows per request (MAX_REQUEST_OUTPUT_TOKENS={max_request_output_tokens}"
-                   "); ask for fewer choices or a smaller max_tokens")
+        message = (
+            f"this request may generate {total} tokens ({what}{choices} choices x {per_choice} tokens), "
+            f"more than this server allows per request (MAX_REQUEST_OUTPUT_TOKENS={max_request_output_tokens}"
+            "); ask for fewer choices or a smaller max_tokens"
+        )
         return message, "max_tokens"
     return None
 
@@ -98,6 +115,7 @@ def check_generation_limits(body: Any, *, max_choices: int, max_request_output_t
 @dataclass(eq=False)
 class Flight:
     """One request the gate let through, until its response is complete."""
+
     task: asyncio.Task | None = None
     started: bool = False  # the response's status line went out
     streaming: bool = False  # ... as text/event-stream
@@ -139,8 +157,13 @@ class Gate:
         if not public and not self._authorized(scope):
             if kind == "websocket":  # closing before accept answers the handshake with 403
                 return await send({"type": "websocket.close", "code": 1008})
-            return await self._respond(send, 401, "Missing or invalid API key: send it as 'Authorization: Bearer "
-                                       "<key>'", "invalid_api_key", extra=[(b"www-authenticate", b"Bearer")])
+            return await self._respond(
+                send,
+                401,
+                "Missing or invalid API key: send it as 'Authorization: Bearer <key>'",
+                "invalid_api_key",
+                extra=[(b"www-authenticate", b"Bearer")],
+            )
         if kind == "websocket":
             return await self.app(scope, receive, send)
         if path == "/live":
@@ -148,8 +171,13 @@ class Gate:
         if self.draining:
             if path == "/metrics" or path.startswith("/metrics/"):
                 return await self.app(scope, receive, send)
-            return await self._respond(send, 503, "the server is shutting down; retry on another replica",
-                                       "draining", extra=[(b"retry-after", b"1"), (b"connection", b"close")])
+            return await self._respond(
+                send,
+                503,
+                "the server is shutting down; retry on another replica",
+                "draining",
+                extra=[(b"retry-after", b"1"), (b"connection", b"close")],
+            )
         if path in PROBES or public:
             return await self.app(scope, receive, send)
         receive = await self._checked_body(scope, receive, send, path)
@@ -170,13 +198,28 @@ class Gate:
 
     @staticmethod
     async def _send_json(send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] = ()) -> None:
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()), *extra]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    *extra,
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
-    async def _respond(self, send, status: int, message: str, code: str, param: str | None = None,
-                       extra: list[tuple[bytes, bytes]] = ()) -> None:
+    async def _respond(
+        self,
+        send,
+        status: int,
+        message: str,
+        code: str,
+        param: str | None = None,
+        extra: list[tuple[bytes, bytes]] = (),
+    ) -> None:
         await self._send_json(send, status, error_body(status, message, code, param), extra)
 
     # ------------------------------------------------------------------------------------------ limits
@@ -186,8 +229,11 @@ class Gate:
         if scope.get("method") in ("GET", "HEAD", "DELETE", "OPTIONS"):
             return receive
         tokenize = path.endswith(TOKENIZE_SUFFIXES)
-        limit, var = ((self.cfg["max_tokenize_bytes"], "MAX_TOKENIZE_BYTES") if tokenize
-                      else (self.cfg["max_request_bytes"], "MAX_REQUEST_BYTES"))
+        limit, var = (
+            (self.cfg["max_tokenize_bytes"], "MAX_TOKENIZE_BYTES")
+            if tokenize
+            else (self.cfg["max_request_bytes"], "MAX_REQUEST_BYTES")
+        )
         too_large = f"request body larger than this server accepts ({var}={limit} bytes)"
         headers = dict(scope.get("headers") or [])
         try:
@@ -215,9 +261,12 @@ class Gate:
                 parsed = json.loads(body)
             except ValueError:
                 parsed = None  # vLLM answers malformed JSON itself
-            problem = check_generation_limits(parsed, max_choices=self.cfg["max_choices"],
-                                              max_request_output_tokens=self.cfg["max_request_output_tokens"],
-                                              max_output_tokens=self.cfg["max_output_tokens"])
+            problem = check_generation_limits(
+                parsed,
+                max_choices=self.cfg["max_choices"],
+                max_request_output_tokens=self.cfg["max_request_output_tokens"],
+                max_output_tokens=self.cfg["max_output_tokens"],
+            )
             if problem is not None:
                 await self._respond(send, 400, problem[0], "limit_exceeded", param=problem[1])
                 return None
@@ -293,8 +342,11 @@ class Gate:
         if self.draining:
             return
         self.draining = True
-        log.info("SIGTERM: draining %d request(s) for up to %gs; /health answers 503, new requests 503",
-                 len(self.flights), self.cfg["drain_seconds"])
+        log.info(
+            "SIGTERM: draining %d request(s) for up to %gs; /health answers 503, new requests 503",
+            len(self.flights),
+            self.cfg["drain_seconds"],
+        )
         asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
@@ -303,8 +355,9 @@ class Gate:
             log.info("drain: every request finished")
         except TimeoutError:
             open_flights = [f for f in self.flights if f.task is not None and not f.task.done()]
-            log.warning("drain: %d request(s) still open after %gs: ending them", len(open_flights),
-                        self.cfg["drain_seconds"])
+            log.warning(
+                "drain: %d request(s) still open after %gs: ending them", len(open_flights), self.cfg["drain_seconds"]
+            )
             for f in open_flights:
                 f.cut = True
                 f.task.cancel()

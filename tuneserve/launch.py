@@ -107,17 +107,35 @@ def launch(cfg: Settings, argv: list[str] | None = None) -> int:
     if cfg.nnodes > 1:
         # Static rendezvous, as `torchrun --nnodes N --node-rank R --master-addr A --master-port P`: every node
         # knows its rank (the Indexed Job's index), so nothing but node 0's address has to be agreed on.
-        rdzv = dict(rdzv_backend="static", rdzv_endpoint=f"{cfg.master_addr}:{cfg.master_port}",
-                    rdzv_configs={"rank": cfg.node_rank, "timeout": 900}, run_id="tuneserve")
+        rdzv = dict(
+            rdzv_backend="static",
+            rdzv_endpoint=f"{cfg.master_addr}:{cfg.master_port}",
+            rdzv_configs={"rank": cfg.node_rank, "timeout": 900},
+            run_id="tuneserve",
+        )
     else:
         # One node: `torchrun --standalone` (a local store on a free port, so parallel runs never collide).
-        rdzv = dict(rdzv_backend="c10d", rdzv_endpoint="localhost:0", rdzv_configs={"is_host": True},
-                    run_id=str(uuid.uuid4()))
-    config = LaunchConfig(min_nodes=cfg.nnodes, max_nodes=cfg.nnodes, nproc_per_node=nproc, max_restarts=0,
-                          monitor_interval=1, logs_specs=DefaultLogsSpecs(), shutdown_timeout=SHUTDOWN_TIMEOUT,
-                          **rdzv)
-    log.info("starting %d training processes on this node (node %d of %d, %s, world size %d)", nproc,
-             cfg.node_rank, cfg.nnodes, cfg.distributed_strategy, nproc * cfg.nnodes)
+        rdzv = dict(
+            rdzv_backend="c10d", rdzv_endpoint="localhost:0", rdzv_configs={"is_host": True}, run_id=str(uuid.uuid4())
+        )
+    config = LaunchConfig(
+        min_nodes=cfg.nnodes,
+        max_nodes=cfg.nnodes,
+        nproc_per_node=nproc,
+        max_restarts=0,
+        monitor_interval=1,
+        logs_specs=DefaultLogsSpecs(),
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        **rdzv,
+    )
+    log.info(
+        "starting %d training processes on this node (node %d of %d, %s, world size %d)",
+        nproc,
+        cfg.node_rank,
+        cfg.nnodes,
+        cfg.distributed_strategy,
+        nproc * cfg.nnodes,
+    )
     os.environ[WORKER_MARK] = "1"
     try:
         elastic_launch(config, sys.executable)("-m", "entrypoints.train", *(argv or []))
@@ -128,8 +146,11 @@ def launch(cfg: Settings, argv: list[str] | None = None) -> int:
         return code
     except SignalException as exc:
         # The launcher forwarded the signal to its workers, which saved a checkpoint and exited.
-        log.error("stopped by %s: the training processes saved a checkpoint and exited. Rerun with the same "
-                  "OUTPUT_DIR to resume.", signal.Signals(exc.sigval).name)
+        log.error(
+            "stopped by %s: the training processes saved a checkpoint and exited. Rerun with the same "
+            "OUTPUT_DIR to resume.",
+            signal.Signals(exc.sigval).name,
+        )
         return 128 + int(exc.sigval)
     finally:
         del os.environ[WORKER_MARK]

@@ -94,8 +94,17 @@ class Layout:
     def artifacts(self) -> list[Path]:
         """What this tool writes directly under the root, scratch folders included; not the run record."""
         folders = [self.adapter, self.merged, *(self.merged_with(b) for b in MERGE_BASES)]
-        return [self.config, self.data, self.checkpoints, self.train_report, self.verify_report, self.eval_report,
-                self.publish_state, *folders, *(scratch(f) for f in folders)]
+        return [
+            self.config,
+            self.data,
+            self.checkpoints,
+            self.train_report,
+            self.verify_report,
+            self.eval_report,
+            self.publish_state,
+            *folders,
+            *(scratch(f) for f in folders),
+        ]
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -114,22 +123,27 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 
 # What a model or adapter folder of this tool holds, whichever way it was written (sharded or not, any tokenizer).
-MODEL_FILES = ("*.safetensors", "*.json", "*.jinja", "*.model", "*.tiktoken", "merges.txt", "vocab.txt",
-               "README.md")
+MODEL_FILES = ("*.safetensors", "*.json", "*.jinja", "*.model", "*.tiktoken", "merges.txt", "vocab.txt", "README.md")
 
 
 def replace_folder(new: Path, old: Path) -> None:
     """Put the finished folder `new` where `old` (this tool's merged/ or adapter/) was, in one rename. A file in
     `old` that this tool would not have written there is the user's: ConfigError naming it, nothing replaced."""
     if old.exists():
-        foreign = sorted(str(p.relative_to(old)) for p in old.rglob("*")
-                         if p.is_file() and not (new / p.relative_to(old)).exists()
-                         and not any(p.match(pattern) for pattern in MODEL_FILES))
+        foreign = sorted(
+            str(p.relative_to(old))
+            for p in old.rglob("*")
+            if p.is_file()
+            and not (new / p.relative_to(old)).exists()
+            and not any(p.match(pattern) for pattern in MODEL_FILES)
+        )
         if foreign:
             shutil.rmtree(new, ignore_errors=True)
-            raise ConfigError(f"{old} holds files tuneserve did not write ({', '.join(foreign[:5])}"
-                              f"{' ...' if len(foreign) > 5 else ''}); it would be replaced by a new {old.name}/. "
-                              "Move them out of OUTPUT_DIR and rerun")
+            raise ConfigError(
+                f"{old} holds files tuneserve did not write ({', '.join(foreign[:5])}"
+                f"{' ...' if len(foreign) > 5 else ''}); it would be replaced by a new {old.name}/. "
+                "Move them out of OUTPUT_DIR and rerun"
+            )
         shutil.rmtree(old)
     os.replace(new, old)
 
@@ -145,4 +159,3 @@ def readable_as_umask_allows(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file() and not path.is_symlink():
             os.chmod(path, 0o666 & ~umask)
-

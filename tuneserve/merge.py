@@ -37,8 +37,16 @@ log = logging.getLogger(__name__)
 
 PREFIX = "base_model.model."
 WEIGHTS_INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
 UNSUPPORTED_KEYS = ("lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B", "lora_B.bias")
 
 
@@ -63,7 +71,7 @@ def _scaling(config: dict, module: str) -> float:
     if config.get("alpha_pattern"):
         key = get_pattern_key(config["alpha_pattern"].keys(), module)
         alpha = config["alpha_pattern"].get(key, alpha)
-    return alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
+    return alpha / (r**0.5) if config.get("use_rslora") else alpha / r
 
 
 def read_adapter(adapter_dir: Path) -> AdapterParts:
@@ -72,8 +80,12 @@ def read_adapter(adapter_dir: Path) -> AdapterParts:
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
     parts = AdapterParts(config)
-    if config.get("use_dora") or config.get("fan_in_fan_out") or config.get("lora_bias") or \
-            config.get("target_parameters"):
+    if (
+        config.get("use_dora")
+        or config.get("fan_in_fan_out")
+        or config.get("lora_bias")
+        or config.get("target_parameters")
+    ):
         parts.unsupported.append("DoRA / fan_in_fan_out / lora_bias / target_parameters")
     modules_to_save = set(config.get("modules_to_save") or [])
     tti = config.get("trainable_token_indices")
@@ -84,7 +96,7 @@ def read_adapter(adapter_dir: Path) -> AdapterParts:
         if not key.startswith(PREFIX):
             parts.unsupported.append(key)
             continue
-        name = key[len(PREFIX):]
+        name = key[len(PREFIX) :]
         if name.endswith(".lora_A.weight"):
             module = name[: -len(".lora_A.weight")]
             b = tensors.get(f"{PREFIX}{module}.lora_B.weight")
@@ -125,8 +137,11 @@ def base_files(base_model: str, revision: str | None) -> Path:
         return p
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(base_model, revision=revision,
-                                  allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+    return Path(
+        snapshot_download(
+            base_model, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]
+        )
+    )
 
 
 def weight_map(folder: Path) -> dict[str, str]:
@@ -187,8 +202,12 @@ def nf4_roundtrip(w, quant: dict):
 
     dtype = getattr(torch, quant.get("dtype", "bfloat16"))
     device = replay_device(quant)
-    q, state = F.quantize_4bit(w.to(device=device, dtype=dtype), blocksize=quant["blocksize"],
-                               compress_statistics=quant["double_quant"], quant_type=quant["quant_type"])
+    q, state = F.quantize_4bit(
+        w.to(device=device, dtype=dtype),
+        blocksize=quant["blocksize"],
+        compress_statistics=quant["double_quant"],
+        quant_type=quant["quant_type"],
+    )
     return F.dequantize_4bit(q, state).to(device="cpu", dtype=w.dtype)
 
 
@@ -199,9 +218,11 @@ def replay_device(quant: dict) -> str:
 
     device = quant.get("device", "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("MERGE_BASE=dequantized: the base was quantized on a GPU in training and no GPU is visible "
-                          "here; the replay must run where training ran (its CPU kernels can round differently). "
-                          "Merge on a GPU node, or use MERGE_BASE=original")
+        raise ConfigError(
+            "MERGE_BASE=dequantized: the base was quantized on a GPU in training and no GPU is visible "
+            "here; the replay must run where training ran (its CPU kernels can round differently). "
+            "Merge on a GPU node, or use MERGE_BASE=original"
+        )
     return device
 
 
@@ -240,8 +261,16 @@ def plan_problems(parts: AdapterParts, names: dict[str, str | None]) -> list[str
     return problems
 
 
-def merge_sharded(base_dir: Path, adapter_dir: Path, out: Path, merge_base: str, meta: dict,
-                  parts: AdapterParts, wmap: dict[str, str], names: dict[str, str | None]) -> tuple[int, int, dict]:
+def merge_sharded(
+    base_dir: Path,
+    adapter_dir: Path,
+    out: Path,
+    merge_base: str,
+    meta: dict,
+    parts: AdapterParts,
+    wmap: dict[str, str],
+    names: dict[str, str | None],
+) -> tuple[int, int, dict]:
     """Write the merged shards into `out`, one tensor at a time (stream.py). Returns (tensors changed, shards
     written, config changes)."""
     import torch
@@ -250,8 +279,10 @@ def merge_sharded(base_dir: Path, adapter_dir: Path, out: Path, merge_base: str,
 
     quantized = _quantized_names(meta) if merge_base == "dequantized" else set()
     if merge_base == "dequantized" and not quantized:
-        raise ConfigError("MERGE_BASE=dequantized but the adapter was not trained on a 4-bit base "
-                          "(LOAD_IN_4BIT=false); use MERGE_BASE=original")
+        raise ConfigError(
+            "MERGE_BASE=dequantized but the adapter was not trained on a 4-bit base "
+            "(LOAD_IN_4BIT=false); use MERGE_BASE=original"
+        )
     quant = meta.get("quantization") or {}
     # Vocabulary size after training (added tokens grow embeddings and the output layer).
     vocab = 0
@@ -275,8 +306,10 @@ def merge_sharded(base_dir: Path, adapter_dir: Path, out: Path, merge_base: str,
             elif m in parts.rows:
                 shape = (max(shape[0], max(parts.rows[m][0]) + 1), *shape[1:])
             if vocab and len(shape) == 2 and shape[0] < vocab and ("embed_tokens" in m or "lm_head" in m):
-                raise ConfigError(f"{e.name} has {shape[0]} rows but the trained vocabulary has {vocab}; the "
-                                  "adapter does not hold the added rows")
+                raise ConfigError(
+                    f"{e.name} has {shape[0]} rows but the trained vocabulary has {vocab}; the "
+                    "adapter does not hold the added rows"
+                )
             layout.append((e.name, e.dtype, shape))
         last = i == len(shards) - 1
         extra_code = entries[0].dtype if entries else "BF16"
@@ -394,8 +427,15 @@ def make_servable(out: Path, base_dir: Path, adapter_dir: Path, meta: dict) -> d
     return {"eos_token_id": eos, "end_of_turn": meta.get("end_of_turn"), "chat_template": bool(template)}
 
 
-def merge(base_model: str, revision: str | None, adapter_dir: Path, out: Path, *, merge_base: str = "original",
-          force_peft: bool = False) -> MergeResult:
+def merge(
+    base_model: str,
+    revision: str | None,
+    adapter_dir: Path,
+    out: Path,
+    *,
+    merge_base: str = "original",
+    force_peft: bool = False,
+) -> MergeResult:
     """Merge into a temporary folder, then rename it to `out` (present means complete)."""
     start = time.perf_counter()
     meta = json.loads((adapter_dir / TRAINING_META).read_text())
@@ -414,8 +454,10 @@ def merge(base_model: str, revision: str | None, adapter_dir: Path, out: Path, *
             method = "sharded"
         else:
             if merge_base == "dequantized":
-                raise ConfigError(f"MERGE_BASE=dequantized needs the sharded merge, which cannot handle this adapter: "
-                                  f"{'; '.join(problems[:3])}")
+                raise ConfigError(
+                    f"MERGE_BASE=dequantized needs the sharded merge, which cannot handle this adapter: "
+                    f"{'; '.join(problems[:3])}"
+                )
             log.warning("sharded merge not possible (%s)", "; ".join(problems[:3]))
             merge_with_peft(base_model, revision, adapter_dir, tmp, meta.get("dtype", "bfloat16"))
             config = json.loads((tmp / "config.json").read_text())
@@ -426,19 +468,31 @@ def merge(base_model: str, revision: str | None, adapter_dir: Path, out: Path, *
         result = MergeResult(out, method, merge_base, round(time.perf_counter() - start, 3), changed, shards)
         # merge_id names this merge's output: a verification applies to it alone (a re-merge, even of the same
         # adapter in the same time, is verified again).
-        (tmp / MERGE_INFO).write_text(json.dumps({
-            "merge_id": uuid.uuid4().hex, "method": method, "merge_base": merge_base, "tensors_merged": changed,
-            "shards": shards, "seconds": result.seconds, "base_model": base_model, "base_model_revision": revision,
-            "stop_token_ids": servable["eos_token_id"], "end_of_turn": servable["end_of_turn"]}, indent=2) + "\n")
+        (tmp / MERGE_INFO).write_text(
+            json.dumps(
+                {
+                    "merge_id": uuid.uuid4().hex,
+                    "method": method,
+                    "merge_base": merge_base,
+                    "tensors_merged": changed,
+                    "shards": shards,
+                    "seconds": result.seconds,
+                    "base_model": base_model,
+                    "base_model_revision": revision,
+                    "stop_token_ids": servable["eos_token_id"],
+                    "end_of_turn": servable["end_of_turn"],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed merge (a full disk, say) leaves nothing
         raise
     replace_folder(tmp, out)
-    log.info("merged %d tensors over %d shard(s) into %s (%s, MERGE_BASE=%s)", changed, shards, out, method,
-             merge_base)
+    log.info("merged %d tensors over %d shard(s) into %s (%s, MERGE_BASE=%s)", changed, shards, out, method, merge_base)
     return result
 
 
 def merged_done(out: Path) -> bool:
     return (out / MERGE_INFO).is_file() and (out / "config.json").is_file()
-

@@ -35,16 +35,24 @@ def resolve_placement(cfg: Settings) -> Placement:
 
     cuda = torch.cuda.is_available()
     if cfg.device == "cuda" and not cuda:
-        raise ConfigError("DEVICE=cuda but no CUDA device is visible (check --gpus all / the nvidia.com/gpu "
-                          "request); use DEVICE=cpu or auto")
+        raise ConfigError(
+            "DEVICE=cuda but no CUDA device is visible (check --gpus all / the nvidia.com/gpu "
+            "request); use DEVICE=cpu or auto"
+        )
     device = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and cuda)) else "cpu"
-    if device == "cuda" and not launch.in_worker() and launch.nproc_per_node(cfg) == 1 and \
-            (n := torch.cuda.device_count()) > 1:
+    if (
+        device == "cuda"
+        and not launch.in_worker()
+        and launch.nproc_per_node(cfg) == 1
+        and (n := torch.cuda.device_count()) > 1
+    ):
         # transformers would count every visible GPU for one process and TRL refuses nn.DataParallel.
-        raise ConfigError(f"one training process but {n} GPUs are visible (NPROC_PER_NODE={cfg.nproc_per_node}): "
-                          "set NPROC_PER_NODE=auto to train on all of them (one process each), or "
-                          "CUDA_VISIBLE_DEVICES (docker run --gpus '\"device=0\"', the nvidia.com/gpu request) to "
-                          "the one to use")
+        raise ConfigError(
+            f"one training process but {n} GPUs are visible (NPROC_PER_NODE={cfg.nproc_per_node}): "
+            "set NPROC_PER_NODE=auto to train on all of them (one process each), or "
+            "CUDA_VISIBLE_DEVICES (docker run --gpus '\"device=0\"', the nvidia.com/gpu request) to "
+            "the one to use"
+        )
     if device == "cuda" and (problem := compiler_problem()):
         raise ConfigError(problem)
     if cfg.attn_implementation and (problem := attention_problem(cfg.attn_implementation, device)):
@@ -53,11 +61,17 @@ def resolve_placement(cfg: Settings) -> Placement:
     dtype = cfg.dtype
     if dtype == "auto":
         dtype = "bfloat16" if native else ("float16" if device == "cuda" else "float32")
-        log.info("compute dtype %s (DTYPE=auto: %s %s bfloat16 natively)", dtype, evidence,
-                 "computes" if native else "does not compute")
+        log.info(
+            "compute dtype %s (DTYPE=auto: %s %s bfloat16 natively)",
+            dtype,
+            evidence,
+            "computes" if native else "does not compute",
+        )
     elif dtype == "bfloat16" and device == "cuda" and not native:
-        raise ConfigError(f"DTYPE=bfloat16 but this GPU ({evidence}) does not compute bfloat16 natively (torch "
-                          "would emulate it, several times slower); use DTYPE=float16 or auto")
+        raise ConfigError(
+            f"DTYPE=bfloat16 but this GPU ({evidence}) does not compute bfloat16 natively (torch "
+            "would emulate it, several times slower); use DTYPE=float16 or auto"
+        )
     if dtype == "float16" and device == "cpu":
         raise ConfigError("DTYPE=float16 is not supported for training on the CPU; use bfloat16 or float32")
     if device == "cpu":
@@ -67,9 +81,11 @@ def resolve_placement(cfg: Settings) -> Placement:
     placement = Placement(device, dtype)
     if cfg.distributed_strategy == "fsdp":
         get_quantization_config(cfg, placement)  # refuses a 4-bit storage FSDP cannot shard, before anything loads
-        log.info("DISTRIBUTED_STRATEGY=fsdp (FSDP2): each process loads the whole %smodel on its own GPU, then its "
-                 "layers are sharded across the processes: training memory is shared, loading memory is not",
-                 "4-bit " if cfg.load_in_4bit else "")
+        log.info(
+            "DISTRIBUTED_STRATEGY=fsdp (FSDP2): each process loads the whole %smodel on its own GPU, then its "
+            "layers are sharded across the processes: training memory is shared, loading memory is not",
+            "4-bit " if cfg.load_in_4bit else "",
+        )
     return placement
 
 
@@ -81,8 +97,10 @@ def compiler_problem() -> str | None:
     import sysconfig
 
     if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
-        return ("no C compiler (gcc, clang or $CC): Triton, which runs TRL's loss kernel on CUDA, compiles a small "
-                "C module on first use; install gcc and libc6-dev (the training image has them)")
+        return (
+            "no C compiler (gcc, clang or $CC): Triton, which runs TRL's loss kernel on CUDA, compiles a small "
+            "C module on first use; install gcc and libc6-dev (the training image has them)"
+        )
     header = Path(sysconfig.get_paths()["include"]) / "Python.h"
     if not header.is_file():
         return f"no Python headers ({header}): Triton compiles its launcher against them; install python3-dev"
@@ -90,8 +108,10 @@ def compiler_problem() -> str | None:
 
 
 # The package each attention kernel needs beyond torch (transformers imports it when the model loads).
-ATTENTION_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"),
-                      "flash_attention_3": ("flash_attn_interface", "flash-attn-3 (built from flash-attention/hopper)")}
+ATTENTION_PACKAGES = {
+    "flash_attention_2": ("flash_attn", "flash-attn"),
+    "flash_attention_3": ("flash_attn_interface", "flash-attn-3 (built from flash-attention/hopper)"),
+}
 
 
 def attention_problem(name: str, device: str) -> str | None:
@@ -106,8 +126,10 @@ def attention_problem(name: str, device: str) -> str | None:
     else:
         return None  # eager, sdpa, flex_attention: torch's own; an unknown name is transformers' error to give
     if importlib.util.find_spec(package) is None:
-        return (f"needs the {package!r} package, which is not installed in this image (pip install {pip_name}, "
-                "in an image built FROM this one); or use sdpa, which keeps packed rows apart too")
+        return (
+            f"needs the {package!r} package, which is not installed in this image (pip install {pip_name}, "
+            "in an image built FROM this one); or use sdpa, which keeps packed rows apart too"
+        )
     if device != "cuda" and "/" not in name:
         return f"{name} runs on CUDA GPUs only; use sdpa on the CPU"
     return None
@@ -137,7 +159,9 @@ def cpu_native_bf16(cpuinfo: str | None = None) -> tuple[bool, str]:
         if key.strip() in ("flags", "Features"):
             flags.update(value.split())
     found = sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-    return bool(found), f"this CPU ({', '.join(found)})" if found else "this CPU (no avx512_bf16, amx_bf16 or bf16 flag)"
+    return bool(
+        found
+    ), f"this CPU ({', '.join(found)})" if found else "this CPU (no avx512_bf16, amx_bf16 or bf16 flag)"
 
 
 def cpu_threads(cgroup: Path = Path("/sys/fs/cgroup")) -> tuple[int, str]:
@@ -170,8 +194,12 @@ def get_quantization_config(cfg: Settings, placement: Placement):
         return None
     from transformers import BitsAndBytesConfig
 
-    kwargs = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                  bnb_4bit_compute_dtype=placement.dtype)
+    kwargs = dict(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=placement.dtype,
+    )
     if cfg.distributed_strategy == "fsdp":
         # fully_shard turns parameters into DTensors, which only floating-point storage survives: the packed 4-bit
         # weights are stored in the compute dtype. With uint8 storage accelerate leaves them out of the sharding,
@@ -180,9 +208,11 @@ def get_quantization_config(cfg: Settings, placement: Placement):
     kwargs.update(cfg.extras.get("bnb", {}))
     storage = str(kwargs.get("bnb_4bit_quant_storage", "uint8")).removeprefix("torch.")
     if cfg.distributed_strategy == "fsdp" and storage not in ("bfloat16", "float16", "float32"):
-        raise ConfigError(f"DISTRIBUTED_STRATEGY=fsdp with BNB_4BIT_QUANT_STORAGE={storage}: FSDP cannot shard "
-                          "integer 4-bit storage and would keep the whole base on every GPU; leave it unset (the "
-                          "compute dtype) or use DISTRIBUTED_STRATEGY=ddp")
+        raise ConfigError(
+            f"DISTRIBUTED_STRATEGY=fsdp with BNB_4BIT_QUANT_STORAGE={storage}: FSDP cannot shard "
+            "integer 4-bit storage and would keep the whole base on every GPU; leave it unset (the "
+            "compute dtype) or use DISTRIBUTED_STRATEGY=ddp"
+        )
     return BitsAndBytesConfig(**kwargs)
 
 
@@ -193,8 +223,11 @@ def language_model_linears(model) -> list[str] | None:
 
     if model is None or getattr(model.config, "vision_config", None) is None:
         return None
-    names = [n for n, m in model.named_modules()
-             if ".language_model." in f".{n}." and isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if ".language_model." in f".{n}." and isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
+    ]
     return names or None
 
 
@@ -204,12 +237,19 @@ def get_peft_config(cfg: Settings, added_token_ids: list[int], model=None):
     target = cfg.lora_target_modules
     target = target[0] if target == ["all-linear"] else target
     if target == "all-linear" and (text_linears := language_model_linears(model)) is not None:
-        log.info("multimodal base: LoRA on the %d linear layers of its language model (all-linear there)",
-                 len(text_linears))
+        log.info(
+            "multimodal base: LoRA on the %d linear layers of its language model (all-linear there)", len(text_linears)
+        )
         target = text_linears
     modules_to_save = list(cfg.lora_modules_to_save or [])
-    kwargs = dict(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=target,
-                  bias="none", task_type="CAUSAL_LM")
+    kwargs = dict(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=target,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     kwargs.update(cfg.extras.get("lora", {}))
     if added_token_ids:
         # Same as TRL's SFTTrainer does after `clone_chat_template`: train the new embedding rows
@@ -259,23 +299,32 @@ def load_model(cfg: Settings, tok_info, placement: Placement):
     # every visible GPU and which accelerate refuses to train in a process group. DDP keeps the whole 4-bit model
     # on each process's GPU; FSDP2 loads it there too, then shards it (train.fsdp_options).
     kwargs["device_map"] = {"": "cpu" if placement.device == "cpu" else int(os.environ.get("LOCAL_RANK", "0"))}
-    log.info("loading %s (%s%s, %s)", cfg.base_model, "4-bit NF4, compute " if quant else "", placement.dtype_name,
-             placement.device)
+    log.info(
+        "loading %s (%s%s, %s)",
+        cfg.base_model,
+        "4-bit NF4, compute " if quant else "",
+        placement.dtype_name,
+        placement.device,
+    )
     try:
         model = create_model_from_path(cfg.base_model, **kwargs)
     except OSError as exc:
-        raise ConfigError(f"BASE_MODEL={cfg.base_model!r}: cannot load the model ({str(exc).splitlines()[0]})") \
-            from None
+        raise ConfigError(
+            f"BASE_MODEL={cfg.base_model!r}: cannot load the model ({str(exc).splitlines()[0]})"
+        ) from None
     except ImportError as exc:  # a kernel or quantization package this model needs beyond what preflight checks
-        raise ConfigError(f"BASE_MODEL={cfg.base_model!r} with ATTN_IMPLEMENTATION={cfg.attn_implementation}: "
-                          f"{str(exc).splitlines()[0]}") from None
+        raise ConfigError(
+            f"BASE_MODEL={cfg.base_model!r} with ATTN_IMPLEMENTATION={cfg.attn_implementation}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
     tok = tok_info.tokenizer
     if tok_info.added_tokens:
         emb = model.get_input_embeddings().weight.shape[0]
         if len(tok) > emb:
             model.resize_token_embeddings(len(tok))
-            log.info("resized the embeddings from %d to %d rows for %s", emb, len(tok),
-                     ", ".join(tok_info.added_tokens))
+            log.info(
+                "resized the embeddings from %d to %d rows for %s", emb, len(tok), ", ".join(tok_info.added_tokens)
+            )
     model.config.get_text_config().pad_token_id = tok.pad_token_id
     # Training never reuses keys and values; with a cache, transformers skips the block-diagonal mask of packed
     # rows (masking_utils builds it only without one), so every forward that TRL does not make itself, e.g. a

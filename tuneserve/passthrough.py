@@ -42,8 +42,15 @@ def kinds_of(annotation: str) -> list[str]:
         kinds.add("int")
     if re.search(r"\bfloat\b", outer):
         kinds.add("float")
-    if re.search(r"\bstr\b", outer) or "Literal[" in text or "Strategy" in outer or "Names" in outer \
-            or "SchedulerType" in outer or "TaskType" in outer or "PeftType" in outer:
+    if (
+        re.search(r"\bstr\b", outer)
+        or "Literal[" in text
+        or "Strategy" in outer
+        or "Names" in outer
+        or "SchedulerType" in outer
+        or "TaskType" in outer
+        or "PeftType" in outer
+    ):
         kinds.add("str")
     if not kinds - {"none"}:
         # Config objects (LoftQConfig, EvaConfig, ...) are given as JSON dicts.

@@ -68,8 +68,11 @@ def run(cfg: Settings, check_only: bool = False) -> int:
         return code
     if not launch.runs_final_stages(cfg):  # the one process that merges, verifies and publishes
         who = f"rank {launch.rank()}" if launch.in_worker() else f"node {cfg.node_rank}"
-        log.info("%s: nothing else to do here; %s merges, verifies and publishes", who,
-                 "the launcher on node 0" if launch.in_worker() else "node 0")
+        log.info(
+            "%s: nothing else to do here; %s merges, verifies and publishes",
+            who,
+            "the launcher on node 0" if launch.in_worker() else "node 0",
+        )
         return ExitCode.OK
     if cfg.merge:
         merge_stage(cfg, layout)
@@ -152,10 +155,18 @@ def verify_stage(cfg: Settings, layout: Layout) -> None:
         alternative = layout.merged_with(other)
         merge.merge(cfg.base_model, cfg.base_model_revision, layout.adapter, alternative, merge_base=other)
     try:
-        report = verify.verify(layout.merged, layout.adapter, layout.data, base_model=cfg.base_model,
-                               revision=cfg.base_model_revision, merge_base=cfg.merge_base,
-                               samples=cfg.verify_samples, max_new_tokens=cfg.verify_max_new_tokens,
-                               tolerance=cfg.verify_max_prob_diff, alternative=alternative)
+        report = verify.verify(
+            layout.merged,
+            layout.adapter,
+            layout.data,
+            base_model=cfg.base_model,
+            revision=cfg.base_model_revision,
+            merge_base=cfg.merge_base,
+            samples=cfg.verify_samples,
+            max_new_tokens=cfg.verify_max_new_tokens,
+            tolerance=cfg.verify_max_prob_diff,
+            alternative=alternative,
+        )
     finally:
         if alternative is not None:
             shutil.rmtree(alternative, ignore_errors=True)
@@ -163,13 +174,21 @@ def verify_stage(cfg: Settings, layout: Layout) -> None:
     problems = verify.failures(report)
     if problems:
         write_json_atomic(layout.verify_report, report)
-        raise VerifyError("verification failed, nothing will be published:\n  - " + "\n  - ".join(problems) +
-                          f"\nDetails: {layout.verify_report}")
+        raise VerifyError(
+            "verification failed, nothing will be published:\n  - "
+            + "\n  - ".join(problems)
+            + f"\nDetails: {layout.verify_report}"
+        )
     log.info("verification passed: %s", {k: v for k, v in report["checks"]["fidelity"].items()})
     banner("evaluate: held-out rows on the merged model")
-    evaluation = evaluate.evaluate(layout.merged, layout.data, max_samples=cfg.eval_max_samples,
-                                   max_new_tokens=cfg.eval_max_new_tokens, sql_execution=cfg.eval_sql_execution,
-                                   sql_context_field=cfg.eval_sql_context_field)
+    evaluation = evaluate.evaluate(
+        layout.merged,
+        layout.data,
+        max_samples=cfg.eval_max_samples,
+        max_new_tokens=cfg.eval_max_new_tokens,
+        sql_execution=cfg.eval_sql_execution,
+        sql_context_field=cfg.eval_sql_context_field,
+    )
     if evaluation is not None:
         write_json_atomic(layout.eval_report, evaluation)
         report["eval"] = {k: v for k, v in evaluation.items() if k != "answers"}
@@ -184,8 +203,14 @@ def write_card(cfg: Settings, layout: Layout) -> None:
     report = _read(layout.verify_report) or {}
     config = _read(layout.config) or cfg.masked()  # the configuration training ran with
     model_ref = cfg.hub_model_id or str(layout.merged)
-    text = card.render(config, _read(layout.train_report), report, report.get("eval"),
-                       _read(layout.merged / MERGE_INFO) or {}, model_ref)
+    text = card.render(
+        config,
+        _read(layout.train_report),
+        report,
+        report.get("eval"),
+        _read(layout.merged / MERGE_INFO) or {},
+        model_ref,
+    )
     path = layout.merged / "README.md"
     if not path.is_file() or path.read_text() != text:
         path.write_text(text)
@@ -198,14 +223,29 @@ def publish_stage(cfg: Settings, layout: Layout) -> None:
     if not publish_targets(cfg):
         return
     banner("publish")
-    options = {"revision": cfg.hub_revision, "private": cfg.hub_private, "attempts": cfg.publish_retries,
-               "backoff": cfg.publish_backoff_seconds, "state_file": layout.publish_state}
+    options = {
+        "revision": cfg.hub_revision,
+        "private": cfg.hub_private,
+        "attempts": cfg.publish_retries,
+        "backoff": cfg.publish_backoff_seconds,
+        "state_file": layout.publish_state,
+    }
     if cfg.hub_model_id and cfg.merge:
         write_card(cfg, layout)
-        publish.publish_folder(layout.merged, cfg.hub_model_id, message=f"Fine-tune of {cfg.base_model} (tuneserve)",
-                               kind="model", **options)
+        publish.publish_folder(
+            layout.merged,
+            cfg.hub_model_id,
+            message=f"Fine-tune of {cfg.base_model} (tuneserve)",
+            kind="model",
+            **options,
+        )
     if cfg.push_adapter:
         merged_repo = cfg.hub_model_id if cfg.hub_model_id and cfg.merge else None
         (layout.adapter / "README.md").write_text(card.render_adapter(cfg.base_model, adapter_repo(cfg), merged_repo))
-        publish.publish_folder(layout.adapter, adapter_repo(cfg), message=f"LoRA adapter for {cfg.base_model} "
-                               "(tuneserve)", kind="adapter", **options)
+        publish.publish_folder(
+            layout.adapter,
+            adapter_repo(cfg),
+            message=f"LoRA adapter for {cfg.base_model} (tuneserve)",
+            kind="adapter",
+            **options,
+        )

@@ -63,10 +63,18 @@ def with_retries(what: str, fn: Callable[[], T], attempts: int, backoff: float) 
             if attempt == attempts:
                 raise RetryableError(
                     f"{what} failed {attempts} times ({type(exc).__name__}: {str(exc)[:200]}); everything produced "
-                    "is kept in OUTPUT_DIR: rerun the same command to publish without retraining") from None
+                    "is kept in OUTPUT_DIR: rerun the same command to publish without retraining"
+                ) from None
             delay = backoff * 2 ** (attempt - 1)
-            log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(exc).__name__, str(exc)[:200],
-                        attempt, attempts - 1, delay)
+            log.warning(
+                "%s failed (%s: %s); retry %d/%d in %.1fs",
+                what,
+                type(exc).__name__,
+                str(exc)[:200],
+                attempt,
+                attempts - 1,
+                delay,
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -100,8 +108,10 @@ def can_write(info: dict, namespace: str) -> bool:
 def preflight(repos: list[str], *, attempts: int, backoff: float) -> None:
     """Before training: a token is there, valid, and may write to every target namespace (exit 2 if not)."""
     if not token_present():
-        raise ConfigError(f"HUB_MODEL_ID={repos[0]!r} is set but there is no Hugging Face token: set HF_TOKEN "
-                          "(or HF_TOKEN_FILE, e.g. a mounted Secret) to a token with write access")
+        raise ConfigError(
+            f"HUB_MODEL_ID={repos[0]!r} is set but there is no Hugging Face token: set HF_TOKEN "
+            "(or HF_TOKEN_FILE, e.g. a mounted Secret) to a token with write access"
+        )
     api = hub_client()
     try:
         info = with_retries("checking the Hub token", api.whoami, attempts, backoff)
@@ -109,14 +119,18 @@ def preflight(repos: list[str], *, attempts: int, backoff: float) -> None:
         raise
     except Exception as exc:  # noqa: BLE001
         if _status(exc) in (401, 403):
-            raise ConfigError("the Hugging Face token is invalid or expired (the Hub answered "
-                              f"{_status(exc)}); set HF_TOKEN to a valid write token") from None
+            raise ConfigError(
+                "the Hugging Face token is invalid or expired (the Hub answered "
+                f"{_status(exc)}); set HF_TOKEN to a valid write token"
+            ) from None
         raise
     for repo in repos:
         namespace = repo.split("/")[0]
         if not can_write(info, namespace):
-            raise ConfigError(f"the Hugging Face token of {info.get('name')!r} cannot write to {namespace!r} "
-                              f"(needed for {repo!r}): use a write token of that user or organization")
+            raise ConfigError(
+                f"the Hugging Face token of {info.get('name')!r} cannot write to {namespace!r} "
+                f"(needed for {repo!r}): use a write token of that user or organization"
+            )
 
 
 # --------------------------------------------------------------------------------------------- publishing
@@ -135,60 +149,126 @@ def fingerprint(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def publish_folder(folder: Path, repo: str, *, revision: str, private: bool, message: str, attempts: int,
-                   backoff: float, state_file: Path, kind: str) -> dict[str, Any]:
+def publish_folder(
+    folder: Path,
+    repo: str,
+    *,
+    revision: str,
+    private: bool,
+    message: str,
+    attempts: int,
+    backoff: float,
+    state_file: Path,
+    kind: str,
+) -> dict[str, Any]:
     """One atomic publication of `folder` to `repo`@`revision`. Idempotent through `state_file`."""
     try:
-        return _publish_folder(folder, repo, revision=revision, private=private, message=message, attempts=attempts,
-                               backoff=backoff, state_file=state_file, kind=kind)
+        return _publish_folder(
+            folder,
+            repo,
+            revision=revision,
+            private=private,
+            message=message,
+            attempts=attempts,
+            backoff=backoff,
+            state_file=state_file,
+            kind=kind,
+        )
     except RetryableError:
         raise
     except Exception as exc:  # noqa: BLE001 - only the Hub's refusals are turned into a documented code
         if _status(exc) in (401, 403):
-            raise ConfigError(f"publishing {kind} to {repo}: the Hub refused the token ({_status(exc)}); everything "
-                              "produced is kept in OUTPUT_DIR: fix HF_TOKEN and rerun the same command") from None
+            raise ConfigError(
+                f"publishing {kind} to {repo}: the Hub refused the token ({_status(exc)}); everything "
+                "produced is kept in OUTPUT_DIR: fix HF_TOKEN and rerun the same command"
+            ) from None
         raise
 
 
-def _publish_folder(folder: Path, repo: str, *, revision: str, private: bool, message: str, attempts: int,
-                    backoff: float, state_file: Path, kind: str) -> dict[str, Any]:
+def _publish_folder(
+    folder: Path,
+    repo: str,
+    *,
+    revision: str,
+    private: bool,
+    message: str,
+    attempts: int,
+    backoff: float,
+    state_file: Path,
+    kind: str,
+) -> dict[str, Any]:
     from huggingface_hub import CommitOperationAdd
 
     fp = fingerprint(folder)
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     done = state.get(kind) or {}
-    if done.get("merged") and done.get("repo") == repo and done.get("revision") == revision and \
-            done.get("fingerprint") == fp:
+    if (
+        done.get("merged")
+        and done.get("repo") == repo
+        and done.get("revision") == revision
+        and done.get("fingerprint") == fp
+    ):
         log.info("%s already published to %s@%s (%s); skipping", kind, repo, revision, done.get("commit_url"))
         return done
     api = hub_client()
-    with_retries(f"creating {repo}", lambda: api.create_repo(repo, private=private, exist_ok=True),
-                 attempts, backoff)
+    with_retries(f"creating {repo}", lambda: api.create_repo(repo, private=private, exist_ok=True), attempts, backoff)
     if revision != "main":
-        with_retries(f"creating branch {revision}", lambda: api.create_branch(repo, branch=revision, exist_ok=True),
-                     attempts, backoff)
+        with_retries(
+            f"creating branch {revision}",
+            lambda: api.create_branch(repo, branch=revision, exist_ok=True),
+            attempts,
+            backoff,
+        )
     files = folder_files(folder)
     ops = [CommitOperationAdd(path_in_repo=str(p.relative_to(folder)), path_or_fileobj=str(p)) for p in files]
-    log.info("uploading %d files (%.1f MB) of %s to a pull request on %s@%s", len(ops),
-             sum(p.stat().st_size for p in files) / 1e6, kind, repo, revision)
-    commit = with_retries(f"uploading to {repo}", lambda: api.create_commit(
-        repo, ops, commit_message=message, revision=revision, create_pr=True), attempts, backoff)
-    record = {"repo": repo, "revision": revision, "fingerprint": fp, "pr_num": commit.pr_num,
-              "pr_revision": commit.pr_revision, "merged": False}
+    log.info(
+        "uploading %d files (%.1f MB) of %s to a pull request on %s@%s",
+        len(ops),
+        sum(p.stat().st_size for p in files) / 1e6,
+        kind,
+        repo,
+        revision,
+    )
+    commit = with_retries(
+        f"uploading to {repo}",
+        lambda: api.create_commit(repo, ops, commit_message=message, revision=revision, create_pr=True),
+        attempts,
+        backoff,
+    )
+    record = {
+        "repo": repo,
+        "revision": revision,
+        "fingerprint": fp,
+        "pr_num": commit.pr_num,
+        "pr_revision": commit.pr_revision,
+        "merged": False,
+    }
     state[kind] = record
     write_json_atomic(state_file, state)
 
-    remote = with_retries("listing the uploaded files", lambda: {
-        item.path: getattr(item, "size", None)
-        for item in api.list_repo_tree(repo, revision=commit.pr_revision, recursive=True)}, attempts, backoff)
-    missing = [str(p.relative_to(folder)) for p in files
-               if remote.get(str(p.relative_to(folder))) != p.stat().st_size]
+    remote = with_retries(
+        "listing the uploaded files",
+        lambda: {
+            item.path: getattr(item, "size", None)
+            for item in api.list_repo_tree(repo, revision=commit.pr_revision, recursive=True)
+        },
+        attempts,
+        backoff,
+    )
+    missing = [str(p.relative_to(folder)) for p in files if remote.get(str(p.relative_to(folder))) != p.stat().st_size]
     if missing:
-        raise RetryableError(f"the pull request {commit.pr_revision} on {repo} lacks or has wrong sizes for "
-                             f"{', '.join(missing[:5])}; it was not merged. Rerun to upload again")
-    merged = with_retries(f"merging {commit.pr_revision}", lambda: api.merge_pull_request(
-        repo, commit.pr_num, comment="Checked: every file present with its size. Published by tuneserve."),
-        attempts, backoff)
+        raise RetryableError(
+            f"the pull request {commit.pr_revision} on {repo} lacks or has wrong sizes for "
+            f"{', '.join(missing[:5])}; it was not merged. Rerun to upload again"
+        )
+    merged = with_retries(
+        f"merging {commit.pr_revision}",
+        lambda: api.merge_pull_request(
+            repo, commit.pr_num, comment="Checked: every file present with its size. Published by tuneserve."
+        ),
+        attempts,
+        backoff,
+    )
     record.update(merged=True, commit_url=getattr(merged, "url", None) or commit.commit_url)
     write_json_atomic(state_file, state)
     log.info("published %s to https://huggingface.co/%s (revision %s)", kind, repo, revision)

@@ -9,8 +9,12 @@ DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 
 def looks_local(ref: str) -> bool:
     """A model or dataset reference meant as a local path rather than a Hub id (`org/name`)."""
-    return ref.startswith(("/", "./", "../", "~")) or ref.endswith(DATA_EXTENSIONS) or os.path.exists(ref) \
+    return (
+        ref.startswith(("/", "./", "../", "~"))
+        or ref.endswith(DATA_EXTENSIONS)
+        or os.path.exists(ref)
         or ref.count("/") > 1
+    )
 
 
 def hub_id(ref: str | None) -> str | None:

@@ -31,28 +31,68 @@ IGNORED = {"lost+found"}  # what a freshly formatted volume holds
 # Settings that cannot change the trained weights. Every other variable and every pass-through field is in the
 # fingerprint (deny by default), so a setting added later counts until someone decides otherwise here.
 NOT_WEIGHTS = {
-    "HF_TOKEN", "HF_TOKEN_FILE", "ATTN_IMPLEMENTATION", "DEVICE", "GRADIENT_CHECKPOINTING", "MAX_OVERLONG_FRACTION",
-    "LOGGING_STEPS", "SAVE_STEPS", "SAVE_TOTAL_LIMIT", "REPORT_TO",
-    "MERGE", "MERGE_BASE", "VERIFY_SAMPLES", "VERIFY_MAX_NEW_TOKENS", "VERIFY_MAX_PROB_DIFF",
-    "VERIFY_COMPARE_MERGE_BASES", "EVAL_MAX_SAMPLES", "EVAL_MAX_NEW_TOKENS", "EVAL_SQL_EXECUTION",
+    "HF_TOKEN",
+    "HF_TOKEN_FILE",
+    "ATTN_IMPLEMENTATION",
+    "DEVICE",
+    "GRADIENT_CHECKPOINTING",
+    "MAX_OVERLONG_FRACTION",
+    "LOGGING_STEPS",
+    "SAVE_STEPS",
+    "SAVE_TOTAL_LIMIT",
+    "REPORT_TO",
+    "MERGE",
+    "MERGE_BASE",
+    "VERIFY_SAMPLES",
+    "VERIFY_MAX_NEW_TOKENS",
+    "VERIFY_MAX_PROB_DIFF",
+    "VERIFY_COMPARE_MERGE_BASES",
+    "EVAL_MAX_SAMPLES",
+    "EVAL_MAX_NEW_TOKENS",
+    "EVAL_SQL_EXECUTION",
     "EVAL_SQL_CONTEXT_FIELD",
-    "HUB_MODEL_ID", "HUB_PRIVATE", "HUB_REVISION", "PUSH_ADAPTER", "HUB_ADAPTER_MODEL_ID", "PUBLISH_RETRIES",
+    "HUB_MODEL_ID",
+    "HUB_PRIVATE",
+    "HUB_REVISION",
+    "PUSH_ADAPTER",
+    "HUB_ADAPTER_MODEL_ID",
+    "PUBLISH_RETRIES",
     "PUBLISH_BACKOFF_SECONDS",
-    "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "DISTRIBUTED_STRATEGY",
-    "OUTPUT_DIR", "RESUME", "RESTART", "LOG_LEVEL", "ENV_FILE",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "DISTRIBUTED_STRATEGY",
+    "OUTPUT_DIR",
+    "RESUME",
+    "RESTART",
+    "LOG_LEVEL",
+    "ENV_FILE",
     "DATASET",  # stands in the fingerprint as its content ("dataset content"): a moved file is the same data
 }
 # Pass-through SFTConfig fields of the same kind, by prefix of the field name.
-NOT_WEIGHTS_SFT = ("logging_", "save_", "eval_", "report_to", "run_name", "push_to_hub", "hub_", "disable_tqdm",
-                   "dataloader_num_workers", "per_device_eval_batch_size")
+NOT_WEIGHTS_SFT = (
+    "logging_",
+    "save_",
+    "eval_",
+    "report_to",
+    "run_name",
+    "push_to_hub",
+    "hub_",
+    "disable_tqdm",
+    "dataloader_num_workers",
+    "per_device_eval_batch_size",
+)
 
 
 def dataset_digest(ref: str) -> str:
     """sha256 over a local dataset's files (names and bytes), or the Hub dataset's resolved commit."""
     if looks_local(ref):
         path = Path(ref).expanduser()
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(DATA_EXTENSIONS)) \
-            if path.is_dir() else [path]
+        files = (
+            sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(DATA_EXTENSIONS))
+            if path.is_dir()
+            else [path]
+        )
         h = hashlib.sha256()
         for f in files:
             if path.is_dir():  # in a folder the file names are the split names
@@ -66,15 +106,17 @@ def dataset_digest(ref: str) -> str:
 
         return f"hub:{ref}@{HfApi().dataset_info(ref).sha}"
     except Exception as exc:  # noqa: BLE001 - offline, gated, or gone: the data is read next and fails clearly
-        log.warning("cannot resolve the commit of Hub dataset %r (%s): a changed dataset will not be noticed on "
-                    "a rerun", ref, type(exc).__name__)
+        log.warning(
+            "cannot resolve the commit of Hub dataset %r (%s): a changed dataset will not be noticed on a rerun",
+            ref,
+            type(exc).__name__,
+        )
         return f"hub:{ref}@unresolved"
 
 
 def fingerprint(cfg: Settings) -> dict[str, Any]:
     values = cfg.masked()
-    out = {name: value for name, value in values.items()
-           if name in TRAIN_SCHEMA.by_name and name not in NOT_WEIGHTS}
+    out = {name: value for name, value in values.items() if name in TRAIN_SCHEMA.by_name and name not in NOT_WEIGHTS}
     for table, fields in cfg.extras.items():
         for name, value in fields.items():
             if not (table == "sft" and name.startswith(NOT_WEIGHTS_SFT)):
@@ -84,8 +126,11 @@ def fingerprint(cfg: Settings) -> dict[str, Any]:
 
 
 def changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [f"{key}: {shorten(old.get(key))} -> {shorten(new.get(key))}"
-            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    return [
+        f"{key}: {shorten(old.get(key))} -> {shorten(new.get(key))}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
 
 
 def claim(cfg: Settings, layout: Layout, write: bool = True) -> None:
@@ -97,9 +142,11 @@ def claim(cfg: Settings, layout: Layout, write: bool = True) -> None:
     if not record_path.is_file():
         if entries:
             listed = ", ".join(entries[:10]) + (f" and {len(entries) - 10} more" if len(entries) > 10 else "")
-            raise ConfigError(f"OUTPUT_DIR={str(root)!r} is not empty and is not a tuneserve run (no "
-                              f"{record_path.name}): it holds {listed}. Point OUTPUT_DIR at an empty or new "
-                              "directory; nothing was written there")
+            raise ConfigError(
+                f"OUTPUT_DIR={str(root)!r} is not empty and is not a tuneserve run (no "
+                f"{record_path.name}): it holds {listed}. Point OUTPUT_DIR at an empty or new "
+                "directory; nothing was written there"
+            )
         if write:
             _record(record_path, current)
         return
@@ -112,10 +159,12 @@ def claim(cfg: Settings, layout: Layout, write: bool = True) -> None:
         return
     listed = "\n  ".join(differ)
     if not cfg.restart:
-        raise ConfigError(f"OUTPUT_DIR={str(root)!r} holds a run made with other settings, and its results would be "
-                          f"passed off as this run's:\n  {listed}\nUse a new OUTPUT_DIR, or set RESTART=true to remove "
-                          f"this run's own files ({', '.join(p.name for p in layout.artifacts()[:7])}, ...) and start "
-                          "over")
+        raise ConfigError(
+            f"OUTPUT_DIR={str(root)!r} holds a run made with other settings, and its results would be "
+            f"passed off as this run's:\n  {listed}\nUse a new OUTPUT_DIR, or set RESTART=true to remove "
+            f"this run's own files ({', '.join(p.name for p in layout.artifacts()[:7])}, ...) and start "
+            "over"
+        )
     if write:
         log.warning("RESTART=true and the settings changed:\n  %s\nremoving this run's own files in %s", listed, root)
         for path in (*layout.artifacts(), record_path):

@@ -40,74 +40,191 @@ GATE_MIDDLEWARE = "tuneserve.gate.Gate"
 # vLLM environment switches that open routes with no business on a production server.
 DEV_SWITCHES = {
     "VLLM_SERVER_DEV_MODE": "adds development routes (/reset_prefix_cache, /sleep, /collective_rpc: arbitrary "
-                            "calls into the workers, ...)",
+    "calls into the workers, ...)",
     "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "lets any caller load an adapter from a path or Hub id at run time "
-                                        "(/v1/load_lora_adapter)",
+    "(/v1/load_lora_adapter)",
 }
 
 SERVE_VARS = [
-    Var("MODEL_ID", "str", None, "Model to serve: Hub id or local directory (e.g. the training OUTPUT_DIR/merged on "
-        "a shared volume).", G_MODEL, required=True),
+    Var(
+        "MODEL_ID",
+        "str",
+        None,
+        "Model to serve: Hub id or local directory (e.g. the training OUTPUT_DIR/merged on a shared volume).",
+        G_MODEL,
+        required=True,
+    ),
     Var("MODEL_REVISION", "str", None, "Hub revision of MODEL_ID.", G_MODEL),
     Var("SERVED_MODEL_NAME", "str", None, "Name clients use in requests (/v1/models); default: MODEL_ID.", G_MODEL),
     Var("TRUST_REMOTE_CODE", "bool", False, "Allow code from the model repository to run.", G_MODEL),
-    Var("DTYPE", "str", "auto", "Weights and activations dtype.", G_MODEL,
-        choices=("auto", "bfloat16", "float16", "float32", "half", "float")),
+    Var(
+        "DTYPE",
+        "str",
+        "auto",
+        "Weights and activations dtype.",
+        G_MODEL,
+        choices=("auto", "bfloat16", "float16", "float32", "half", "float"),
+    ),
     Var("HF_TOKEN", "str", None, "Hugging Face token for private/gated models.", G_MODEL, secret=True),
     Var("HOST", "str", "0.0.0.0", "Address to listen on.", G_SERVER),
     Var("PORT", "int", 8000, "Port to listen on.", G_SERVER, minimum=1, maximum=65535),
-    Var("API_KEY", "str", None, "Require this key (Authorization: Bearer) on every route except /health, /ping, "
-        "/live and /metrics. Empty or blank is an error.", G_SERVER, secret=True),
-    Var("API_KEY_FILE", "str", None, "File holding the API key (e.g. a mounted Secret); used when API_KEY is "
-        "unset. A missing, empty or blank file is an error.", G_SERVER),
-    Var("ALLOW_UNAUTHENTICATED", "bool", False, "Serve every route without a key. Without it, starting with no "
-        "API_KEY or API_KEY_FILE is an error.", G_SERVER),
-    Var("ALLOW_VLLM_DEV_SWITCHES", "bool", False, "Allow VLLM_SERVER_DEV_MODE and VLLM_ALLOW_RUNTIME_LORA_UPDATING "
-        "(routes that reach into the workers or load adapters on request); refused otherwise.", G_SERVER),
-    Var("DRAIN_SECONDS", "float", 30.0, "On SIGTERM: /health answers 503 and new requests 503 at once; requests in "
+    Var(
+        "API_KEY",
+        "str",
+        None,
+        "Require this key (Authorization: Bearer) on every route except /health, /ping, "
+        "/live and /metrics. Empty or blank is an error.",
+        G_SERVER,
+        secret=True,
+    ),
+    Var(
+        "API_KEY_FILE",
+        "str",
+        None,
+        "File holding the API key (e.g. a mounted Secret); used when API_KEY is "
+        "unset. A missing, empty or blank file is an error.",
+        G_SERVER,
+    ),
+    Var(
+        "ALLOW_UNAUTHENTICATED",
+        "bool",
+        False,
+        "Serve every route without a key. Without it, starting with no API_KEY or API_KEY_FILE is an error.",
+        G_SERVER,
+    ),
+    Var(
+        "ALLOW_VLLM_DEV_SWITCHES",
+        "bool",
+        False,
+        "Allow VLLM_SERVER_DEV_MODE and VLLM_ALLOW_RUNTIME_LORA_UPDATING "
+        "(routes that reach into the workers or load adapters on request); refused otherwise.",
+        G_SERVER,
+    ),
+    Var(
+        "DRAIN_SECONDS",
+        "float",
+        30.0,
+        "On SIGTERM: /health answers 503 and new requests 503 at once; requests in "
         "flight get this long to finish, then each is ended (a stream with an error event) and the server exits.",
-        G_SERVER, minimum=0),
-    Var("LIVE_TIMEOUT", "float", 20.0, "/live (liveness): seconds a 1-token generation may take before the engine "
-        "counts as stalled (503).", G_SERVER, exclusive_minimum=0.0),
-    Var("LIVE_CACHE_SECONDS", "float", 10.0, "/live answers 200 without generating when the engine produced a "
-        "token (a probe or a streamed answer) this recently.", G_SERVER, minimum=0),
-    Var("MAX_MODEL_LEN", "int", None, "Longest prompt + answer in tokens; longer requests get 400. Default: the "
-        "model's.", G_LIMITS, minimum=16),
+        G_SERVER,
+        minimum=0,
+    ),
+    Var(
+        "LIVE_TIMEOUT",
+        "float",
+        20.0,
+        "/live (liveness): seconds a 1-token generation may take before the engine counts as stalled (503).",
+        G_SERVER,
+        exclusive_minimum=0.0,
+    ),
+    Var(
+        "LIVE_CACHE_SECONDS",
+        "float",
+        10.0,
+        "/live answers 200 without generating when the engine produced a "
+        "token (a probe or a streamed answer) this recently.",
+        G_SERVER,
+        minimum=0,
+    ),
+    Var(
+        "MAX_MODEL_LEN",
+        "int",
+        None,
+        "Longest prompt + answer in tokens; longer requests get 400. Default: the model's.",
+        G_LIMITS,
+        minimum=16,
+    ),
     Var("MAX_OUTPUT_TOKENS", "int", 2048, "Server-wide cap on the tokens of one answer.", G_LIMITS, minimum=1),
-    Var("MAX_CHOICES", "int", 8, "Most choices one request may ask for (n, best_of); more: 400.", G_LIMITS,
-        minimum=1),
-    Var("MAX_REQUEST_OUTPUT_TOKENS", "int", 8192, "Most tokens one request may generate: prompts x choices x "
-        "max_tokens (MAX_OUTPUT_TOKENS when absent); more: 400.", G_LIMITS, minimum=1),
+    Var("MAX_CHOICES", "int", 8, "Most choices one request may ask for (n, best_of); more: 400.", G_LIMITS, minimum=1),
+    Var(
+        "MAX_REQUEST_OUTPUT_TOKENS",
+        "int",
+        8192,
+        "Most tokens one request may generate: prompts x choices x "
+        "max_tokens (MAX_OUTPUT_TOKENS when absent); more: 400.",
+        G_LIMITS,
+        minimum=1,
+    ),
     Var("MAX_REQUEST_BYTES", "int", 1048576, "Largest request body in bytes; larger: 413.", G_LIMITS, minimum=1024),
-    Var("MAX_TOKENIZE_BYTES", "int", 262144, "Largest /tokenize or /detokenize body in bytes; larger: 413.",
-        G_LIMITS, minimum=1024),
+    Var(
+        "MAX_TOKENIZE_BYTES",
+        "int",
+        262144,
+        "Largest /tokenize or /detokenize body in bytes; larger: 413.",
+        G_LIMITS,
+        minimum=1024,
+    ),
     Var("MAX_NUM_SEQS", "int", None, "Most sequences batched at once.", G_LIMITS, minimum=1),
-    Var("GPU_MEMORY_UTILIZATION", "float", 0.9, "Fraction of GPU memory vLLM may use.", G_LIMITS,
-        exclusive_minimum=0.0, maximum=1.0),
-    Var("TENSOR_PARALLEL_SIZE", "int", None, "GPUs one replica spans (on one node). Default: every visible GPU "
-        "(1 on the CPU).", G_LIMITS, minimum=1),
-    Var("PIPELINE_PARALLEL_SIZE", "int", 1, "Nodes one replica spans (pipeline stages), for models larger than "
+    Var(
+        "GPU_MEMORY_UTILIZATION",
+        "float",
+        0.9,
+        "Fraction of GPU memory vLLM may use.",
+        G_LIMITS,
+        exclusive_minimum=0.0,
+        maximum=1.0,
+    ),
+    Var(
+        "TENSOR_PARALLEL_SIZE",
+        "int",
+        None,
+        "GPUs one replica spans (on one node). Default: every visible GPU (1 on the CPU).",
+        G_LIMITS,
+        minimum=1,
+    ),
+    Var(
+        "PIPELINE_PARALLEL_SIZE",
+        "int",
+        1,
+        "Nodes one replica spans (pipeline stages), for models larger than "
         "one node's GPUs: vLLM's multi-node recipe with Ray (VLLM_ARG_DISTRIBUTED_EXECUTOR_BACKEND=ray).",
-        G_LIMITS, minimum=1),
-    Var("ENABLE_PREFIX_CACHING", "bool", None, "Reuse the KV cache of shared prompt prefixes. Default: vLLM's.",
-        G_LIMITS),
-    Var("LORA_ADAPTERS", "str", None, "Serve MODEL_ID plus LoRA adapters: name=path_or_hub_id,... Clients pick "
-        "one with \"model\": \"name\".", G_ADAPTERS),
-    Var("LOG_LEVEL", "str", "info", "Log level of this entrypoint.", G_SERVER,
-        choices=("debug", "info", "warning", "error")),
+        G_LIMITS,
+        minimum=1,
+    ),
+    Var(
+        "ENABLE_PREFIX_CACHING",
+        "bool",
+        None,
+        "Reuse the KV cache of shared prompt prefixes. Default: vLLM's.",
+        G_LIMITS,
+    ),
+    Var(
+        "LORA_ADAPTERS",
+        "str",
+        None,
+        'Serve MODEL_ID plus LoRA adapters: name=path_or_hub_id,... Clients pick one with "model": "name".',
+        G_ADAPTERS,
+    ),
+    Var(
+        "LOG_LEVEL",
+        "str",
+        "info",
+        "Log level of this entrypoint.",
+        G_SERVER,
+        choices=("debug", "info", "warning", "error"),
+    ),
     Var("ENV_FILE", "str", None, "A .env file to read (default: ./.env when present).", G_SERVER),
 ]
 
 # vLLM flags the variables above set; VLLM_ARG_* naming them is an error that points to the variable.
 MANAGED_FLAGS = {
-    "model": "use MODEL_ID", "revision": "use MODEL_REVISION", "served_model_name": "use SERVED_MODEL_NAME",
-    "trust_remote_code": "use TRUST_REMOTE_CODE", "dtype": "use DTYPE", "host": "use HOST", "port": "use PORT",
+    "model": "use MODEL_ID",
+    "revision": "use MODEL_REVISION",
+    "served_model_name": "use SERVED_MODEL_NAME",
+    "trust_remote_code": "use TRUST_REMOTE_CODE",
+    "dtype": "use DTYPE",
+    "host": "use HOST",
+    "port": "use PORT",
     "api_key": "use API_KEY or API_KEY_FILE (a key in argv is readable by every process on the machine)",
-    "max_model_len": "use MAX_MODEL_LEN", "max_num_seqs": "use MAX_NUM_SEQS",
-    "gpu_memory_utilization": "use GPU_MEMORY_UTILIZATION", "tensor_parallel_size": "use TENSOR_PARALLEL_SIZE",
+    "max_model_len": "use MAX_MODEL_LEN",
+    "max_num_seqs": "use MAX_NUM_SEQS",
+    "gpu_memory_utilization": "use GPU_MEMORY_UTILIZATION",
+    "tensor_parallel_size": "use TENSOR_PARALLEL_SIZE",
     "pipeline_parallel_size": "use PIPELINE_PARALLEL_SIZE",
-    "enable_prefix_caching": "use ENABLE_PREFIX_CACHING", "enable_lora": "use LORA_ADAPTERS",
-    "lora_modules": "use LORA_ADAPTERS", "max_lora_rank": "set from the adapters' own configs",
+    "enable_prefix_caching": "use ENABLE_PREFIX_CACHING",
+    "enable_lora": "use LORA_ADAPTERS",
+    "lora_modules": "use LORA_ADAPTERS",
+    "max_lora_rank": "set from the adapters' own configs",
     "generation_config": "stop ids are repaired by the entrypoint; use VLLM_ARG_OVERRIDE_GENERATION_CONFIG "
     "for sampling defaults",
     "shutdown_timeout": "use DRAIN_SECONDS (the gate drains on SIGTERM and ends open streams)",
@@ -121,8 +238,7 @@ def _vllm_fields() -> dict[str, list[str]]:
     return {flag[2:].replace("-", "_"): kinds[spec["kind"]] for flag, spec in vllm_flags.load().items()}
 
 
-PREFIXES = [Prefix("VLLM_ARG_", "vllm", "vLLM's OpenAI server (vllm serve --help)", MANAGED_FLAGS,
-                   fields=_vllm_fields)]
+PREFIXES = [Prefix("VLLM_ARG_", "vllm", "vLLM's OpenAI server (vllm serve --help)", MANAGED_FLAGS, fields=_vllm_fields)]
 
 
 def parse_adapters(text: str) -> list[tuple[str, str]]:
@@ -142,8 +258,10 @@ def _validate(s: Settings) -> list[str]:
     problems = []
     port = os.environ.get("VLLM_PORT", "")
     if port.startswith("tcp://"):
-        problems.append(f"VLLM_PORT={port!r} was injected by Kubernetes for a Service named 'vllm' and breaks vLLM: "
-                        "set enableServiceLinks: false on the pod (the manifests in k8s/ do) or rename the Service")
+        problems.append(
+            f"VLLM_PORT={port!r} was injected by Kubernetes for a Service named 'vllm' and breaks vLLM: "
+            "set enableServiceLinks: false on the pod (the manifests in k8s/ do) or rename the Service"
+        )
     if s.lora_adapters is not None:
         try:
             parse_adapters(s.lora_adapters)
@@ -152,8 +270,10 @@ def _validate(s: Settings) -> list[str]:
     problems += _key_problems(s)
     for name, why in DEV_SWITCHES.items():
         if os.environ.get(name, "0").strip().lower() not in ("", "0", "false") and not s.allow_vllm_dev_switches:
-            problems.append(f"{name} is set: it {why}. Unset it, or set ALLOW_VLLM_DEV_SWITCHES=true to accept that "
-                            "(the API key still guards those routes)")
+            problems.append(
+                f"{name} is set: it {why}. Unset it, or set ALLOW_VLLM_DEV_SWITCHES=true to accept that "
+                "(the API key still guards those routes)"
+            )
     ref = s.model_id
     if ref and looks_local(ref) and not Path(ref).expanduser().is_dir():
         problems.append(f"MODEL_ID={ref!r}: no such directory")
@@ -183,8 +303,12 @@ def _key_problems(s: Settings) -> list[str]:
     if key is None:
         if s.allow_unauthenticated:
             return []
-        return [("no API key: set API_KEY or API_KEY_FILE (e.g. a mounted Secret), or ALLOW_UNAUTHENTICATED=true to "
-                 "serve every route to anyone who can reach the port")]
+        return [
+            (
+                "no API key: set API_KEY or API_KEY_FILE (e.g. a mounted Secret), or ALLOW_UNAUTHENTICATED=true to "
+                "serve every route to anyone who can reach the port"
+            )
+        ]
     if not key.strip():
         source = "API_KEY" if s.api_key is not None else f"API_KEY_FILE={s.api_key_file!r}"
         return [f"{source}: the key is empty or blank (an empty Secret?); a server would accept any request"]
@@ -224,9 +348,11 @@ def check_adapter(name: str, ref: str, config: dict) -> int:
     if config.get("trainable_token_indices"):
         reasons.append("it trains embedding rows of added tokens (trainable_token_indices)")
     if reasons:
-        raise ConfigError(f"LORA_ADAPTERS: adapter {name!r} ({ref}) cannot be served by vLLM as an adapter: "
-                          f"{'; '.join(reasons)}. Merge it into the base instead (the training image does this with "
-                          "MERGE=true) and serve the merged folder with MODEL_ID")
+        raise ConfigError(
+            f"LORA_ADAPTERS: adapter {name!r} ({ref}) cannot be served by vLLM as an adapter: "
+            f"{'; '.join(reasons)}. Merge it into the base instead (the training image does this with "
+            "MERGE=true) and serve the merged folder with MODEL_ID"
+        )
     ranks = [config.get("r", 8), *(config.get("rank_pattern") or {}).values()]
     return max(ranks)
 
@@ -247,8 +373,10 @@ def repaired_generation_config(model: str, revision: str | None, end_of_turn: st
     try:
         eot = end_of_turn or find_end_of_turn(tok)
     except ConfigError as exc:
-        log.warning("cannot tell which token ends an assistant turn (%s); serving with the model's stop ids",
-                    exc.message.splitlines()[-1])
+        log.warning(
+            "cannot tell which token ends an assistant turn (%s); serving with the model's stop ids",
+            exc.message.splitlines()[-1],
+        )
         return None
     try:
         gen = GenerationConfig.from_pretrained(model, revision=revision)
@@ -262,8 +390,13 @@ def repaired_generation_config(model: str, revision: str | None, end_of_turn: st
     gen.eos_token_id = stops
     folder = Path(tempfile.mkdtemp(prefix="tuneserve-generation-config-"))
     gen.save_pretrained(folder)
-    log.info("the model's generation_config lacks the end-of-turn token %r: serving with stop ids %s "
-             "(from %s; the model folder is unchanged)", eot, gen.eos_token_id, folder)
+    log.info(
+        "the model's generation_config lacks the end-of-turn token %r: serving with stop ids %s "
+        "(from %s; the model folder is unchanged)",
+        eot,
+        gen.eos_token_id,
+        folder,
+    )
     return folder
 
 
@@ -306,9 +439,20 @@ def _flag_args(field_name: str, value: Any) -> list[str]:
 
 def build_command(cfg: Settings) -> tuple[list[str], dict[str, str]]:
     """(argv after `python -m <vllm module>`, environment additions). Reads adapters and tokenizers."""
-    args = ["--model", cfg.model_id, "--host", cfg.host, "--port", str(cfg.port), "--dtype", cfg.dtype,
-            "--served-model-name", cfg.served_model_name or cfg.model_id,
-            "--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
+    args = [
+        "--model",
+        cfg.model_id,
+        "--host",
+        cfg.host,
+        "--port",
+        str(cfg.port),
+        "--dtype",
+        cfg.dtype,
+        "--served-model-name",
+        cfg.served_model_name or cfg.model_id,
+        "--gpu-memory-utilization",
+        str(cfg.gpu_memory_utilization),
+    ]
     if cfg.model_revision:
         args += ["--revision", cfg.model_revision]
     if cfg.trust_remote_code:
@@ -335,10 +479,19 @@ def build_command(cfg: Settings) -> tuple[list[str], dict[str, str]]:
                 end_of_turn = end_of_turn or json.loads(meta.read_text()).get("end_of_turn")
         rank = next((r for r in ALLOWED_RANKS if r >= max(ranks)), None)
         if rank is None:
-            raise ConfigError(f"LORA_ADAPTERS: rank {max(ranks)} is above vLLM's largest --max-lora-rank "
-                              f"({ALLOWED_RANKS[-1]}); merge the adapter instead")
-        args += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(len(modules)),
-                 "--lora-modules", *modules]
+            raise ConfigError(
+                f"LORA_ADAPTERS: rank {max(ranks)} is above vLLM's largest --max-lora-rank "
+                f"({ALLOWED_RANKS[-1]}); merge the adapter instead"
+            )
+        args += [
+            "--enable-lora",
+            "--max-lora-rank",
+            str(rank),
+            "--max-loras",
+            str(len(modules)),
+            "--lora-modules",
+            *modules,
+        ]
     gen_dir = repaired_generation_config(cfg.model_id, cfg.model_revision, end_of_turn)
     if gen_dir is not None:
         args += ["--generation-config", str(gen_dir)]
@@ -354,11 +507,19 @@ def build_command(cfg: Settings) -> tuple[list[str], dict[str, str]]:
         args += _flag_args(field_name, value)
     args += ["--middleware", GATE_MIDDLEWARE]  # last added is outermost: it sees every request first
     key = api_key(cfg)
-    env = {GATE_ENV: gate_settings(
-        auth=key is not None, max_request_bytes=cfg.max_request_bytes, max_tokenize_bytes=cfg.max_tokenize_bytes,
-        max_choices=cfg.max_choices, max_request_output_tokens=cfg.max_request_output_tokens,
-        max_output_tokens=cfg.max_output_tokens, drain_seconds=cfg.drain_seconds, live_timeout=cfg.live_timeout,
-        live_cache_seconds=cfg.live_cache_seconds)}
+    env = {
+        GATE_ENV: gate_settings(
+            auth=key is not None,
+            max_request_bytes=cfg.max_request_bytes,
+            max_tokenize_bytes=cfg.max_tokenize_bytes,
+            max_choices=cfg.max_choices,
+            max_request_output_tokens=cfg.max_request_output_tokens,
+            max_output_tokens=cfg.max_output_tokens,
+            drain_seconds=cfg.drain_seconds,
+            live_timeout=cfg.live_timeout,
+            live_cache_seconds=cfg.live_cache_seconds,
+        )
+    }
     if key is not None:
         env["VLLM_API_KEY"] = key.strip()
     return args, env
@@ -367,8 +528,11 @@ def build_command(cfg: Settings) -> tuple[list[str], dict[str, str]]:
 def run(cfg: Settings, check_only: bool = False) -> int:
     args, env_add = build_command(cfg)
     argv = [sys.executable, "-m", VLLM_MODULE, *args]
-    log.info("vLLM command: %s%s", " ".join(argv[1:]),
-             " (API key from VLLM_API_KEY)" if "VLLM_API_KEY" in env_add else " (no API key: ALLOW_UNAUTHENTICATED)")
+    log.info(
+        "vLLM command: %s%s",
+        " ".join(argv[1:]),
+        " (API key from VLLM_API_KEY)" if "VLLM_API_KEY" in env_add else " (no API key: ALLOW_UNAUTHENTICATED)",
+    )
     if check_only:
         return 0
     sys.stdout.flush()

@@ -168,9 +168,7 @@ def convert_kinds(raw: str, kinds: list[str]) -> Any:
     text = raw.strip()
     if "none" in kinds and text.lower() in ("none", "null"):
         return None
-    if "bool" in kinds and text.lower() in TRUE_WORDS + FALSE_WORDS and not (
-        "int" in kinds and text in ("0", "1")
-    ):
+    if "bool" in kinds and text.lower() in TRUE_WORDS + FALSE_WORDS and not ("int" in kinds and text in ("0", "1")):
         return parse_bool(text)
     if "int" in kinds:
         try:
@@ -195,8 +193,9 @@ def convert_kinds(raw: str, kinds: list[str]) -> Any:
 class Settings:
     """The resolved configuration: attribute access by lowercased variable name."""
 
-    def __init__(self, schema: Schema, values: dict[str, Any], extras: dict[str, dict[str, Any]],
-                 sources: dict[str, str]):
+    def __init__(
+        self, schema: Schema, values: dict[str, Any], extras: dict[str, dict[str, Any]], sources: dict[str, str]
+    ):
         self._schema = schema
         self._values = values
         self.extras = extras  # prefix table -> {field: value}
@@ -260,8 +259,13 @@ class Settings:
 
 
 class Schema:
-    def __init__(self, name: str, vars: list[Var], prefixes: list[Prefix] = (),
-                 validate: Callable[[Settings], list[str]] | None = None):
+    def __init__(
+        self,
+        name: str,
+        vars: list[Var],
+        prefixes: list[Prefix] = (),
+        validate: Callable[[Settings], list[str]] | None = None,
+    ):
         self.name = name
         self.vars = list(vars)
         self.by_name = {v.name: v for v in self.vars}
@@ -330,14 +334,15 @@ class Schema:
                 if not key.startswith(p.prefix) or key in p.foreign:
                     continue
                 fields = p.fields() if p.fields is not None else tables[p.table]
-                candidates = [key[len(p.prefix):].lower()]
+                candidates = [key[len(p.prefix) :].lower()]
                 if p.whole_name_first:
                     candidates.insert(0, key.lower())
                 name = next((c for c in candidates if c in fields), None)
                 if name is None:
                     problems.append(
                         f"{key}: {p.prefix}* variables set fields of {p.target}, and it has no field "
-                        f"{candidates[-1]!r}; check the spelling (fields are listed in its documentation)")
+                        f"{candidates[-1]!r}; check the spelling (fields are listed in its documentation)"
+                    )
                 elif name in p.managed:
                     problems.append(f"{key}: {p.target}.{name} is set by this tool; {p.managed[name]}")
                 else:

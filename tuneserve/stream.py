@@ -18,9 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
-          "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-          "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+DTYPES = {
+    "BF16": "bfloat16",
+    "F16": "float16",
+    "F32": "float32",
+    "F64": "float64",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
 CODES = {v: k for k, v in DTYPES.items()}
 
 
@@ -105,10 +116,11 @@ class Writer:
         import torch
 
         exp_name, code, shape, size = self.expected[self.i]
-        if name != exp_name or CODES[str(tensor.dtype).removeprefix("torch.")] != code or \
-                tuple(tensor.shape) != shape:
-            raise ValueError(f"tensor {name} {tensor.dtype} {tuple(tensor.shape)} does not match the header entry "
-                             f"{exp_name} {code} {shape}")
+        if name != exp_name or CODES[str(tensor.dtype).removeprefix("torch.")] != code or tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"tensor {name} {tensor.dtype} {tuple(tensor.shape)} does not match the header entry "
+                f"{exp_name} {code} {shape}"
+            )
         flat = tensor.contiguous().reshape(-1)
         if flat.numel():
             self.f.write(memoryview(flat.view(torch.uint8).numpy()))
@@ -119,8 +131,9 @@ class Writer:
         exp_name, code, shape, size = self.expected[self.i]
         e = stored.entry
         if name != exp_name or e.dtype != code or e.shape != shape:
-            raise ValueError(f"tensor {name} {e.dtype} {e.shape} does not match the header entry "
-                             f"{exp_name} {code} {shape}")
+            raise ValueError(
+                f"tensor {name} {e.dtype} {e.shape} does not match the header entry {exp_name} {code} {shape}"
+            )
         stored.f.seek(stored.offset)
         left = size
         while left:

@@ -106,12 +106,13 @@ def find_end_of_turn(tok) -> str:
             full = render(tok, messages)
         except Exception:
             raise ConfigError(f"chat template cannot render a user/assistant conversation: {exc}") from None
-    turn = full[len(os.path.commonprefix([prefix, full])):]
+    turn = full[len(os.path.commonprefix([prefix, full])) :]
     if "ANSWER" not in turn:
         raise ConfigError(
             "chat template: the assistant's answer cannot be located in what it renders for the assistant turn "
-            f"after the generation prompt ({turn!r}; prompt {prefix!r}). Set CHAT_TEMPLATE (e.g. chatml).")
-    after = turn[turn.find("ANSWER") + len("ANSWER"):]
+            f"after the generation prompt ({turn!r}; prompt {prefix!r}). Set CHAT_TEMPLATE (e.g. chatml)."
+        )
+    after = turn[turn.find("ANSWER") + len("ANSWER") :]
     ids = tok(after, add_special_tokens=False)["input_ids"]
     for token in tok.convert_ids_to_tokens(ids):
         if token in special:
@@ -119,7 +120,8 @@ def find_end_of_turn(tok) -> str:
     raise ConfigError(
         f"chat template does not close the assistant turn with a special token (the assistant part renders as "
         f"{turn!r}), so the model could never learn to stop. Use a template whose assistant turn ends with a "
-        "token such as <|im_end|> or the eos token, e.g. CHAT_TEMPLATE=chatml.")
+        "token such as <|im_end|> or the eos token, e.g. CHAT_TEMPLATE=chatml."
+    )
 
 
 def prepare_tokenizer(cfg: Settings, needs_template: bool) -> TokenizerInfo:
@@ -135,15 +137,19 @@ def prepare_tokenizer(cfg: Settings, needs_template: bool) -> TokenizerInfo:
     if template is None:
         raise ConfigError(
             f"the dataset is conversational but the tokenizer of {cfg.tokenizer or cfg.base_model!r} has no chat "
-            "template; set CHAT_TEMPLATE (a well-known name such as chatml, a .jinja file, or the template text)")
+            "template; set CHAT_TEMPLATE (a well-known name such as chatml, a .jinja file, or the template text)"
+        )
     vocab = tok.get_vocab()
     missing = [t for t in needed if t not in vocab]
     if missing:
         from tokenizers import AddedToken
 
         tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
-        log.info("chat template needs %s, which the tokenizer lacks: added them as special tokens (the "
-                 "embeddings are resized and the new rows trained with the adapter)", ", ".join(missing))
+        log.info(
+            "chat template needs %s, which the tokenizer lacks: added them as special tokens (the "
+            "embeddings are resized and the new rows trained with the adapter)",
+            ", ".join(missing),
+        )
     eot = find_end_of_turn(tok)
     log.info("chat template: %s; assistant turns end with %r (eos is %r)", source, eot, tok.eos_token)
     return TokenizerInfo(tok, added_tokens=missing, end_of_turn=eot, template_source=source)

@@ -18,8 +18,7 @@ from pathlib import Path
 
 from tuneserve import batching, checkpoints, launch, signals
 from tuneserve.exitcodes import ConfigError, Terminated
-from tuneserve.layout import (TRAINING_META, Layout, readable_as_umask_allows, replace_folder, scratch,
-                              write_json_atomic)
+from tuneserve.layout import TRAINING_META, Layout, readable_as_umask_allows, replace_folder, scratch, write_json_atomic
 from tuneserve.model import Placement
 from tuneserve.settings import Settings
 
@@ -42,10 +41,15 @@ def describe_quantization(model) -> dict | None:
     if not layers:
         return None
     qs = next(iter(layers.values())).weight.quant_state
-    return {"modules": sorted(layers), "quant_type": qs.quant_type, "blocksize": qs.blocksize,
-            "double_quant": bool(qs.nested), "dtype": str(qs.dtype).removeprefix("torch."),
-            # bitsandbytes' CUDA and CPU kernels need not round alike: the replay runs where training quantized.
-            "device": qs.absmax.device.type}
+    return {
+        "modules": sorted(layers),
+        "quant_type": qs.quant_type,
+        "blocksize": qs.blocksize,
+        "double_quant": bool(qs.nested),
+        "dtype": str(qs.dtype).removeprefix("torch."),
+        # bitsandbytes' CUDA and CPU kernels need not round alike: the replay runs where training quantized.
+        "device": qs.absmax.device.type,
+    }
 
 
 def build_sft_config(cfg: Settings, layout: Layout, placement: Placement, has_eval: bool):
@@ -107,9 +111,15 @@ def fsdp_options() -> dict:
     resharded after each forward. Each process loads the whole model on its own GPU first (accelerate's
     load-on-rank-0 path skips 4-bit weights), then fully_shard splits it, the 4-bit weights included (stored in
     the compute dtype, model.py): training memory is shared, loading memory is not."""
-    return {"fsdp": True,
-            "fsdp_config": {"version": 2, "reshard_after_forward": True, "cpu_ram_efficient_loading": False,
-                            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}}
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "reshard_after_forward": True,
+            "cpu_ram_efficient_loading": False,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        },
+    }
 
 
 def _stop_requested(device) -> bool:
@@ -162,13 +172,13 @@ def _callbacks(recorder: RowRecorder | None):
 class RowRecorder:
     """Wraps the data collator and keeps this process's ledger: the training rows of every micro-batch, in order.
 
-    The proof, in train_report.json, that each process got its own shard of the data (a multi-GPU run that
-    silently gives every process the same rows trains no faster and sees the data several times), and that a run interrupted any number of times
-    trained each row once per epoch, as an uninterrupted run does. Rows are the indexes of the training
-    sequences, found by a digest of their token ids (identical sequences share the first index). A segment is
-    one process's life between resumes; each checkpoint stores the ledger up to its step (LEDGER_FILE), and the
-    segment after it starts from there. The data loader may collate a batch ahead of the step that trains it,
-    so a segment's batches are cut at the step it reached."""
+    The proof, in train_report.json, that each process got its own shard of the data (a multi-GPU run that silently
+    gives every process the same rows trains no faster and sees the data several times), and that a run interrupted
+    any number of times trained each row once per epoch, as an uninterrupted run does. Rows are the indexes of the
+    training sequences, found by a digest of their token ids (identical sequences share the first index). A segment
+    is one process's life between resumes; each checkpoint stores the ledger up to its step (LEDGER_FILE), and the
+    segment after it starts from there. The data loader may collate a batch ahead of the step that trains it, so a
+    segment's batches are cut at the step it reached."""
 
     def __init__(self, rows, accumulation: int):
         self.collator, self.accumulation = None, accumulation  # the trainer's collator, wrapped once it exists
@@ -191,7 +201,7 @@ class RowRecorder:
         for ex in examples:  # a packed sequence holds several rows, whole (longer rows were dropped before)
             ids, start = ex["input_ids"], 0
             for n in ex.get("seq_lengths") or [len(ids)]:
-                rows.append(self.index.get(self.digest(ids[start:start + n]), -1))
+                rows.append(self.index.get(self.digest(ids[start : start + n]), -1))
                 start += n
         self.batches.append(rows)
         return self.collator(examples)
@@ -205,7 +215,7 @@ class RowRecorder:
             self.earlier = [{"from_step": 0, "to_step": step, "batches": None}]  # a checkpoint without a ledger
 
     def ledger(self, step: int) -> dict:
-        trained = self.batches[:(step - self.from_step) * self.accumulation]
+        trained = self.batches[: (step - self.from_step) * self.accumulation]
         return {"segments": [*self.earlier, {"from_step": self.from_step, "to_step": step, "batches": trained}]}
 
     def save(self, checkpoint: Path, step: int) -> None:
@@ -228,13 +238,17 @@ def epoch_check(ledgers: list[dict], rows: list[int], batches_per_epoch: list[in
     epochs = max(-(-len(bs) // n) for bs, n in zip(batches, batches_per_epoch))
     expected, bad = Counter(rows), []
     for e in range(epochs):
-        chunks = [bs[e * n:(e + 1) * n] for bs, n in zip(batches, batches_per_epoch)]
+        chunks = [bs[e * n : (e + 1) * n] for bs, n in zip(batches, batches_per_epoch)]
         seen = Counter(r for chunk in chunks for b in chunk for r in b)
         complete = all(len(c) == n for c, n in zip(chunks, batches_per_epoch))
         if (seen != expected) if complete else bool(seen - expected):
             bad.append(e)
-    out = {"verified": not bad, "epochs": epochs, "segments": [len(ledger["segments"]) for ledger in ledgers],
-           "epochs_not_once_each": bad}
+    out = {
+        "verified": not bad,
+        "epochs": epochs,
+        "segments": [len(ledger["segments"]) for ledger in ledgers],
+        "epochs_not_once_each": bad,
+    }
     if any(-1 in b for bs in batches for b in bs):  # e.g. SFT_PACKING_STRATEGY=bfd_split cut a row
         out.update(verified=False, why="batches hold sequences that are not whole training rows")
     return out
@@ -255,10 +269,13 @@ def _per_process_report(trainer, recorder: RowRecorder | None, sharded: bool) ->
     """Each process's rows and trained weights, gathered on every process (rank order). With FSDP each
     process holds a different shard of the weights, so there is no whole-weights digest to compare."""
     ledger = recorder.ledger(trainer.state.global_step) if recorder else None
-    record = {"rank": launch.rank(), "world_size": launch.world_size(),
-              "rows_seen": sum(len(b) for seg in ledger["segments"] for b in seg["batches"] or []) if ledger else None,
-              "ledger": ledger,
-              "trainable_sha256": None if sharded else _trainable_digest(trainer.model)}
+    record = {
+        "rank": launch.rank(),
+        "world_size": launch.world_size(),
+        "rows_seen": sum(len(b) for seg in ledger["segments"] for b in seg["batches"] or []) if ledger else None,
+        "ledger": ledger,
+        "trainable_sha256": None if sharded else _trainable_digest(trainer.model),
+    }
     if launch.world_size() == 1:
         return [record]
     import torch.distributed as dist
@@ -275,8 +292,7 @@ def _resume_point(cfg: Settings, layout: Layout) -> Path | None:
     if launch.is_main():
         resume = checkpoints.newest_complete(layout.checkpoints) if cfg.resume else None
         if resume is None and cfg.resume is False and checkpoints.checkpoints(layout.checkpoints):
-            log.info("RESUME=false: starting over; existing checkpoints in %s will be replaced",
-                     layout.checkpoints)
+            log.info("RESUME=false: starting over; existing checkpoints in %s will be replaced", layout.checkpoints)
             for _step, ckpt in checkpoints.checkpoints(layout.checkpoints):  # ours only, not the folder
                 shutil.rmtree(ckpt)
     _barrier()
@@ -292,8 +308,13 @@ def _init_process_group(placement: Placement) -> None:
         from accelerate import PartialState
 
         state = PartialState(cpu=placement.device == "cpu")
-        log.info("process %d of %d (local %d, %s backend)", state.process_index, state.num_processes,
-                 state.local_process_index, state.backend)
+        log.info(
+            "process %d of %d (local %d, %s backend)",
+            state.process_index,
+            state.num_processes,
+            state.local_process_index,
+            state.backend,
+        )
 
 
 def train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placement) -> Path:
@@ -334,18 +355,29 @@ def _train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placeme
     # The training arguments first: with FSDP they tell from_pretrained to load on rank 0 only.
     args = build_sft_config(cfg, layout, placement, prepared.eval is not None)
     model = load_model(cfg, tok_info, placement)
-    args.gradient_checkpointing = batching.checkpointing(cfg, model, args.per_device_train_batch_size,
-                                                         placement.device, placement.dtype.itemsize)
+    args.gradient_checkpointing = batching.checkpointing(
+        cfg, model, args.per_device_train_batch_size, placement.device, placement.dtype.itemsize
+    )
     if cfg.packing and cfg.distributed_strategy != "fsdp":  # FSDP: the weights are not in place until wrapped
         batching.check_packing(model, tok_info.tokenizer.pad_token_id)
     quantization = describe_quantization(model)
     peft_config = get_peft_config(cfg, tok_info.added_token_ids, model)
     # Collator copies in data loader worker processes would keep their ledgers to themselves.
-    recorder = RowRecorder(prepared.train["input_ids"], args.gradient_accumulation_steps) \
-        if args.dataloader_num_workers == 0 else None
+    recorder = (
+        RowRecorder(prepared.train["input_ids"], args.gradient_accumulation_steps)
+        if args.dataloader_num_workers == 0
+        else None
+    )
     callback = _callbacks(recorder)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
-                         processing_class=tok_info.tokenizer, peft_config=peft_config, callbacks=[callback])
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.eval,
+        processing_class=tok_info.tokenizer,
+        peft_config=peft_config,
+        callbacks=[callback],
+    )
     if recorder:
         recorder.collator, trainer.data_collator = trainer.data_collator, recorder
     trainable, total = trainer.model.get_nb_trainable_parameters()
@@ -366,15 +398,21 @@ def _train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placeme
             checkpoints.newest_complete(layout.checkpoints)
         raise
     if callback.stopped_by_signal:  # the same answer in every process (the callback all-reduces it)
-        raise Terminated(f"stopped by SIGTERM at step {trainer.state.global_step}; checkpoint saved in "
-                         f"{layout.checkpoints}. Rerun with the same OUTPUT_DIR to resume.")
+        raise Terminated(
+            f"stopped by SIGTERM at step {trainer.state.global_step}; checkpoint saved in "
+            f"{layout.checkpoints}. Rerun with the same OUTPUT_DIR to resume."
+        )
     processes = _per_process_report(trainer, recorder, sharded=cfg.distributed_strategy == "fsdp")
     ledger = None
     if recorder:
         per_process = len(trainer.get_train_dataloader())  # micro-batches one process takes per epoch
         ledger = epoch_check([p["ledger"] for p in processes], recorder.rows, [per_process] * len(processes))
-        log.info("ledger: %d epoch(s) over %s segment(s) per process; every row once per epoch: %s",
-                 ledger.get("epochs", 0), ledger.get("segments"), ledger["verified"])
+        log.info(
+            "ledger: %d epoch(s) over %s segment(s) per process; every row once per epoch: %s",
+            ledger.get("epochs", 0),
+            ledger.get("segments"),
+            ledger["verified"],
+        )
     tmp = scratch(layout.adapter)
     if launch.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
@@ -387,21 +425,36 @@ def _train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placeme
         raise
     _barrier()
     if launch.is_main():
-        _install_adapter(tmp, layout, meta={
-            "base_model": cfg.base_model, "base_model_revision": cfg.base_model_revision,
-            "end_of_turn": tok_info.end_of_turn, "added_tokens": tok_info.added_tokens,
-            "template_source": tok_info.template_source, "dtype": placement.dtype_name,
-            "load_in_4bit": cfg.load_in_4bit, "global_step": trainer.state.global_step,
-            # What MERGE_BASE=dequantized replays: which weights were 4-bit and how they were quantized.
-            "quantization": quantization,
-        }, report={
-            "metrics": dict(result.metrics), "global_step": trainer.state.global_step, "data": prepared.stats,
-            "log_history": trainer.state.log_history, "resumed_from": str(resume) if resume else None,
-            "processes": processes, "ledger_check": ledger,
-        })
+        _install_adapter(
+            tmp,
+            layout,
+            meta={
+                "base_model": cfg.base_model,
+                "base_model_revision": cfg.base_model_revision,
+                "end_of_turn": tok_info.end_of_turn,
+                "added_tokens": tok_info.added_tokens,
+                "template_source": tok_info.template_source,
+                "dtype": placement.dtype_name,
+                "load_in_4bit": cfg.load_in_4bit,
+                "global_step": trainer.state.global_step,
+                # What MERGE_BASE=dequantized replays: which weights were 4-bit and how they were quantized.
+                "quantization": quantization,
+            },
+            report={
+                "metrics": dict(result.metrics),
+                "global_step": trainer.state.global_step,
+                "data": prepared.stats,
+                "log_history": trainer.state.log_history,
+                "resumed_from": str(resume) if resume else None,
+                "processes": processes,
+                "ledger_check": ledger,
+            },
+        )
     if signals.requested():  # SIGTERM after the last step: nothing lost, the adapter is complete
-        raise Terminated(f"stopped by SIGTERM after training finished; the adapter is in {layout.adapter}. "
-                         "Rerun with the same OUTPUT_DIR to merge, verify and publish.")
+        raise Terminated(
+            f"stopped by SIGTERM after training finished; the adapter is in {layout.adapter}. "
+            "Rerun with the same OUTPUT_DIR to merge, verify and publish."
+        )
     return layout.adapter
 
 

@@ -44,8 +44,9 @@ class Prompt:
 
     def encode(self, tok) -> list[int]:
         if self.messages is not None:
-            return tok.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=True,
-                                           return_dict=True)["input_ids"]
+            return tok.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
         return tok(self.text)["input_ids"]
 
 
@@ -97,8 +98,11 @@ def load_adapter_model(base_model: str, revision: str | None, adapter_dir: Path,
     quant = meta.get("quantization")
     if meta.get("load_in_4bit") and quant:
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=quant["quant_type"],
-            bnb_4bit_use_double_quant=quant["double_quant"], bnb_4bit_compute_dtype=dtype)
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant["quant_type"],
+            bnb_4bit_use_double_quant=quant["double_quant"],
+            bnb_4bit_compute_dtype=dtype,
+        )
     return attach_adapter(create_model_from_path(base_model, **kwargs), adapter_dir).eval()
 
 
@@ -122,9 +126,14 @@ def generate(model, tok, ids: list[int], max_new_tokens: int) -> list[int]:
 
     with torch.no_grad():
         t = torch.tensor([ids], device=model.device)
-        out = model.generate(input_ids=t, attention_mask=torch.ones_like(t), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tok.pad_token_id)
-    return out[0, len(ids):].tolist()
+        out = model.generate(
+            input_ids=t,
+            attention_mask=torch.ones_like(t),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+    return out[0, len(ids) :].tolist()
 
 
 def _release() -> None:
@@ -138,14 +147,26 @@ def _release() -> None:
 
 def compare(a, b) -> dict[str, float]:
     pa, pb = a.softmax(-1), b.softmax(-1)
-    return {"max_prob_diff": round(float((pa - pb).abs().max()), 6),
-            "max_logit_diff": round(float((a - b).abs().max()), 6),
-            "top1_agreement": round(float((a.argmax(-1) == b.argmax(-1)).float().mean()), 4)}
+    return {
+        "max_prob_diff": round(float((pa - pb).abs().max()), 6),
+        "max_logit_diff": round(float((a - b).abs().max()), 6),
+        "top1_agreement": round(float((a.argmax(-1) == b.argmax(-1)).float().mean()), 4),
+    }
 
 
-def verify(merged: Path, adapter_dir: Path, data_dir: Path, *, base_model: str, revision: str | None,
-           merge_base: str, samples: int, max_new_tokens: int, tolerance: float | None,
-           alternative: Path | None = None) -> dict[str, Any]:
+def verify(
+    merged: Path,
+    adapter_dir: Path,
+    data_dir: Path,
+    *,
+    base_model: str,
+    revision: str | None,
+    merge_base: str,
+    samples: int,
+    max_new_tokens: int,
+    tolerance: float | None,
+    alternative: Path | None = None,
+) -> dict[str, Any]:
     """Run the checks on `merged` and return the report (`passed`, each check, the samples); it raises nothing
     when a check fails: `failures(report)` says what failed, and the pipeline writes the report and exits 4.
     `alternative`, a folder merged on the other merge base, is measured against the adapter model too."""
@@ -168,9 +189,16 @@ def verify(merged: Path, adapter_dir: Path, data_dir: Path, *, base_model: str, 
     for p, pids in zip(prompts, ids):
         gen = generate(model, tok, pids, max_new_tokens) if finite else []
         stopped = bool(gen) and gen[-1] in stops
-        sample_reports.append({"row": p.row, "prompt": p.messages if p.messages is not None else p.text,
-                               "reference": p.reference, "generation": tok.decode(gen, skip_special_tokens=True),
-                               "generated_tokens": len(gen), "stopped": stopped})
+        sample_reports.append(
+            {
+                "row": p.row,
+                "prompt": p.messages if p.messages is not None else p.text,
+                "reference": p.reference,
+                "generation": tok.decode(gen, skip_special_tokens=True),
+                "generated_tokens": len(gen),
+                "stopped": stopped,
+            }
+        )
     del model
     _release()
 
@@ -190,14 +218,28 @@ def verify(merged: Path, adapter_dir: Path, data_dir: Path, *, base_model: str, 
     diff = fidelity[merge_base]["max_prob_diff"]
     checks = {
         "finite_logits": {"passed": finite},
-        "stops": {"passed": (not needs_stop) or all(s["stopped"] for s in sample_reports),
-                  "required": needs_stop, "stop_token_ids": stops, "max_new_tokens": max_new_tokens,
-                  "stopped": sum(s["stopped"] for s in sample_reports), "of": len(sample_reports)},
-        "fidelity": {"passed": finite and diff <= tolerance, "max_prob_diff": diff, "tolerance": tolerance,
-                     "merge_base": merge_base},
+        "stops": {
+            "passed": (not needs_stop) or all(s["stopped"] for s in sample_reports),
+            "required": needs_stop,
+            "stop_token_ids": stops,
+            "max_new_tokens": max_new_tokens,
+            "stopped": sum(s["stopped"] for s in sample_reports),
+            "of": len(sample_reports),
+        },
+        "fidelity": {
+            "passed": finite and diff <= tolerance,
+            "max_prob_diff": diff,
+            "tolerance": tolerance,
+            "merge_base": merge_base,
+        },
     }
-    report = {"passed": all(c["passed"] for c in checks.values()), "checks": checks, "fidelity": fidelity,
-              "prompts_from": split, "samples": sample_reports}
+    report = {
+        "passed": all(c["passed"] for c in checks.values()),
+        "checks": checks,
+        "fidelity": fidelity,
+        "prompts_from": split,
+        "samples": sample_reports,
+    }
     return report
 
 
@@ -208,9 +250,13 @@ def failures(report: dict[str, Any]) -> list[str]:
     if not c["finite_logits"]["passed"]:
         out.append("the merged model's logits are not finite (NaN/inf weights: a broken adapter or overflow)")
     if not c["stops"]["passed"]:
-        out.append(f"{c['stops']['of'] - c['stops']['stopped']} of {c['stops']['of']} generations did not end "
-                   f"with a stop id {c['stops']['stop_token_ids']} within {c['stops']['max_new_tokens']} tokens")
+        out.append(
+            f"{c['stops']['of'] - c['stops']['stopped']} of {c['stops']['of']} generations did not end "
+            f"with a stop id {c['stops']['stop_token_ids']} within {c['stops']['max_new_tokens']} tokens"
+        )
     if not c["fidelity"]["passed"]:
-        out.append(f"merged and adapter model disagree: max next-token probability difference "
-                   f"{c['fidelity']['max_prob_diff']} > tolerance {c['fidelity']['tolerance']}")
+        out.append(
+            f"merged and adapter model disagree: max next-token probability difference "
+            f"{c['fidelity']['max_prob_diff']} > tolerance {c['fidelity']['tolerance']}"
+        )
     return out
