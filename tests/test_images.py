@@ -92,8 +92,10 @@ def train_run(out: Path, base: Path, data: Path, env: dict, name: str | None = N
 @pytest.fixture(scope="module")
 def trained_volume(tmp_path_factory, chatml_base, qa_dataset) -> tuple[Path, subprocess.CompletedProcess]:
     out = writable_volume(tmp_path_factory.mktemp("image-train") / "output")
-    # HF_TOKEN is handed over by name (`-e HF_TOKEN`), so its value is in no command line.
-    res = podman(*train_run(out, chatml_base, qa_dataset, LEARN_ENV), env={"HF_TOKEN": TOKEN}, timeout=900)
+    # HF_TOKEN is handed over by name (`-e HF_TOKEN`), so its value is in no command line. QUANTIZE: the
+    # training image also writes quantized/ (compressed-tensors in the image).
+    env = {**LEARN_ENV, "QUANTIZE": "int8"}
+    res = podman(*train_run(out, chatml_base, qa_dataset, env), env={"HF_TOKEN": TOKEN}, timeout=900)
     return out, res
 
 
@@ -112,6 +114,33 @@ def test_training_image_runs_read_only_as_non_root_and_leaves_the_merged_model_o
     config = json.loads((out / "config.json").read_text())
     assert config["BASE_MODEL"] == "/models/base" and config["OUTPUT_DIR"] == "/output"
     assert config["HF_TOKEN"] == "***"  # the token was handed over, and masked
+
+
+@pytest.mark.slow
+def test_serving_image_holds_the_engine_evaluation_and_refuses_an_ungated_quantized_folder(trained_volume):
+    """The training image wrote quantized/; the serving image has the engine evaluation's command, which checks
+    OUTPUT_DIR (this run held out no rows: exit 2, saying so), and its server refuses the folder until then."""
+    out, res = trained_volume
+    assert res.returncode == 0, res.stderr[-4000:]
+    info = json.loads((out / "quantized" / "quantize_info.json").read_text())
+    assert info["scheme"] == "int8" and info["bytes"] < info["source_bytes"]
+    common = ["run", "--rm", *HARDENED, "--network", "none", "-v", f"{out}:/output:ro"]
+    check = podman(
+        *common, "--entrypoint", "python3", IMAGE_SERVE, "-m", "entrypoints.evaluate", "--check", check=False
+    )
+    assert check.returncode == 2 and "no held-out rows to evaluate with" in check.stderr, check.stderr[-3000:]
+    serve = podman(
+        *common,
+        "-e",
+        "MODEL_ID=/output/quantized",
+        "-e",
+        "API_KEY",
+        IMAGE_SERVE,
+        "--check",
+        check=False,
+        env={"API_KEY": KEY},
+    )
+    assert serve.returncode == 2 and "has not been through the engine evaluation" in serve.stderr, serve.stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -5,22 +5,14 @@ with the official openai client."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from devtools.health import free_port, stop_server, wait_healthy
-from tests.helpers import QA, REPO, ask, clean_env
+from tests.helpers import QA, REPO, SERVE_PYTHON, Server, ask, clean_env, need_vllm, serve_cmd
 
-SERVE_PYTHON = Path(os.environ.get("SERVE_PYTHON", REPO / ".venv-serve" / "bin" / "python"))
 KEY = "sk-serve-test-KEY123"
-
-
-def serve_cmd(*args: str, python: Path | str = sys.executable) -> list[str]:
-    return [str(python), "-m", "entrypoints.serve", *args]
 
 
 def run_serve(env: dict, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -238,72 +230,6 @@ def test_generation_limits_count_choices_prompts_and_tokens(body, problem):
 
 
 # ------------------------------------------------------------------------------------------- real vLLM
-def need_vllm() -> None:
-    if not SERVE_PYTHON.is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{SERVE_PYTHON} is missing: `make setup` creates .venv-serve with vLLM's CPU build")
-        pytest.skip(f"{SERVE_PYTHON} is missing (make setup creates it)")
-
-
-class Server:
-    def __init__(self, env: dict, cwd: Path):
-        self.port = free_port()
-        self.log = cwd / f"serve-{self.port}.log"
-        self.proc = subprocess.Popen(
-            serve_cmd(python=SERVE_PYTHON),
-            env=clean_env(HOST="127.0.0.1", PORT=str(self.port), VLLM_CPU_KVCACHE_SPACE="1", **env),
-            cwd=cwd,
-            stdout=self.log.open("w"),
-            stderr=subprocess.STDOUT,
-        )
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        def check_alive():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
-
-        try:
-            wait_healthy(self.url, check_alive, timeout)
-        except TimeoutError:
-            raise AssertionError(f"server not ready in {timeout}s:\n{self.log.read_text()[-4000:]}") from None
-
-    def stop(self) -> int:
-        return stop_server(self.proc)
-
-    def engine(self):
-        """vLLM's engine core process (a child of the server), to stall and resume it."""
-        import psutil
-
-        for child in psutil.Process(self.proc.pid).children(recursive=True):
-            if "EngineCore" in " ".join(child.cmdline()) or "EngineCore" in child.name():
-                return child
-        raise AssertionError("no EngineCore process under the server")
-
-    def request(
-        self, path: str, body: object = None, key: str | None = None, method: str | None = None
-    ) -> tuple[int, dict | str]:
-        """(status, parsed JSON or text) of one request; never raises for an HTTP error status."""
-        import urllib.error
-        import urllib.request
-
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(
-            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
-        )
-        if key is not None:
-            req.add_header("Authorization", f"Bearer {key}")
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                status, text = r.status, r.read().decode("utf-8", "replace")
-        except urllib.error.HTTPError as e:
-            status, text = e.code, e.read().decode("utf-8", "replace")
-        try:
-            return status, json.loads(text)
-        except ValueError:
-            return status, text
-
-
 LIMITS = {
     "MAX_OUTPUT_TOKENS": "8",
     "MAX_CHOICES": "4",

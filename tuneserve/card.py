@@ -5,8 +5,10 @@ the exact commands that serve the model."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
+from tuneserve.layout import MERGE_INFO, QUANTIZE_INFO
 from tuneserve.refs import hub_id
 
 SERVE_IMAGE = "tuneserve-serve"
@@ -17,6 +19,29 @@ def _table(rows: list[tuple[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def write(layout, folder: Path, model_ref: str) -> None:
+    """The card of `folder` (OUTPUT_DIR/merged or /quantized) from what the run recorded under OUTPUT_DIR,
+    naming where the model will be served from. Unchanged files are not rewritten."""
+
+    def read(path: Path) -> dict | None:
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    verify = read(layout.verify_report) or {}
+    text = render(
+        read(layout.config) or {},
+        read(layout.train_report),
+        verify,
+        verify.get("eval"),
+        read(layout.merged / MERGE_INFO) or {},
+        model_ref,
+        engine=read(layout.engine_eval_report),
+        quantized=read(folder / QUANTIZE_INFO),
+    )
+    path = folder / "README.md"
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+
+
 def render(
     config: dict[str, Any],
     train_report: dict[str, Any] | None,
@@ -24,8 +49,12 @@ def render(
     evaluation: dict[str, Any] | None,
     merge_info: dict[str, Any],
     model_ref: str,
+    *,
+    engine: dict[str, Any] | None = None,
+    quantized: dict[str, Any] | None = None,
 ) -> str:
-    """`config` must already be masked (Settings.masked())."""
+    """`config` must already be masked (Settings.masked()). `engine`: the engine evaluation's report;
+    `quantized`: the quantization record, for the card of the quantized folder."""
     base = config.get("BASE_MODEL")
     dataset = config.get("DATASET")
     front = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [tuneserve, qlora, sft]"]
@@ -40,7 +69,13 @@ def render(
         f"# {model_ref}",
         "",
         f"{'QLoRA' if config.get('LOAD_IN_4BIT') else 'LoRA'} supervised fine-tune of `{base}` on `{dataset}`, "
-        f"merged into the base ({merge_info.get('merge_base')} weights) by tuneserve.",
+        f"merged into the base ({merge_info.get('merge_base')} weights) by tuneserve"
+        + (
+            f", then quantized to {quantized['scheme']} ({quantized['preset']}, compressed-tensors "
+            f"{quantized['format']}: {quantized['source_bytes'] / 1e6:.1f} MB -> {quantized['bytes'] / 1e6:.1f} MB)."
+            if quantized
+            else "."
+        ),
         "",
         "## Serve it",
         "",
@@ -99,12 +134,15 @@ def render(
                     ("rows", evaluation.get("rows")),
                     ("eval loss", evaluation.get("eval_loss")),
                     ("exact match", evaluation.get("exact_match")),
+                    ("stop rate", evaluation.get("stop_rate")),
                     ("SQL executes", evaluation.get("sql_executes")),
                     ("SQL execution match", evaluation.get("sql_execution_match")),
                 ]
             ),
             "",
         ]
+    if engine:
+        lines += engine_section(engine, evaluation)
     lines += [
         "## Configuration",
         "",
@@ -127,3 +165,42 @@ def render_adapter(base_model: str, repo: str, merged_repo: str | None) -> str:
     )
     merged = f"; the merged model is `{merged_repo}`." if merged_repo else "."
     return "\n".join(front + [f"# {repo}", "", f"LoRA adapter for `{base_model}` trained by tuneserve{merged}"]) + "\n"
+
+
+def engine_section(engine: dict[str, Any], evaluation: dict[str, Any] | None) -> list[str]:
+    """The engine evaluation's table: each model as vLLM serves it, and the evaluate stage's figures."""
+
+    def cell(value: Any) -> str:
+        return "" if value is None else str(value)
+
+    models = engine.get("models", {})
+    rows = [
+        "## Measured in vLLM (held-out rows)",
+        "",
+        f"{engine.get('rows')} held-out rows answered by vLLM (greedy, the model's chat template) and scored like "
+        "the evaluation above.",
+        "",
+        "| model | exact match | SQL execution match | stop rate | weights (MB) | generated tokens/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, m in models.items():
+        rows.append(
+            f"| {name} (vLLM) | {cell(m.get('exact_match'))} | {cell(m.get('sql_execution_match'))} | "
+            f"{cell(m.get('stop_rate'))} | {m['weights_bytes'] / 1e6:.1f} | {cell(m.get('tokens_per_second'))} |"
+        )
+    if evaluation:
+        rows.append(
+            f"| merged (transformers, evaluate stage) | {cell(evaluation.get('exact_match'))} | "
+            f"{cell(evaluation.get('sql_execution_match'))} | {cell(evaluation.get('stop_rate'))} | | |"
+        )
+    rows.append("")
+    verdict = engine.get("gate")
+    if verdict:
+        rows += [
+            f"Quantized ({verdict.get('scheme')}) against merged, both in vLLM: drops {verdict.get('drops')}, budget "
+            f"{verdict.get('budget')} (QUANTIZE_MAX_DROP): **{'passed' if verdict.get('passed') else 'failed'}**.",
+            "",
+        ]
+    differing = (engine.get("parity") or {}).get("differing_rows") or []
+    rows += [f"Engine parity: {len(differing)} held-out row(s) answered differently by vLLM than by transformers.", ""]
+    return rows

@@ -357,6 +357,19 @@ TRAIN_VARS = [
         "statements) for EVAL_SQL_EXECUTION; otherwise the prompt's <SCHEMA>...</SCHEMA> block.",
         G_MERGE,
     ),
+    Var(
+        "QUANTIZE",
+        "str",
+        "none",
+        "After verify and evaluate, also write OUTPUT_DIR/quantized: the merged model in a scheme vLLM serves "
+        "natively, in compressed-tensors format, no calibration data needed. int8: int8 weights per channel and "
+        "activations per token (GPU; CPU); fp8: the same in fp8 (GPUs with fp8: Ada, Hopper and newer); w4a16: "
+        "int4 weights in groups of 128 (GPU; CPU with AVX-512). Published and served only once the engine "
+        "evaluation (python -m entrypoints.evaluate, serving image) finds it within QUANTIZE_MAX_DROP of the "
+        "merged model.",
+        G_MERGE,
+        choices=("none", "int8", "fp8", "w4a16"),
+    ),
     # ---- publish
     Var(
         "HUB_MODEL_ID",
@@ -562,6 +575,8 @@ def _validate(s: Settings) -> list[str]:
             problems.append(f"{name}={repo!r}: expected a repo id like org/name")
     if s.push_adapter and not s.hub_model_id and not s.hub_adapter_model_id:
         problems.append("PUSH_ADAPTER=true needs HUB_MODEL_ID or HUB_ADAPTER_MODEL_ID")
+    if s.quantize != "none" and not s.merge:
+        problems.append(f"QUANTIZE={s.quantize} quantizes the merged model: it needs MERGE=true")
     if s.merge_base == "dequantized" and s.load_in_4bit is False:
         problems.append("MERGE_BASE=dequantized needs LOAD_IN_4BIT=true (there is no 4-bit round trip to replay)")
     if s.lora_target_modules == []:

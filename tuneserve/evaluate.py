@@ -2,6 +2,7 @@
 
 - eval loss: mean cross-entropy over the tokens that were in the loss during training (same masks);
 - exact match: greedy answer == reference answer (whitespace-trimmed);
+- stop rate: answers that ended with a stop id within EVAL_MAX_NEW_TOKENS;
 - with EVAL_SQL_EXECUTION: the generated SQL runs on sqlite against the row's schema (the column named by
   EVAL_SQL_CONTEXT_FIELD, or the <SCHEMA>...</SCHEMA> block of the prompt) and returns the reference
   query's rows. The Gemma guide stops at a manual look at a few answers; these are figures.
@@ -18,7 +19,7 @@ from typing import Any
 from tuneserve.data import Example, encode, read_jsonl
 from tuneserve.layout import EVAL_ROWS
 from tuneserve.sqlcheck import execution_match
-from tuneserve.verify import load_merged, to_prompt
+from tuneserve.verify import load_merged, stop_ids, to_prompt
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,9 @@ def evaluate(
 
     prompts = [to_prompt(ex) for ex in examples]
     tok.padding_side = "left"
+    stops = set(stop_ids(model))
     answers: list[str] = []
+    stopped: list[bool] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="eval generation", unit="batch"):
         chunk = prompts[start : start + batch_size]
         enc = [p.encode(tok) for p in chunk]
@@ -91,15 +94,43 @@ def evaluate(
                 pad_token_id=pad,
             )
         answers += [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+        stopped += [any(int(t) in stops for t in row[width:]) for row in out]
 
+    report = score(
+        examples, prompts, answers, stopped, sql_execution=sql_execution, sql_context_field=sql_context_field
+    )
+    report["eval_loss"] = round(total_loss / total_tokens, 5) if total_tokens else None
+    report["perplexity"] = round(math.exp(total_loss / total_tokens), 4) if total_tokens else None
+    log.info(
+        "evaluation on %d held-out rows: loss %s, exact match %s, stop rate %s%s",
+        report["rows"],
+        report["eval_loss"],
+        report["exact_match"],
+        report["stop_rate"],
+        f", SQL execution match {report.get('sql_execution_match')}" if sql_execution else "",
+    )
+    return report
+
+
+def score(
+    examples: list[Example],
+    prompts: list,
+    answers: list[str],
+    stopped: list[bool],
+    *,
+    sql_execution: bool,
+    sql_context_field: str,
+) -> dict[str, Any]:
+    """The task figures of a list of answers, however they were generated (transformers or vLLM)."""
     rows = []
     exact = runs = matches = sql_rows = 0
-    for ex, p, answer in zip(examples, prompts, answers):
+    for ex, p, answer, stop in zip(examples, prompts, answers, stopped):
         item: dict[str, Any] = {
             "row": ex.row,
             "reference": p.reference,
             "answer": answer,
             "exact_match": answer == p.reference.strip(),
+            "stopped": stop,
         }
         exact += item["exact_match"]
         if sql_execution:
@@ -114,20 +145,12 @@ def evaluate(
     n = len(rows)
     report: dict[str, Any] = {
         "rows": n,
-        "eval_loss": round(total_loss / total_tokens, 5) if total_tokens else None,
-        "perplexity": round(math.exp(total_loss / total_tokens), 4) if total_tokens else None,
         "exact_match": round(exact / n, 4) if n else None,
+        "stop_rate": round(sum(r["stopped"] for r in rows) / n, 4) if n else None,
     }
     if sql_execution:
         report["sql_rows"] = sql_rows
         report["sql_executes"] = round(runs / sql_rows, 4) if sql_rows else None
         report["sql_execution_match"] = round(matches / sql_rows, 4) if sql_rows else None
     report["answers"] = rows
-    log.info(
-        "evaluation on %d held-out rows: loss %s, exact match %s%s",
-        n,
-        report["eval_loss"],
-        report["exact_match"],
-        f", SQL execution match {report.get('sql_execution_match')}" if sql_execution else "",
-    )
     return report

@@ -27,7 +27,8 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     "Retrying will not help.",
     ExitCode.DATA: "Dataset error: missing file or columns, wrong types, empty, too many rows longer than "
     "MAX_SEQ_LENGTH, rows without tokens to learn from. Retrying will not help.",
-    ExitCode.VERIFY: "The merged model failed verification; nothing was published.",
+    ExitCode.VERIFY: "The merged model failed verification, or the quantized model the engine evaluation's gate "
+    "(QUANTIZE_MAX_DROP); nothing was published.",
     ExitCode.DISK_FULL: "A disk is full: the message names the path being written and the space left. Everything "
     "finished is kept and the failed stage's temporary files are removed; free or enlarge the volume, then rerun "
     "with the same OUTPUT_DIR to continue. Retrying on the same full volume will not help.",

@@ -11,6 +11,8 @@
       verify.json          verification checks, fidelity figures, sample generations, evaluation summary
       eval.json            every held-out answer with its scores
       publish.json         what was published where (makes publishing idempotent)
+      quantized/           QUANTIZE's copy of merged/ (compressed-tensors), its gate verdict once evaluated
+      engine_eval.json     the held-out rows answered by vLLM: merged vs quantized, and vs the evaluate stage
 
 Folders are written beside their place under a scratch name (`scratch`) and renamed into it when complete.
 The file names inside the folders that this tool defines (not the Hugging Face formats') are here too.
@@ -31,7 +33,16 @@ TRAIN_ROWS = "train.jsonl"  # data/: the shaped training rows
 EVAL_ROWS = "eval.jsonl"  # data/: the held-out rows
 TRAINING_META = "training_meta.json"  # adapter/: what training decided (template, end of turn, quantization)
 MERGE_INFO = "merge_info.json"  # merged/: how the merge was made, the stop ids
+QUANTIZE_INFO = "quantize_info.json"  # quantized/: the scheme and the merged folder it was made from
+ENGINE_GATE = "engine_gate.json"  # quantized/: the engine evaluation's verdict (serving refuses it without one)
 MERGE_BASES = ("original", "dequantized")
+
+
+def merged_id(merged: Path) -> str:
+    """Which merged folder this is: the hash of its merge record (verify.json and quantized/ refer to it)."""
+    import hashlib
+
+    return hashlib.sha256((merged / MERGE_INFO).read_bytes()).hexdigest()[:16]
 
 
 def scratch(folder: Path) -> Path:
@@ -87,13 +98,21 @@ class Layout:
     def publish_state(self) -> Path:
         return self.root / "publish.json"
 
+    @property
+    def quantized(self) -> Path:
+        return self.root / "quantized"
+
+    @property
+    def engine_eval_report(self) -> Path:
+        return self.root / "engine_eval.json"
+
     def merged_with(self, merge_base: str) -> Path:
         """A second merged folder, on the other merge base, that verify compares with (then removes)."""
         return self.root / f".merged-{merge_base}"
 
     def artifacts(self) -> list[Path]:
         """What this tool writes directly under the root, scratch folders included; not the run record."""
-        folders = [self.adapter, self.merged, *(self.merged_with(b) for b in MERGE_BASES)]
+        folders = [self.adapter, self.merged, self.quantized, *(self.merged_with(b) for b in MERGE_BASES)]
         return [
             self.config,
             self.data,
@@ -102,6 +121,7 @@ class Layout:
             self.verify_report,
             self.eval_report,
             self.publish_state,
+            self.engine_eval_report,
             *folders,
             *(scratch(f) for f in folders),
         ]

@@ -1,4 +1,4 @@
-"""The training image's job, stage by stage: preflight -> train -> merge -> verify + evaluate -> publish.
+"""The training image's job, stage by stage: preflight -> train -> merge -> verify + evaluate -> quantize -> publish.
 
 Reads top to bottom as the list of stages (alignment-handbook's `scripts/sft.py` shape). Each stage
 writes under OUTPUT_DIR (layout.py) and a rerun skips what is done: trained -> merge; merged and
@@ -7,7 +7,6 @@ verified -> publish only. So a failed publish is retried by rerunning, without r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from tuneserve import data, rundir, signals
 from tuneserve.exitcodes import ExitCode, VerifyError
-from tuneserve.layout import MERGE_BASES, MERGE_INFO, Layout, write_json_atomic
+from tuneserve.layout import MERGE_BASES, MERGE_INFO, Layout, merged_id, write_json_atomic
 from tuneserve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,10 +47,6 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def merged_id(layout: Layout) -> str:
-    return hashlib.sha256((layout.merged / MERGE_INFO).read_bytes()).hexdigest()[:16]
-
-
 def run(cfg: Settings, check_only: bool = False) -> int:
     from tuneserve import launch
 
@@ -77,6 +72,7 @@ def run(cfg: Settings, check_only: bool = False) -> int:
     if cfg.merge:
         merge_stage(cfg, layout)
         verify_stage(cfg, layout)
+        quantize_stage(cfg, layout)
     publish_stage(cfg, layout)
     banner("done")
     return ExitCode.OK
@@ -144,7 +140,7 @@ def verify_stage(cfg: Settings, layout: Layout) -> None:
     from tuneserve import evaluate, merge, verify
 
     previous = _read(layout.verify_report)
-    current = merged_id(layout)
+    current = merged_id(layout.merged)
     if previous and previous.get("passed") and previous.get("merged_id") == current:
         log.info("verification already passed for this merged folder; skipping")
         return
@@ -200,20 +196,25 @@ def write_card(cfg: Settings, layout: Layout) -> None:
     """The model card in the merged folder, naming where the model will be served from."""
     from tuneserve import card
 
-    report = _read(layout.verify_report) or {}
-    config = _read(layout.config) or cfg.masked()  # the configuration training ran with
-    model_ref = cfg.hub_model_id or str(layout.merged)
-    text = card.render(
-        config,
-        _read(layout.train_report),
-        report,
-        report.get("eval"),
-        _read(layout.merged / MERGE_INFO) or {},
-        model_ref,
+    card.write(layout, layout.merged, cfg.hub_model_id or str(layout.merged))
+
+
+def quantize_stage(cfg: Settings, layout: Layout) -> None:
+    """QUANTIZE: OUTPUT_DIR/quantized from the verified merged folder. Its gate is the engine evaluation's."""
+    from tuneserve import quantize
+
+    if cfg.quantize == "none":
+        return
+    if quantize.quantized_done(layout.quantized, layout.merged, cfg.quantize):
+        log.info("quantization already done: %s (QUANTIZE=%s); skipping", layout.quantized, cfg.quantize)
+        return
+    banner(f"quantize: the merged model to {cfg.quantize} (compressed-tensors)")
+    quantize.quantize(layout.merged, layout.quantized, scheme=cfg.quantize)
+    log.info(
+        "next: python -m entrypoints.evaluate (serving image, OUTPUT_DIR=%s) measures merged/ and quantized/ in vLLM; "
+        "quantized/ is published and served only if it stays within QUANTIZE_MAX_DROP",
+        layout.root,
     )
-    path = layout.merged / "README.md"
-    if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
 
 
 def publish_stage(cfg: Settings, layout: Layout) -> None:

@@ -277,6 +277,11 @@ def _validate(s: Settings) -> list[str]:
     ref = s.model_id
     if ref and looks_local(ref) and not Path(ref).expanduser().is_dir():
         problems.append(f"MODEL_ID={ref!r}: no such directory")
+    elif ref and Path(ref).expanduser().is_dir():
+        from tuneserve.engine_eval import gate_problem
+
+        if why := gate_problem(Path(ref).expanduser()):
+            problems.append(f"MODEL_ID={ref!r}: {why}")
     from tuneserve import vllm_flags
 
     flags = vllm_flags.load()

@@ -1,0 +1,225 @@
+"""QUANTIZE and the engine evaluation, end to end on the CPU with the real engine: a run trains with QUANTIZE=int8
+(compressed-tensors W8A8, which vLLM's CPU build serves), `python -m entrypoints.evaluate` answers the held-out
+rows with vLLM for the merged and the quantized model, gates the quantized one, and the quantized model then
+answers over HTTP. A quantized model that lost its task is refused by the gate (exit 4) and by the server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from tests.helpers import (
+    LEARN_ENV,
+    QA,
+    SERVE_PYTHON,
+    Server,
+    ask,
+    clean_env,
+    copy_output,
+    need_vllm,
+    run_train,
+    write_jsonl,
+)
+
+KEY = "sk-quantize-test-KEY1"
+
+
+def run_evaluate(env: dict, *args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(SERVE_PYTHON), "-m", "entrypoints.evaluate", *args],
+        env=clean_env(VLLM_CPU_KVCACHE_SPACE="1", **env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+@pytest.fixture(scope="module")
+def quantized_output(tmp_path_factory, chatml_base):
+    """A run on the question/answer pairs with QUANTIZE=int8; its held-out split asks the same questions (the
+    tiny model learns them exactly, so the figures are known: every answer right and stopped)."""
+    root = tmp_path_factory.mktemp("quantized")
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA]
+    write_jsonl(root / "data" / "train.jsonl", rows)
+    write_jsonl(root / "data" / "test.jsonl", rows)
+    out = root / "out"
+    env = {"BASE_MODEL": str(chatml_base), "DATASET": str(root / "data"), "EVAL_SPLIT": "test"}
+    res = run_train({**env, "OUTPUT_DIR": str(out), "QUANTIZE": "int8", **LEARN_ENV}, cwd=root)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return out
+
+
+@pytest.mark.slow
+def test_quantize_writes_a_compressed_tensors_folder_vllm_reads(quantized_output):
+    from safetensors import safe_open
+
+    folder = quantized_output / "quantized"
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "int-quantized"
+    weights = config["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["type"], weights["strategy"]) == (8, "int", "channel")
+    assert config["config_groups"]["group_0"]["input_activations"]["dynamic"] is True
+    with safe_open(str(next(folder.glob("*.safetensors"))), "pt") as f:
+        dtypes = {name: str(f.get_slice(name).get_dtype()) for name in f.keys()}
+    assert dtypes["model.layers.0.self_attn.q_proj.weight"] == "I8"
+    assert "model.layers.0.self_attn.q_proj.weight_scale" in dtypes
+    assert dtypes["lm_head.weight"] in ("BF16", "F16", "F32")  # kept in 16 bits
+    info = json.loads((folder / "quantize_info.json").read_text())
+    assert info["scheme"] == "int8" and info["quantized_layers"] == 14 and info["bytes"] < info["source_bytes"]
+    for name in ("tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+        assert (folder / name).read_bytes() == (quantized_output / "merged" / name).read_bytes()
+    assert not (folder / "engine_gate.json").exists()  # no verdict until the engine evaluation
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["fp8", "w4a16"])
+def test_gpu_schemes_write_checkpoints_that_answer_like_the_merged_model(tmp_path, quantized_output, scheme):
+    """fp8 and w4a16 need kernels this CPU's vLLM lacks (fp8: Ada/Hopper GPUs; w4a16: AVX-512), so here their
+    checkpoints are read back by transformers' compressed-tensors loader, which decompresses them: the same
+    greedy answers as the merged model, from the format, group sizes and scales vLLM reads."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneserve.quantize import SCHEMES, quantize
+
+    merged = quantized_output / "merged"
+    info = quantize(merged, tmp_path / scheme, scheme=scheme)
+    config = json.loads((tmp_path / scheme / "config.json").read_text())["quantization_config"]
+    assert config["format"] == SCHEMES[scheme][1] and info["bytes"] < info["source_bytes"]
+    tok = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / scheme, dtype=torch.bfloat16)
+    for question, answer in QA:
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+        out = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
+        assert tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip() == answer
+
+
+@pytest.mark.slow
+def test_setting_quantize_later_quantizes_without_training_again(tmp_path, trained_output):
+    out = copy_output(trained_output, tmp_path / "out")
+    trained = json.loads((out / "config.json").read_text())
+    env = {"BASE_MODEL": trained["BASE_MODEL"], "DATASET": trained["DATASET"], **LEARN_ENV}
+    res = run_train({**env, "OUTPUT_DIR": str(out), "QUANTIZE": "int8"}, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "training already done" in res.stderr and "merge already done" in res.stderr
+    assert (out / "quantized" / "quantize_info.json").is_file()
+
+
+@pytest.mark.slow
+def test_engine_evaluation_gates_the_quantized_model_which_then_answers_over_http(tmp_path, quantized_output):
+    need_vllm()
+    out = shutil.copytree(quantized_output, tmp_path / "out")
+    res = run_evaluate({"OUTPUT_DIR": str(out), "QUANTIZE_MAX_DROP": "0"}, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-6000:]
+    report = json.loads((out / "engine_eval.json").read_text())
+    merged, quantized = report["models"]["merged"], report["models"]["quantized"]
+    assert report["rows"] == len(QA)
+    for m in (merged, quantized):  # the evaluate stage's figures, computed from vLLM's answers
+        assert m["exact_match"] == 1.0 and m["stop_rate"] == 1.0
+        assert m["generated_tokens"] > 0 and m["tokens_per_second"] > 0
+        assert [a["answer"] for a in m["answers"]] == [a for _, a in QA]
+    assert quantized["weights_bytes"] < merged["weights_bytes"]
+    transformers = json.loads((out / "eval.json").read_text())
+    assert report["parity"]["figures"]["exact_match"] == {
+        "vllm": 1.0,
+        "transformers": transformers["exact_match"],
+        "difference": round(1.0 - transformers["exact_match"], 4),
+    }
+    verdict = json.loads((out / "quantized" / "engine_gate.json").read_text())
+    assert verdict["passed"] and verdict["budget"] == 0 and verdict["scheme"] == "int8"
+    assert verdict["drops"] == {"exact_match": 0.0, "stop_rate": 0.0}
+    for folder in ("merged", "quantized"):
+        card = (out / folder / "README.md").read_text()
+        assert "## Measured in vLLM" in card and "| quantized (vLLM) | 1.0 |" in card
+
+    server = Server(
+        {"MODEL_ID": str(out / "quantized"), "SERVED_MODEL_NAME": "qa-int8", "API_KEY": KEY, "MAX_MODEL_LEN": "128"},
+        tmp_path,
+    )
+    try:
+        server.wait_ready()
+        import openai
+
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY)
+        assert ask(client, "qa-int8") == [(a, "stop") for _, a in QA]
+    finally:
+        server.stop()
+    assert "CompressedTensorsW8A8Int8" in server.log.read_text()  # served as int8, not dequantized
+
+
+@pytest.mark.slow
+def test_a_quantized_model_that_lost_its_task_is_refused_by_the_gate_and_the_server(
+    tmp_path, quantized_output, chatml_base
+):
+    """The quantized folder replaced by a quantization of the untrained base (recorded as if made from this run's
+    merged folder): vLLM's answers fall below the merged model's, so exit 4, a failed verdict, nothing to serve."""
+    need_vllm()
+    from tuneserve.quantize import quantize
+
+    out = shutil.copytree(quantized_output, tmp_path / "out")
+    untrained = shutil.copytree(out / "merged", tmp_path / "untrained")
+    for f in untrained.glob("*.safetensors"):
+        f.unlink()
+    for f in chatml_base.glob("*.safetensors"):
+        shutil.copy2(f, untrained / f.name)
+    quantize(untrained, out / "quantized", scheme="int8")
+    info_path = out / "quantized" / "quantize_info.json"
+    info = json.loads(info_path.read_text())
+    info["source_id"] = json.loads((quantized_output / "quantized" / "quantize_info.json").read_text())["source_id"]
+    info_path.write_text(json.dumps(info))
+
+    res = run_evaluate({"OUTPUT_DIR": str(out)}, cwd=tmp_path)
+    assert res.returncode == 4, res.stderr[-6000:]
+    assert "falls more than QUANTIZE_MAX_DROP=0.02 below the merged model" in res.stderr
+    assert "Traceback" not in res.stderr
+    verdict = json.loads((out / "quantized" / "engine_gate.json").read_text())
+    assert not verdict["passed"] and verdict["over_budget"]["exact_match"] > 0.02
+    check = subprocess.run(
+        [str(SERVE_PYTHON), "-m", "entrypoints.serve", "--check"],
+        env=clean_env(MODEL_ID=str(out / "quantized"), API_KEY=KEY),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert check.returncode == 2 and "failed the engine evaluation's gate" in check.stderr
+
+
+def test_serving_refuses_a_quantized_folder_the_engine_evaluation_has_not_passed(tmp_path):
+    from tuneserve.engine_eval import gate_problem
+
+    folder = tmp_path / "quantized"
+    folder.mkdir()
+    assert gate_problem(folder) is None  # not a quantized folder of this tool: nothing to check
+    (folder / "quantize_info.json").write_text(json.dumps({"scheme": "int8", "source_id": "abc"}))
+    assert "has not been through the engine evaluation" in gate_problem(folder)
+    verdict = {"scheme": "int8", "source_id": "abc", "passed": True, "drops": {}, "budget": 0.02}
+    (folder / "engine_gate.json").write_text(json.dumps({**verdict, "source_id": "other"}))
+    assert "is for other weights" in gate_problem(folder)
+    (folder / "engine_gate.json").write_text(json.dumps({**verdict, "passed": False}))
+    assert "failed the engine evaluation's gate" in gate_problem(folder)
+    (folder / "engine_gate.json").write_text(json.dumps(verdict))
+    assert gate_problem(folder) is None
+
+
+@pytest.mark.parametrize(
+    "quantized, passed, over",
+    [
+        ({"exact_match": 0.9, "stop_rate": 1.0}, True, {}),
+        ({"exact_match": 0.89, "stop_rate": 1.0}, False, {"exact_match": 0.03}),
+        ({"exact_match": 0.92, "stop_rate": 0.95}, False, {"stop_rate": 0.05}),
+        ({"exact_match": 1.0, "stop_rate": 1.0}, True, {}),  # better is never a failure
+    ],
+)
+def test_the_gate_allows_each_figure_to_drop_by_the_budget_and_no_more(quantized, passed, over):
+    from tuneserve.engine_eval import gate
+
+    verdict = gate({"exact_match": 0.92, "stop_rate": 1.0, "sql_execution_match": None}, quantized, 0.02)
+    assert verdict["passed"] is passed and verdict["over_budget"] == over
+    assert set(verdict["drops"]) == {"exact_match", "stop_rate"}  # figures the run has, nothing else

@@ -1,0 +1,328 @@
+"""The engine evaluation (serving image, `python -m entrypoints.evaluate`): the held-out rows of a training run
+answered by vLLM itself, and the gate a quantized model must pass before it is published or served.
+
+Training verifies and evaluates in transformers; users serve in vLLM, and "worse once served" is a known
+complaint (a different chat template path, stop ids, kernels, and quantization). So after training, on the
+same OUTPUT_DIR:
+
+1. OUTPUT_DIR/merged, then OUTPUT_DIR/quantized (QUANTIZE), each load into a vLLM engine of their own (a child
+   process each, so the first one's memory is gone before the second starts) and answer the held-out rows
+   (data/eval.jsonl, at most the EVAL_MAX_SAMPLES training used): greedy, through the model's own chat
+   template, at most EVAL_MAX_NEW_TOKENS tokens. Memory (weights) and generated tokens per second are recorded.
+2. The answers are scored by the evaluate stage's own code (exact match, stop rate, SQL execution with
+   EVAL_SQL_EXECUTION), with the evaluation settings the training run recorded in config.json.
+3. Engine parity: the merged model's figures in vLLM beside the evaluate stage's (transformers) figures, with
+   the rows whose answers differ. Reported, not gated: both are the same weights.
+4. The gate: each figure of the quantized model may be at most QUANTIZE_MAX_DROP below the merged model's
+   (both measured here). The verdict is written into the quantized folder (engine_gate.json); the serving
+   entrypoint refuses a quantized folder of this tool without a passing one, and HUB_QUANTIZED_MODEL_ID is
+   published only when it passed. Outside the budget: exit 4, nothing published.
+
+Everything is written to OUTPUT_DIR/engine_eval.json, and both model cards get the table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tuneserve.config import TRAIN_SCHEMA
+from tuneserve.exitcodes import ConfigError, VerifyError
+from tuneserve.layout import ENGINE_GATE, EVAL_ROWS, MERGE_INFO, QUANTIZE_INFO, Layout, write_json_atomic
+from tuneserve.settings import Schema, Settings, Var
+
+log = logging.getLogger(__name__)
+
+G_GATE, G_PUBLISH, G_RUN = "Gate", "Publish the quantized model", "Run"
+GATED = ("exact_match", "sql_execution_match", "stop_rate")  # the task figures the gate compares
+_shared = TRAIN_SCHEMA.by_name
+EVAL_VARS = [
+    _shared["OUTPUT_DIR"],
+    Var(
+        "QUANTIZE_MAX_DROP",
+        "float",
+        0.02,
+        "Accuracy budget: how far below the merged model each task figure of the quantized one (exact match, SQL "
+        "execution match, stop rate; fractions of the held-out rows, both answered by vLLM) may fall. Beyond it: "
+        "exit 4, the quantized model is neither published nor served.",
+        G_GATE,
+        minimum=0.0,
+        maximum=1.0,
+    ),
+    Var(
+        "ENGINE_MAX_MODEL_LEN",
+        "int",
+        None,
+        "vLLM's context length for the evaluation (default: the longest held-out prompt + EVAL_MAX_NEW_TOKENS).",
+        G_GATE,
+        minimum=16,
+    ),
+    Var(
+        "HUB_QUANTIZED_MODEL_ID",
+        "str",
+        None,
+        "Publish OUTPUT_DIR/quantized here (with its card) once it passed the gate; unset: it stays on the volume.",
+        G_PUBLISH,
+    ),
+    _shared["HUB_PRIVATE"],
+    _shared["HUB_REVISION"],
+    _shared["PUBLISH_RETRIES"],
+    _shared["PUBLISH_BACKOFF_SECONDS"],
+    _shared["HF_TOKEN"],
+    _shared["HF_TOKEN_FILE"],
+    _shared["LOG_LEVEL"],
+    _shared["ENV_FILE"],
+]
+
+
+def _validate(s: Settings) -> list[str]:
+    problems = s.secret_file_problems("HF_TOKEN")
+    repo = s.hub_quantized_model_id
+    if repo is not None and repo.count("/") != 1:
+        problems.append(f"HUB_QUANTIZED_MODEL_ID={repo!r}: expected a repo id like org/name")
+    return problems
+
+
+EVAL_SCHEMA = Schema("evaluate", EVAL_VARS, (), _validate)
+
+
+# --------------------------------------------------------------------------------------------- the gate
+def gate(merged: dict[str, Any], quantized: dict[str, Any], budget: float) -> dict[str, Any]:
+    """Each gated figure's drop from the merged to the quantized model; passed when none exceeds the budget."""
+    shared = [k for k in GATED if merged.get(k) is not None and quantized.get(k) is not None]
+    drops = {k: round(merged[k] - quantized[k], 4) for k in shared}
+    over = {k: d for k, d in drops.items() if d > budget + 1e-9}
+    return {"passed": bool(drops) and not over, "budget": budget, "drops": drops, "over_budget": over}
+
+
+def gate_problem(folder: Path) -> str | None:
+    """Why a folder must not be served: a quantized folder of this tool without a passing verdict for exactly
+    these weights. None for anything else (a merged folder, a model from elsewhere)."""
+    try:
+        info = json.loads((folder / QUANTIZE_INFO).read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        verdict = json.loads((folder / ENGINE_GATE).read_text())
+    except (OSError, ValueError):
+        return (
+            f"{folder} is a quantized model ({info.get('scheme')}) that has not been through the engine evaluation: "
+            "run `python -m entrypoints.evaluate` (serving image) on its OUTPUT_DIR first, or serve the merged folder"
+        )
+    if verdict.get("source_id") != info.get("source_id") or verdict.get("scheme") != info.get("scheme"):
+        return f"{folder}: its engine_gate.json is for other weights; rerun `python -m entrypoints.evaluate`"
+    if not verdict.get("passed"):
+        return (
+            f"{folder} failed the engine evaluation's gate (drops {verdict.get('drops')} > budget "
+            f"{verdict.get('budget')}); serve the merged folder instead"
+        )
+    return None
+
+
+# --------------------------------------------------------------------------------------------- one engine
+def answer_in_engine(folder: Path, rows: Path, *, max_samples: int, max_new_tokens: int, max_model_len: int | None):
+    """Start vLLM on `folder` and answer the held-out rows greedily. Runs in a child process (see `run`)."""
+    from vllm import LLM, SamplingParams
+
+    from tuneserve.data import read_jsonl
+    from tuneserve.verify import to_prompt
+
+    prompts = [to_prompt(ex) for ex in read_jsonl(rows)[:max_samples]]
+    if max_model_len is None:  # room for the longest prompt and its answer, not the model's whole context
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(folder)
+        max_model_len = max(len(p.encode(tok)) for p in prompts) + max_new_tokens
+    load_start = time.perf_counter()
+    llm = LLM(
+        model=str(folder),
+        dtype="auto",
+        seed=0,
+        max_model_len=max_model_len,
+        enforce_eager=not _has_cuda(),
+        disable_log_stats=True,
+    )
+    load_seconds = time.perf_counter() - load_start
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+    start = time.perf_counter()
+    chat = [i for i, p in enumerate(prompts) if p.messages is not None]
+    text = [i for i, p in enumerate(prompts) if p.messages is None]
+    outputs: dict[int, Any] = {}
+    if chat:  # the model's own chat template, as a client's /v1/chat/completions request gets it
+        for i, out in zip(chat, llm.chat([prompts[i].messages for i in chat], params, use_tqdm=False)):
+            outputs[i] = out
+    if text:
+        for i, out in zip(text, llm.generate([prompts[i].text for i in text], params, use_tqdm=False)):
+            outputs[i] = out
+    seconds = time.perf_counter() - start
+    done = [outputs[i].outputs[0] for i in range(len(prompts))]
+    generated = sum(len(o.token_ids) for o in done)
+    return {
+        "answers": [o.text.strip() for o in done],
+        "stopped": [o.finish_reason == "stop" for o in done],
+        "generated_tokens": generated,
+        "generation_seconds": round(seconds, 3),
+        "tokens_per_second": round(generated / seconds, 2) if seconds else None,
+        "load_seconds": round(load_seconds, 2),
+        "weights_bytes": sum(p.stat().st_size for p in folder.glob("*.safetensors")),
+    }
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _in_child(folder: Path, rows: Path, settings: dict[str, Any], max_model_len: int | None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="tuneserve-engine-") as tmp:
+        out = Path(tmp) / "answers.json"
+        request = {"folder": str(folder), "rows": str(rows), "max_model_len": max_model_len, **settings}
+        code = subprocess.call(
+            [sys.executable, "-m", "tuneserve.engine_eval", json.dumps(request), str(out)],
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        )
+        if code != 0 or not out.is_file():
+            raise RuntimeError(f"vLLM could not answer the held-out rows with {folder} (exit {code}; see above)")
+        return json.loads(out.read_text())
+
+
+# --------------------------------------------------------------------------------------------- the command
+def run(cfg: Settings, check_only: bool = False) -> int:
+    from tuneserve import card
+    from tuneserve.data import read_jsonl
+    from tuneserve.evaluate import score
+    from tuneserve.pipeline import use_token
+    from tuneserve.verify import to_prompt
+
+    use_token(cfg)
+    layout = Layout.of(cfg.output_dir)
+    rows = layout.data / EVAL_ROWS
+    if not (layout.merged / MERGE_INFO).is_file() or not layout.config.is_file():
+        raise ConfigError(f"OUTPUT_DIR={str(layout.root)!r} holds no merged model of a finished training run")
+    if not rows.is_file():
+        raise ConfigError(
+            f"{rows}: no held-out rows to evaluate with; train with EVAL_SPLIT or EVAL_SIZE so that there are"
+        )
+    trained = json.loads(layout.config.read_text())  # the evaluation settings the training run used
+    settings = {"max_samples": trained["EVAL_MAX_SAMPLES"], "max_new_tokens": trained["EVAL_MAX_NEW_TOKENS"]}
+    scoring = {"sql_execution": trained["EVAL_SQL_EXECUTION"], "sql_context_field": trained["EVAL_SQL_CONTEXT_FIELD"]}
+    quantized = (layout.quantized / QUANTIZE_INFO).is_file()
+    repo = cfg.hub_quantized_model_id
+    if repo and not quantized:
+        raise ConfigError(f"HUB_QUANTIZED_MODEL_ID={repo!r}: {layout.quantized} does not exist (train with QUANTIZE)")
+    if repo:
+        from tuneserve import publish
+
+        publish.preflight([repo], attempts=cfg.publish_retries, backoff=cfg.publish_backoff_seconds)
+    if check_only:
+        log.info("preflight passed: %s%s", layout.merged, f" and {layout.quantized}" if quantized else "")
+        return 0
+
+    examples = read_jsonl(rows)[: settings["max_samples"]]
+    prompts = [to_prompt(ex) for ex in examples]
+    max_model_len = cfg.engine_max_model_len
+    report: dict[str, Any] = {"rows": len(examples), "settings": {**settings, **scoring}, "models": {}}
+    folders = {"merged": layout.merged} | ({"quantized": layout.quantized} if quantized else {})
+    for name, folder in folders.items():
+        log.info("==== engine evaluation: %s (%s) in vLLM ====", name, folder)
+        engine = _in_child(folder, rows, settings, max_model_len)
+        figures = score(examples, prompts, engine.pop("answers"), engine.pop("stopped"), **scoring)
+        report["models"][name] = {**{k: v for k, v in figures.items() if k != "answers"}, **engine}
+        report["models"][name]["answers"] = figures["answers"]
+        log.info("%s in vLLM: %s", name, _summary(report["models"][name]))
+    report["parity"] = parity(report["models"]["merged"], _read(layout.eval_report))
+    for k, v in report["parity"]["figures"].items():
+        if v["difference"]:
+            log.warning("engine parity: %s is %s in vLLM, %s in transformers", k, v["vllm"], v["transformers"])
+    verdict = None
+    if quantized:
+        info = json.loads((layout.quantized / QUANTIZE_INFO).read_text())
+        verdict = gate(report["models"]["merged"], report["models"]["quantized"], cfg.quantize_max_drop)
+        verdict.update(scheme=info["scheme"], source_id=info["source_id"])
+        report["gate"] = verdict
+        write_json_atomic(layout.quantized / ENGINE_GATE, verdict)
+    write_json_atomic(layout.engine_eval_report, report)
+    card.write(layout, layout.merged, trained.get("HUB_MODEL_ID") or str(layout.merged))
+    if quantized:
+        card.write(layout, layout.quantized, repo or str(layout.quantized))
+    if verdict is not None and not verdict["passed"]:
+        raise VerifyError(
+            f"the quantized model ({verdict['scheme']}) falls more than QUANTIZE_MAX_DROP={cfg.quantize_max_drop} "
+            f"below the merged model in vLLM: {verdict['over_budget']}; it is neither published nor served. "
+            f"Serve {layout.merged}, or raise the budget. Details: {layout.engine_eval_report}"
+        )
+    if verdict is not None:
+        log.info("gate passed: drops %s within %s", verdict["drops"], cfg.quantize_max_drop)
+    if repo:
+        from tuneserve import publish
+
+        log.info("==== publish the quantized model to %s ====", repo)
+        publish.publish_folder(
+            layout.quantized,
+            repo,
+            revision=cfg.hub_revision,
+            private=cfg.hub_private,
+            message=f"{verdict['scheme']} quantization of {trained.get('HUB_MODEL_ID') or 'a tuneserve fine-tune'}",
+            attempts=cfg.publish_retries,
+            backoff=cfg.publish_backoff_seconds,
+            state_file=layout.publish_state,
+            kind="quantized",
+        )
+    log.info("engine evaluation written to %s", layout.engine_eval_report)
+    return 0
+
+
+def parity(engine: dict[str, Any], transformers: dict[str, Any] | None) -> dict[str, Any]:
+    """The merged model in vLLM against the evaluate stage (transformers): each figure, and the rows answered
+    differently."""
+    if not transformers:
+        return {"figures": {}, "differing_rows": [], "note": "no evaluate-stage report (eval.json) to compare with"}
+    figures = {
+        k: {
+            "vllm": engine.get(k),
+            "transformers": transformers.get(k),
+            "difference": round(engine[k] - transformers[k], 4),
+        }
+        for k in GATED
+        if engine.get(k) is not None and transformers.get(k) is not None
+    }
+    theirs = {a["row"]: a["answer"] for a in transformers.get("answers", [])}
+    differing = [
+        {"row": a["row"], "vllm": a["answer"], "transformers": theirs[a["row"]]}
+        for a in engine["answers"]
+        if a["row"] in theirs and theirs[a["row"]] != a["answer"]
+    ]
+    return {"figures": figures, "differing_rows": differing}
+
+
+def _summary(m: dict[str, Any]) -> str:
+    shown = [f"{k} {m[k]}" for k in GATED if m.get(k) is not None]
+    return ", ".join(shown + [f"{m['tokens_per_second']} tokens/s", f"weights {m['weights_bytes'] / 1e6:.1f} MB"])
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+if __name__ == "__main__":  # the child process of `_in_child`
+    request, out_path = json.loads(sys.argv[1]), Path(sys.argv[2])
+    logging.basicConfig(level=logging.INFO)
+    result = answer_in_engine(
+        Path(request["folder"]),
+        Path(request["rows"]),
+        max_samples=request["max_samples"],
+        max_new_tokens=request["max_new_tokens"],
+        max_model_len=request["max_model_len"],
+    )
+    out_path.write_text(json.dumps(result))
