@@ -42,6 +42,7 @@ LIBRARY_VARS = {
     "LWS_WORKER_INDEX": "LeaderWorkerSet controller: 0 on the leader, 1.. on workers",
 }
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"  # an Indexed Job pod's index
+TRAIN_JOB, EVALUATE_JOB = "tuneserve-train", "tuneserve-evaluate"
 LWS_WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
 
 

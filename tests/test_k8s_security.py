@@ -12,6 +12,7 @@ import yaml
 from tests.k8s_helpers import (
     K8S,
     OVERLAYS,
+    TRAIN_JOB,
     VERSION,
     all_containers,
     effective_env,
@@ -61,7 +62,7 @@ def test_network_policies_select_both_pods(rendered, overlay):
         assert selecting, obj["metadata"]["name"]
         for policy in selecting:
             assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}, policy["metadata"]["name"]
-    job = one(objects, "Job")
+    job = one(objects, "Job", TRAIN_JOB)
     for policy in policies_selecting(objects, job):
         for rule in policy["spec"].get("ingress", []):
             # Nothing connects to a single-node training pod; the pods of a multi-node group connect to each other.
@@ -133,7 +134,7 @@ def test_secrets_come_from_secret_files_never_literals(rendered, overlay):
         for container in all_containers(pod_spec(obj)):
             for item in container.get("env", []):
                 assert item["name"] not in secret_vars, f"{item['name']}: mount the Secret and use the _FILE variable"
-    job, deployment = one(objects, "Job"), server(objects)
+    job, deployment = one(objects, "Job", TRAIN_JOB), server(objects)
     token = secret_mount(job, main_container(job), "tuneserve-hf-token")
     assert Path(effective_env(objects, main_container(job))["HF_TOKEN_FILE"]).parent == Path(token["mountPath"])
     key = secret_mount(deployment, main_container(deployment), "tuneserve-api-key")
@@ -149,7 +150,7 @@ def test_images_are_pinned_by_tag_and_digest(rendered, overlay):
     for obj in workloads(objects):
         for container in all_containers(pod_spec(obj)):
             assert pinned.match(container["image"]), container["image"]
-    assert main_container(one(objects, "Job"))["image"].split("@")[0].endswith(f"/tuneserve-train:{VERSION}")
+    assert main_container(one(objects, "Job", TRAIN_JOB))["image"].split("@")[0].endswith(f"/tuneserve-train:{VERSION}")
     for obj in serving_pods(objects):
         for container in all_containers(pod_spec(obj)):
             assert container["image"].split("@")[0].endswith(f"/tuneserve-serve:{VERSION}"), container["name"]

@@ -28,7 +28,7 @@ from tuneserve.gate import PROBES
 from tuneserve.layout import Layout
 from tuneserve.serve import SERVE_SCHEMA
 
-HEALTH_PATH = "/health"  # vLLM's readiness route; 503 once the gate drains (README: Serving)
+HEALTH_PATH = "/health"  # vLLM's readiness route; 503 once the gate drains (docs/serving.md)
 LIVE_PATH = "/live"  # the gate's forward-progress route
 
 

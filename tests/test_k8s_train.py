@@ -8,6 +8,7 @@ import pytest
 from tests.k8s_helpers import (
     LIBRARY_VARS,
     OVERLAYS,
+    TRAIN_JOB,
     claim_mount,
     effective_env,
     job_action,
@@ -25,7 +26,7 @@ from tuneserve.exitcodes import ExitCode
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_job_pod_failure_policy_follows_the_exit_codes(rendered, overlay):
-    job = one(rendered[overlay], "Job")
+    job = one(rendered[overlay], "Job", TRAIN_JOB)
     every_code = {int(c) for c in ExitCode}
     for rule in job["spec"]["podFailurePolicy"]["rules"]:
         if "onExitCodes" in rule:
@@ -43,7 +44,7 @@ def test_job_pod_failure_policy_follows_the_exit_codes(rendered, overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_job_retries_resume_from_a_claim_and_are_bounded(rendered, overlay):
     objects = rendered[overlay]
-    job = one(objects, "Job")
+    job = one(objects, "Job", TRAIN_JOB)
     spec, pod = job["spec"], pod_spec(job)
     assert pod["restartPolicy"] == "Never"  # podFailurePolicy needs it; a retry is a new pod
     assert spec["podReplacementPolicy"] == "Failed"  # never two pods on the same checkpoints
@@ -60,7 +61,7 @@ def test_job_retries_resume_from_a_claim_and_are_bounded(rendered, overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_train_configmap_holds_only_training_variables_and_loads(rendered, overlay, tmp_path, monkeypatch):
     objects = rendered[overlay]
-    job = one(objects, "Job")
+    job = one(objects, "Job", TRAIN_JOB)
     container = main_container(job)
     (source,) = container["envFrom"]
     data = one(objects, "ConfigMap", source["configMapRef"]["name"])["data"]
@@ -87,7 +88,7 @@ def test_train_configmap_holds_only_training_variables_and_loads(rendered, overl
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_gpu_pods_get_a_gpu_node_shm_and_a_writable_tmp(rendered, overlay):
-    for obj in [one(rendered[overlay], "Job")] + serving_pods(rendered[overlay]):
+    for obj in [o for o in rendered[overlay] if o["kind"] == "Job"] + serving_pods(rendered[overlay]):
         pod, container = pod_spec(obj), main_container(obj)
         resources = container["resources"]
         assert int(resources["requests"]["nvidia.com/gpu"]) >= 1

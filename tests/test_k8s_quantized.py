@@ -1,0 +1,67 @@
+"""overlays/quantized: the training Job also quantizes, the engine evaluation Job (components/engine-eval) gates
+the quantized model in vLLM, and the Deployment serves it only once the verdict on the claim says it passed."""
+
+from __future__ import annotations
+
+from tests.k8s_helpers import (
+    EVALUATE_JOB,
+    TRAIN_JOB,
+    claim_mount,
+    effective_env,
+    job_action,
+    local_paths,
+    main_container,
+    one,
+    pod_spec,
+)
+from tuneserve.engine_eval import EVAL_SCHEMA
+from tuneserve.exitcodes import ExitCode
+from tuneserve.layout import ENGINE_GATE, QUANTIZE_INFO, Layout
+
+
+def test_training_then_evaluation_then_serving_on_one_claim(rendered):
+    objects = rendered["quantized"]
+    train, evaluate, deployment = (
+        one(objects, "Job", TRAIN_JOB),
+        one(objects, "Job", EVALUATE_JOB),
+        one(objects, "Deployment"),
+    )
+    output_dir = effective_env(objects, main_container(train))["OUTPUT_DIR"]
+    layout = Layout.of(output_dir)
+    assert effective_env(objects, main_container(train))["QUANTIZE"] in ("int8", "fp8", "w4a16")
+
+    # The evaluation: the serving image (it has vLLM), the same claim, writable (reports and the verdict).
+    container = main_container(evaluate)
+    assert container["image"] == main_container(deployment)["image"]
+    assert container["command"] == ["python3", "-m", "entrypoints.evaluate"]
+    assert effective_env(objects, container)["OUTPUT_DIR"] == output_dir
+    volume, mount = claim_mount(evaluate, container)
+    _, train_mount = claim_mount(train, main_container(train))
+    assert mount["mountPath"] == train_mount["mountPath"] and not mount.get("readOnly")
+    (wait,) = pod_spec(evaluate)["initContainers"]
+    assert wait["command"][-1] == str(layout.quantized / QUANTIZE_INFO), "starts once training wrote quantized/"
+    assert wait["image"] == container["image"] and "nvidia.com/gpu" not in wait["resources"].get("requests", {})
+
+    # Serving: the quantized folder, once its verdict passed.
+    serve = main_container(deployment)
+    assert effective_env(objects, serve)["MODEL_ID"] == str(layout.quantized)
+    (wait_model,) = pod_spec(deployment)["initContainers"]
+    assert wait_model["command"] == ["python3", "-m", "tuneserve.wait", str(layout.quantized / ENGINE_GATE)]
+
+
+def test_evaluation_job_fails_at_once_on_a_verdict_and_retries_transient_failures(rendered):
+    job = one(rendered["quantized"], "Job", EVALUATE_JOB)
+    for code in (ExitCode.CONFIG, ExitCode.VERIFY, ExitCode.DISK_FULL):
+        assert job_action(job, int(code)) == "FailJob", f"{code!r}: a rerun fails the same way"
+    for code in (ExitCode.RETRYABLE, ExitCode.TERMINATED, ExitCode.UNEXPECTED):
+        assert job_action(job, int(code)) == "Count"
+    assert all(job_action(job, int(c), disrupted=True) == "Ignore" for c in ExitCode if c is not ExitCode.OK)
+    assert job["spec"]["backoffLimit"] >= 1 and job["spec"]["podReplacementPolicy"] == "Failed"
+
+
+def test_evaluation_job_environment_loads_through_its_schema(rendered, tmp_path, monkeypatch):
+    objects = rendered["quantized"]
+    env = effective_env(objects, main_container(one(objects, "Job", EVALUATE_JOB)))
+    monkeypatch.chdir(tmp_path)
+    cfg = EVAL_SCHEMA.load(local_paths(env, tmp_path, files={"HF_TOKEN_FILE"}))
+    assert 0 <= cfg.quantize_max_drop < 0.1 and cfg.hf_token_file
