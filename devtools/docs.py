@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from tuneserve.config import TRAIN_SCHEMA
+from tuneserve.engine_eval import EVAL_SCHEMA
 from tuneserve.exitcodes import EXIT_CODE_HELP, ExitCode
 from tuneserve.serve import SERVE_SCHEMA
 
@@ -46,6 +47,10 @@ def exit_codes_table() -> str:
 
 def train_variables() -> str:
     return TRAIN_SCHEMA.markdown_table()
+
+
+def evaluate_variables() -> str:
+    return EVAL_SCHEMA.markdown_table()
 
 
 def serve_variables() -> str:
@@ -132,6 +137,7 @@ SECTIONS: dict[tuple[str, str], Callable[[], str]] = {
     ("README.md", "exit-codes"): exit_codes_table,
     ("docs/configuration.md", "train-variables"): train_variables,
     ("docs/configuration.md", "serve-variables"): serve_variables,
+    ("docs/configuration.md", "evaluate-variables"): evaluate_variables,
     ("docs/images.md", "image-sizes"): image_sizes,
     ("docs/kubernetes.md", "k8s-exit-codes"): k8s_exit_codes_table,
 }
