@@ -124,7 +124,7 @@ def plot(result: dict, path: Path) -> bool:
     elif name == "serve":
         plt.close(fig)
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-        for key, style in (("ours", "-o"), ("direct", "--s")):
+        for key, style in (("ours", "-o"), ("direct", "--s"), ("int8", ":^")):
             rs = [r for r in rows if r["key"] == key]
             if not rs:
                 continue

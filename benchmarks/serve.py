@@ -1,5 +1,5 @@
 """Benchmark 4, serving: `python -m entrypoints.serve` vs vLLM's own server started directly with the same
-flags, on the same merged model.
+flags, on the same merged model; and that model in bfloat16 vs its QUANTIZE=int8 copy, both served directly.
 
     .venv-train/bin/python -m benchmarks.serve [--smoke]
 
@@ -12,8 +12,13 @@ first 200 from GET /health (polled every 0.25 s); load is vLLM's own `vllm bench
 (benchmarks/vllm_bench.py), random prompts of INPUT_LEN tokens and exactly OUTPUT_LEN output tokens
 (ignore_eos), at concurrency 1, 8 and 32.
 
+The int8 copy is made by `tuneserve.quantize` (compressed-tensors W8A8, what vLLM's CPU build serves) and served
+with the direct server's argv on the other folder, so the pair differs in the weights only. Memory is the resident
+memory of the server's process tree once it is ready (weights, KV cache of VLLM_CPU_KVCACHE_SPACE, runtime).
+
 Targets: throughput ratio (ours / direct) at least 0.98 at every concurrency, at most 2 s of
-added startup time, zero failed requests.
+added startup time, zero failed requests. The int8 figures are reported beside bfloat16 without a target: on a
+CPU without int8 dot-product instructions they measure that CPU, not the scheme.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ FULL = {
     "levels": {1: 16, 8: 64, 32: 256},
     "input_len": INPUT_LEN,
     "output_len": OUTPUT_LEN,
-    "servers": ("ours", "direct"),
+    "servers": ("ours", "direct", "int8"),
 }
 # Smoke: one server (ours) and a short load, to keep the code working; vLLM starts in about a minute here.
 SMOKE = {"rounds": 1, "levels": {1: 2, 4: 4}, "input_len": 32, "output_len": 8, "servers": ("ours",)}
@@ -49,7 +54,7 @@ READY_TIMEOUT_S = 600
 # ------------------------------------------------------------------------------------------- the model
 def prepare_model(work: Path) -> Path:
     merged = work / "merged"
-    if not (merged / "merge_info.json").is_file():
+    if not (merged / "merge_info.json").is_file() or not (work / "quantized" / "quantize_info.json").is_file():
         common.run_child("benchmarks.serve", {"kind": "model", "work": str(work)}, log=work / "logs" / "model.log")
     return merged
 
@@ -61,6 +66,7 @@ def _model(spec: dict) -> dict:
     from devtools import textsql
     from devtools.tiny import build_tiny_model, save_random_adapter
     from tuneserve.merge import merge
+    from tuneserve.quantize import quantize
 
     work = Path(spec["work"])
     base = build_tiny_model(
@@ -70,6 +76,7 @@ def _model(spec: dict) -> dict:
     adapter = work / "adapter"
     save_random_adapter(model, AutoTokenizer.from_pretrained(base), adapter, "<|im_end|>", r=16, lora_alpha=16)
     merge(str(base), None, adapter, work / "merged")
+    quantize(work / "merged", work / "quantized", scheme="int8")
     return {}
 
 
@@ -90,7 +97,7 @@ def serve_settings(merged: Path, port: int) -> dict[str, str]:
 
 def server_argv(kind: str, merged: Path, port: int) -> tuple[list[str], dict[str, str]]:
     """(argv, environment) of one server. `direct` runs vLLM with the argv our entrypoint would exec, less our
-    gate (tuneserve.gate): vLLM's own key check, no limits, no drain."""
+    gate (tuneserve.gate): vLLM's own key check, no limits, no drain. `int8`: `direct` on the int8 copy."""
     env = common.clean_env(
         VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), VLLM_NO_USAGE_STATS="1"
     )
@@ -107,6 +114,8 @@ def server_argv(kind: str, merged: Path, port: int) -> tuple[list[str], dict[str
     gate = args.index(GATE_MIDDLEWARE)
     del args[gate - 1 : gate + 1]
     extra_env.pop(GATE_ENV)
+    if kind == "int8":
+        args[args.index("--model") + 1] = str(merged.parent / "quantized")
     return [str(common.SERVE_PYTHON), "-m", "vllm.entrypoints.openai.api_server", *args], {**env, **extra_env}
 
 
@@ -139,6 +148,20 @@ class Server:
         except TimeoutError:
             raise RuntimeError(f"{self.kind} server not ready after {READY_TIMEOUT_S}s; log: {self.log}") from None
         return time.monotonic() - self.start
+
+    def memory_mb(self) -> float:
+        """Resident memory of the server and every process it started (vLLM's engine core), in MB."""
+        import psutil
+
+        root = psutil.Process(self.proc.pid)
+        procs = [root, *root.children(recursive=True)]
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return round(total / 1e6, 1)
 
     def stop(self) -> None:
         stop_server(self.proc)
@@ -237,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{common.SERVE_PYTHON} is missing: run `make setup` (it builds .venv-serve)")
     merged = prepare_model(args.work_dir)
     startups: dict[str, list[float]] = {k: [] for k in plan["servers"]}
+    memory: dict[str, list[float]] = {k: [] for k in plan["servers"]}
     loads: dict[str, list[dict[int, dict]]] = {k: [] for k in plan["servers"]}
     argvs = {}
     # Warm the page cache with vLLM's imports first, so that the first server started does not pay for it.
@@ -247,14 +271,15 @@ def main(argv: list[str] | None = None) -> int:
         timeout=600,
     )
     for rnd in range(plan["rounds"]):
-        order = plan["servers"] if rnd % 2 == 0 else tuple(reversed(plan["servers"]))  # ABBA: drift cancels
+        order = plan["servers"] if rnd % 2 == 0 else tuple(reversed(plan["servers"]))  # ABBA (ABC CBA): drift cancels
         for kind in order:
             print(f"serve: round {rnd + 1}/{plan['rounds']}, {kind} server ...", flush=True)
             server = Server(kind, merged, args.work_dir / "logs" / f"{kind}-{rnd}.log")
             argvs[kind] = server.argv
             try:
                 startups[kind].append(round(server.wait_ready(), 2))
-                print(f"  ready after {startups[kind][-1]:.1f}s", flush=True)
+                memory[kind].append(server.memory_mb())
+                print(f"  ready after {startups[kind][-1]:.1f}s, {memory[kind][-1]:.0f} MB resident", flush=True)
                 out = args.work_dir / "runs" / f"round{rnd}"
                 out.mkdir(parents=True, exist_ok=True)
                 loads[kind].append(load(server, merged, plan, out))
@@ -266,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = {
         "ours": "python -m entrypoints.serve",
         "direct": "python -m vllm.entrypoints.openai.api_server (same flags)",
+        "int8": "the same, on the QUANTIZE=int8 copy (compressed-tensors W8A8)",
     }
 
     def avg(kind: str, c: int, key: str) -> float | None:
@@ -281,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                     "concurrency": c,
                     "prompts": plan["levels"][c],
                     "startup_s": _mean(startups[kind]),
+                    "memory_mb": _mean(memory[kind]),
                     "failed": sum(run[c]["failed"] or 0 for run in loads[kind]),
                     "completed": sum(run[c]["completed"] or 0 for run in loads[kind]),
                     **{
@@ -326,6 +353,35 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         not_run_rows.append(common.not_run("vLLM started directly (the comparison)", "smoke run: one server only"))
+    if "int8" in plan["servers"] and "direct" in plan["servers"]:
+        figures += [
+            common.figure(
+                f"int8_throughput_ratio_c{c}",
+                f"throughput at concurrency {c}, int8 / bfloat16 (both direct)",
+                round(avg("int8", c, "output_throughput") / avg("direct", c, "output_throughput"), 3),
+                "x",
+            )
+            for c in levels
+        ]
+        weights = {
+            k: sum(p.stat().st_size for p in (merged.parent / k).glob("*.safetensors")) for k in ("merged", "quantized")
+        }
+        figures += [
+            common.figure(
+                "int8_memory_ratio",
+                "resident memory once ready, int8 / bfloat16 (both direct)",
+                round(_mean(memory["int8"]) / _mean(memory["direct"]), 3),
+                "x",
+            ),
+            common.figure(
+                "int8_weights_ratio",
+                "weights on disk, int8 / bfloat16",
+                round(weights["quantized"] / weights["merged"], 3),
+                "x",
+            ),
+        ]
+    else:
+        not_run_rows.append(common.not_run("int8 (QUANTIZE) against bfloat16", "smoke run: one server only"))
     figures += [
         common.figure("failed_requests", "failed requests (all runs)", failed, "", at_most=0),
         common.figure("ours_startup_s", "startup to ready, ours (mean)", _mean(startups["ours"]), "s"),
@@ -334,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         figures.append(
             common.figure("direct_startup_s", "startup to ready, direct (mean)", _mean(startups["direct"]), "s")
         )
-    not_run_rows.append(common.not_run("GPU serving (vLLM CUDA image)", "no GPU"))
+    not_run_rows.append(common.not_run("GPU serving (vLLM CUDA image), fp8", "no GPU"))
     setup = {
         "model": "Qwen2 architecture, hidden 256, 4 layers, head_dim 64, vocab 1500, bfloat16, merged by "
         "tuneserve.merge from a random r=16 LoRA adapter",
@@ -345,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": plan["rounds"],
         "startups_s": startups,
         "environment": "VLLM_CPU_KVCACHE_SPACE=1, .venv-serve (vllm-cpu 0.32.0)",
+        "memory_mb": memory,
         "argv": {k: " ".join(Path(a).name if i == 0 else a for i, a in enumerate(v)) for k, v in argvs.items()},
     }
     notes = [
