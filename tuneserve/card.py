@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tuneserve.layout import MERGE_INFO, QUANTIZE_INFO
+from tuneserve.layout import MERGE_INFO, QUANTIZE_INFO, read_json
 from tuneserve.refs import hub_id
 
 SERVE_IMAGE = "tuneserve-serve"
@@ -23,19 +23,16 @@ def write(layout, folder: Path, model_ref: str) -> None:
     """The card of `folder` (OUTPUT_DIR/merged or /quantized) from what the run recorded under OUTPUT_DIR,
     naming where the model will be served from. Unchanged files are not rewritten."""
 
-    def read(path: Path) -> dict | None:
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    verify = read(layout.verify_report) or {}
+    verify = read_json(layout.verify_report) or {}
     text = render(
-        read(layout.config) or {},
-        read(layout.train_report),
+        read_json(layout.config) or {},
+        read_json(layout.train_report),
         verify,
         verify.get("eval"),
-        read(layout.merged / MERGE_INFO) or {},
+        read_json(layout.merged / MERGE_INFO) or {},
         model_ref,
-        engine=read(layout.engine_eval_report),
-        quantized=read(folder / QUANTIZE_INFO),
+        engine=read_json(layout.engine_eval_report),
+        quantized=read_json(folder / QUANTIZE_INFO),
     )
     path = folder / "README.md"
     if not path.is_file() or path.read_text() != text:

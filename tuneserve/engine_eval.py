@@ -35,7 +35,15 @@ from typing import Any
 
 from tuneserve.config import TRAIN_SCHEMA
 from tuneserve.exitcodes import ConfigError, VerifyError
-from tuneserve.layout import ENGINE_GATE, EVAL_ROWS, MERGE_INFO, QUANTIZE_INFO, Layout, write_json_atomic
+from tuneserve.layout import (
+    ENGINE_GATE,
+    EVAL_ROWS,
+    MERGE_INFO,
+    QUANTIZE_INFO,
+    Layout,
+    read_json,
+    write_json_atomic,
+)
 from tuneserve.settings import Schema, Settings, Var
 
 log = logging.getLogger(__name__)
@@ -241,7 +249,7 @@ def run(cfg: Settings, check_only: bool = False) -> int:
         report["models"][name] = {**{k: v for k, v in figures.items() if k != "answers"}, **engine}
         report["models"][name]["answers"] = figures["answers"]
         log.info("%s in vLLM: %s", name, _summary(report["models"][name]))
-    report["parity"] = parity(report["models"]["merged"], _read(layout.eval_report))
+    report["parity"] = parity(report["models"]["merged"], read_json(layout.eval_report))
     for k, v in report["parity"]["figures"].items():
         if v["difference"]:
             log.warning("engine parity: %s is %s in vLLM, %s in transformers", k, v["vllm"], v["transformers"])
@@ -309,10 +317,6 @@ def parity(engine: dict[str, Any], transformers: dict[str, Any] | None) -> dict[
 def _summary(m: dict[str, Any]) -> str:
     shown = [f"{k} {m[k]}" for k in GATED if m.get(k) is not None]
     return ", ".join(shown + [f"{m['tokens_per_second']} tokens/s", f"weights {m['weights_bytes'] / 1e6:.1f} MB"])
-
-
-def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 if __name__ == "__main__":  # the child process of `_in_child`

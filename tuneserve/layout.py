@@ -127,6 +127,11 @@ class Layout:
         ]
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file this tool wrote, or None when it is not there (yet)."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -7,7 +7,6 @@ verified -> publish only. So a failed publish is retried by rerunning, without r
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from tuneserve import data, rundir, signals
 from tuneserve.exitcodes import ExitCode, VerifyError
-from tuneserve.layout import MERGE_BASES, MERGE_INFO, Layout, merged_id, write_json_atomic
+from tuneserve.layout import MERGE_BASES, MERGE_INFO, Layout, merged_id, read_json, write_json_atomic
 from tuneserve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,10 +40,6 @@ def publish_targets(cfg: Settings) -> list[str]:
 
 def adapter_repo(cfg: Settings) -> str:
     return cfg.hub_adapter_model_id or f"{cfg.hub_model_id}-adapter"
-
-
-def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def run(cfg: Settings, check_only: bool = False) -> int:
@@ -128,7 +123,7 @@ def train_stage(cfg: Settings, layout: Layout) -> int:
 def merge_stage(cfg: Settings, layout: Layout) -> None:
     from tuneserve import merge
 
-    info = _read(layout.merged / MERGE_INFO)
+    info = read_json(layout.merged / MERGE_INFO)
     if merge.merged_done(layout.merged) and info and info.get("merge_base") == cfg.merge_base:
         log.info("merge already done: %s (MERGE_BASE=%s); skipping", layout.merged, cfg.merge_base)
         return
@@ -139,7 +134,7 @@ def merge_stage(cfg: Settings, layout: Layout) -> None:
 def verify_stage(cfg: Settings, layout: Layout) -> None:
     from tuneserve import evaluate, merge, verify
 
-    previous = _read(layout.verify_report)
+    previous = read_json(layout.verify_report)
     current = merged_id(layout.merged)
     if previous and previous.get("passed") and previous.get("merged_id") == current:
         log.info("verification already passed for this merged folder; skipping")
