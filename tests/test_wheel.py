@@ -216,3 +216,9 @@ def test_installed_serving_entrypoint_runs_help_and_check_outside_the_checkout(w
     assert f"--model {chatml_base}" in res.stderr and "--max-model-len 128 " in res.stderr
     assert "--enforce-eager" in res.stderr and "(API key from VLLM_API_KEY)" in res.stderr
     assert KEY not in res.stdout + res.stderr
+    # The engine evaluation's command ships in the same package, for the serving image.
+    res = run([python, "-m", "entrypoints.evaluate", "--help"], cwd=cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "usage: python -m entrypoints.evaluate" in res.stdout and "QUANTIZE_MAX_DROP" in res.stdout
+    res = run([python, "-m", "entrypoints.evaluate", "--check"], cwd=cwd, OUTPUT_DIR=str(tmp_path / "none"))
+    assert res.returncode == 2 and "holds no merged model of a finished training run" in res.stderr, res.stderr[-3000:]
