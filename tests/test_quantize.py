@@ -223,3 +223,37 @@ def test_the_gate_allows_each_figure_to_drop_by_the_budget_and_no_more(quantized
     verdict = gate({"exact_match": 0.92, "stop_rate": 1.0, "sql_execution_match": None}, quantized, 0.02)
     assert verdict["passed"] is passed and verdict["over_budget"] == over
     assert set(verdict["drops"]) == {"exact_match", "stop_rate"}  # figures the run has, nothing else
+
+
+def test_the_engine_evaluation_refuses_a_stale_quantized_folder_and_an_environment_without_vllm(tmp_path):
+    """Configuration errors, before any model loads: a quantized folder made from an earlier merged folder, and
+    the command run where vLLM is missing (the training environment, here)."""
+    import sys
+
+    from tuneserve.layout import merged_id
+
+    out = tmp_path / "out"
+    (out / "merged").mkdir(parents=True)
+    (out / "merged" / "merge_info.json").write_text("{}")
+    (out / "config.json").write_text(json.dumps({"EVAL_MAX_SAMPLES": 8, "EVAL_MAX_NEW_TOKENS": 8}))
+    write_jsonl(out / "data" / "eval.jsonl", [{"row": 0}])
+    (out / "quantized").mkdir()
+    info = {"scheme": "int8", "source_id": "an-older-merge"}
+    (out / "quantized" / "quantize_info.json").write_text(json.dumps(info))
+
+    def check():
+        return subprocess.run(
+            [sys.executable, "-m", "entrypoints.evaluate", "--check"],
+            env=clean_env(OUTPUT_DIR=str(out)),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    res = check()
+    assert res.returncode == 2 and "was made from another merged folder" in res.stderr, res.stderr[-3000:]
+    info["source_id"] = merged_id(out / "merged")
+    (out / "quantized" / "quantize_info.json").write_text(json.dumps(info))
+    res = check()
+    assert res.returncode == 2 and "run it in the serving image" in res.stderr, res.stderr[-3000:]

@@ -23,6 +23,7 @@ Everything is written to OUTPUT_DIR/engine_eval.json, and both model cards get t
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ from tuneserve.layout import (
     MERGE_INFO,
     QUANTIZE_INFO,
     Layout,
+    merged_id,
     read_json,
     write_json_atomic,
 )
@@ -222,10 +224,22 @@ def run(cfg: Settings, check_only: bool = False) -> int:
         raise ConfigError(
             f"{rows}: no held-out rows to evaluate with; train with EVAL_SPLIT or EVAL_SIZE so that there are"
         )
-    trained = json.loads(layout.config.read_text())  # the evaluation settings the training run used
-    settings = {"max_samples": trained["EVAL_MAX_SAMPLES"], "max_new_tokens": trained["EVAL_MAX_NEW_TOKENS"]}
-    scoring = {"sql_execution": trained["EVAL_SQL_EXECUTION"], "sql_context_field": trained["EVAL_SQL_CONTEXT_FIELD"]}
-    quantized = (layout.quantized / QUANTIZE_INFO).is_file()
+    trained = json.loads(layout.config.read_text())
+
+    def used(name: str):  # the evaluation setting the training run used (its default if it predates it)
+        return trained.get(name, _shared[name].default)
+
+    settings = {"max_samples": used("EVAL_MAX_SAMPLES"), "max_new_tokens": used("EVAL_MAX_NEW_TOKENS")}
+    scoring = {"sql_execution": used("EVAL_SQL_EXECUTION"), "sql_context_field": used("EVAL_SQL_CONTEXT_FIELD")}
+    info = read_json(layout.quantized / QUANTIZE_INFO)
+    quantized = info is not None
+    if quantized and info["source_id"] != merged_id(layout.merged):
+        raise ConfigError(
+            f"{layout.quantized} was made from another merged folder than {layout.merged}: rerun the training "
+            "command with QUANTIZE to quantize this one"
+        )
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("the engine evaluation runs vLLM, which this environment lacks: run it in the serving image")
     repo = cfg.hub_quantized_model_id
     if repo and not quantized:
         raise ConfigError(f"HUB_QUANTIZED_MODEL_ID={repo!r}: {layout.quantized} does not exist (train with QUANTIZE)")
@@ -255,7 +269,6 @@ def run(cfg: Settings, check_only: bool = False) -> int:
             log.warning("engine parity: %s is %s in vLLM, %s in transformers", k, v["vllm"], v["transformers"])
     verdict = None
     if quantized:
-        info = json.loads((layout.quantized / QUANTIZE_INFO).read_text())
         verdict = gate(report["models"]["merged"], report["models"]["quantized"], cfg.quantize_max_drop)
         verdict.update(scheme=info["scheme"], source_id=info["source_id"])
         report["gate"] = verdict
