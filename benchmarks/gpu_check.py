@@ -55,7 +55,9 @@ WHEEL_PLATFORM = (
 )
 BNB_KEEP = ("libbitsandbytes_cpu", "libbitsandbytes_cuda13")  # the machine's torch is built for CUDA 13
 CARRY_LIMIT = 64 * 2**20
-# (name, deadline in seconds, GPU only)
+# (name, deadline in seconds, GPU only). The deadlines budget the GPU machine's time; the CPU smoke (--smoke, in
+# `make test` on 2 shared cores) runs the same work several times slower, so it gets SMOKE_SLACK times as long.
+SMOKE_SLACK = 2
 STAGES = (
     ("env", 120, False),
     ("kernels", 180, False),
@@ -318,7 +320,7 @@ def stage_train(work: Path, smoke: bool) -> dict:
             "LORA_ALPHA": "64",
             "MAX_GRAD_NORM": "1.0",
         },
-        timeout=280,
+        timeout=280 * (SMOKE_SLACK if smoke else 1),
     )
     from tuneserve.model import native_bf16
 
@@ -336,7 +338,12 @@ def stage_bench(work: Path, smoke: bool) -> dict:
     args = [sys.executable, "-m", "benchmarks.train", "--results-dir", str(results), "--work-dir", str(work / "w")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # benchmarks.train from the checkout (cwd), tuneserve installed
     res = subprocess.run(
-        args + (["--smoke"] if smoke else []), env=env, cwd=REPO, capture_output=True, text=True, timeout=410
+        args + (["--smoke"] if smoke else []),
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=410 * (SMOKE_SLACK if smoke else 1),
     )
     (work / "bench.log").write_text(res.stdout + res.stderr)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -377,7 +384,7 @@ def stage_train_1b(work: Path, smoke: bool) -> dict:
             "MAX_STEPS": "40",
             "VERIFY_MAX_NEW_TOKENS": "16",
         },
-        timeout=290,
+        timeout=290 * (SMOKE_SLACK if smoke else 1),
     )
     assert result["quantized_on"] == "cuda" and result.get("verify_passed") is True, result
     return result
@@ -411,6 +418,7 @@ def run(out: Path, smoke: bool, only: list[str] | None = None) -> int:
     for name, deadline, gpu_only in STAGES:
         if only and name not in only:
             continue
+        deadline *= SMOKE_SLACK if smoke else 1
         entry = {"stage": name, "deadline_s": deadline}
         if gpu_only and not gpu:
             entry.update(status="not run", why="needs a GPU")
