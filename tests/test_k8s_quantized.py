@@ -65,3 +65,22 @@ def test_evaluation_job_environment_loads_through_its_schema(rendered, tmp_path,
     monkeypatch.chdir(tmp_path)
     cfg = EVAL_SCHEMA.load(local_paths(env, tmp_path, files={"HF_TOKEN_FILE"}))
     assert 0 <= cfg.quantize_max_drop < 0.1 and cfg.hf_token_file
+
+
+def test_the_init_containers_wait_for_a_passing_verdict_or_for_a_file(tmp_path, monkeypatch):
+    from tuneserve import wait
+
+    verdict, record = tmp_path / "engine_gate.json", tmp_path / "quantize_info.json"
+    written = ["", '{"passed": false}', '{"passed": true}']  # half-written, failed (a rerun may pass), passed
+    slept = []
+
+    def sleep(seconds):  # while the pod waits, the Job writes the file's next state
+        slept.append(seconds)
+        verdict.write_text(written[len(slept) - 1])
+        record.write_text("{}")
+
+    monkeypatch.setattr(wait.time, "sleep", sleep)
+    assert wait.main([str(verdict)]) == 0 and len(slept) == 3  # missing, half-written, failed: it waits on
+    slept.clear()
+    record.unlink()
+    assert wait.main(["--exists", str(record)]) == 0 and len(slept) == 1

@@ -142,7 +142,7 @@ def answer_in_engine(folder: Path, rows: Path, *, max_samples: int, max_new_toke
     from vllm import LLM, SamplingParams
 
     from tuneserve.data import read_jsonl
-    from tuneserve.verify import to_prompt
+    from tuneserve.verify import device, to_prompt
 
     prompts = [to_prompt(ex) for ex in read_jsonl(rows)[:max_samples]]
     if max_model_len is None:  # room for the longest prompt and its answer, not the model's whole context
@@ -156,7 +156,7 @@ def answer_in_engine(folder: Path, rows: Path, *, max_samples: int, max_new_toke
         dtype="auto",
         seed=0,
         max_model_len=max_model_len,
-        enforce_eager=not _has_cuda(),
+        enforce_eager=device() == "cpu",  # CUDA graphs on a GPU; the CPU build has none
         disable_log_stats=True,
     )
     load_seconds = time.perf_counter() - load_start
@@ -183,15 +183,6 @@ def answer_in_engine(folder: Path, rows: Path, *, max_samples: int, max_new_toke
         "load_seconds": round(load_seconds, 2),
         "weights_bytes": sum(p.stat().st_size for p in folder.glob("*.safetensors")),
     }
-
-
-def _has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 def _in_child(folder: Path, rows: Path, settings: dict[str, Any], max_model_len: int | None) -> dict[str, Any]:

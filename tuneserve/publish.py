@@ -13,15 +13,15 @@ allowed to write to the namespace) in preflight, before training.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tuneserve.exitcodes import ConfigError, RetryableError
-from tuneserve.layout import write_json_atomic
+from tuneserve.layout import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -149,6 +149,22 @@ def fingerprint(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
+@contextmanager
+def _refusal_exits_2(kind: str, repo: str) -> Iterator[None]:
+    """The Hub refusing the token (401, 403) becomes exit 2 with advice; transient failures stay retryable."""
+    try:
+        yield
+    except RetryableError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - only the Hub's refusals are turned into a documented code
+        if _status(exc) in (401, 403):
+            raise ConfigError(
+                f"publishing {kind} to {repo}: the Hub refused the token ({_status(exc)}); everything "
+                "produced is kept in OUTPUT_DIR: fix HF_TOKEN and rerun the same command"
+            ) from None
+        raise
+
+
 def publish_folder(
     folder: Path,
     repo: str,
@@ -162,114 +178,84 @@ def publish_folder(
     kind: str,
 ) -> dict[str, Any]:
     """One atomic publication of `folder` to `repo`@`revision`. Idempotent through `state_file`."""
-    try:
-        return _publish_folder(
-            folder,
-            repo,
-            revision=revision,
-            private=private,
-            message=message,
-            attempts=attempts,
-            backoff=backoff,
-            state_file=state_file,
-            kind=kind,
-        )
-    except RetryableError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - only the Hub's refusals are turned into a documented code
-        if _status(exc) in (401, 403):
-            raise ConfigError(
-                f"publishing {kind} to {repo}: the Hub refused the token ({_status(exc)}); everything "
-                "produced is kept in OUTPUT_DIR: fix HF_TOKEN and rerun the same command"
-            ) from None
-        raise
+    with _refusal_exits_2(kind, repo):
+        from huggingface_hub import CommitOperationAdd
 
-
-def _publish_folder(
-    folder: Path,
-    repo: str,
-    *,
-    revision: str,
-    private: bool,
-    message: str,
-    attempts: int,
-    backoff: float,
-    state_file: Path,
-    kind: str,
-) -> dict[str, Any]:
-    from huggingface_hub import CommitOperationAdd
-
-    fp = fingerprint(folder)
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    done = state.get(kind) or {}
-    if (
-        done.get("merged")
-        and done.get("repo") == repo
-        and done.get("revision") == revision
-        and done.get("fingerprint") == fp
-    ):
-        log.info("%s already published to %s@%s (%s); skipping", kind, repo, revision, done.get("commit_url"))
-        return done
-    api = hub_client()
-    with_retries(f"creating {repo}", lambda: api.create_repo(repo, private=private, exist_ok=True), attempts, backoff)
-    if revision != "main":
+        fp = fingerprint(folder)
+        state = read_json(state_file) or {}
+        done = state.get(kind) or {}
+        if (
+            done.get("merged")
+            and done.get("repo") == repo
+            and done.get("revision") == revision
+            and done.get("fingerprint") == fp
+        ):
+            log.info("%s already published to %s@%s (%s); skipping", kind, repo, revision, done.get("commit_url"))
+            return done
+        api = hub_client()
         with_retries(
-            f"creating branch {revision}",
-            lambda: api.create_branch(repo, branch=revision, exist_ok=True),
+            f"creating {repo}", lambda: api.create_repo(repo, private=private, exist_ok=True), attempts, backoff
+        )
+        if revision != "main":
+            with_retries(
+                f"creating branch {revision}",
+                lambda: api.create_branch(repo, branch=revision, exist_ok=True),
+                attempts,
+                backoff,
+            )
+        files = folder_files(folder)
+        ops = [CommitOperationAdd(path_in_repo=str(p.relative_to(folder)), path_or_fileobj=str(p)) for p in files]
+        log.info(
+            "uploading %d files (%.1f MB) of %s to a pull request on %s@%s",
+            len(ops),
+            sum(p.stat().st_size for p in files) / 1e6,
+            kind,
+            repo,
+            revision,
+        )
+        commit = with_retries(
+            f"uploading to {repo}",
+            lambda: api.create_commit(repo, ops, commit_message=message, revision=revision, create_pr=True),
             attempts,
             backoff,
         )
-    files = folder_files(folder)
-    ops = [CommitOperationAdd(path_in_repo=str(p.relative_to(folder)), path_or_fileobj=str(p)) for p in files]
-    log.info(
-        "uploading %d files (%.1f MB) of %s to a pull request on %s@%s",
-        len(ops),
-        sum(p.stat().st_size for p in files) / 1e6,
-        kind,
-        repo,
-        revision,
-    )
-    commit = with_retries(
-        f"uploading to {repo}",
-        lambda: api.create_commit(repo, ops, commit_message=message, revision=revision, create_pr=True),
-        attempts,
-        backoff,
-    )
-    record = {
-        "repo": repo,
-        "revision": revision,
-        "fingerprint": fp,
-        "pr_num": commit.pr_num,
-        "pr_revision": commit.pr_revision,
-        "merged": False,
-    }
-    state[kind] = record
-    write_json_atomic(state_file, state)
+        record = {
+            "repo": repo,
+            "revision": revision,
+            "fingerprint": fp,
+            "pr_num": commit.pr_num,
+            "pr_revision": commit.pr_revision,
+            "merged": False,
+        }
+        state[kind] = record
+        write_json_atomic(state_file, state)
 
-    remote = with_retries(
-        "listing the uploaded files",
-        lambda: {
-            item.path: getattr(item, "size", None)
-            for item in api.list_repo_tree(repo, revision=commit.pr_revision, recursive=True)
-        },
-        attempts,
-        backoff,
-    )
-    missing = [str(p.relative_to(folder)) for p in files if remote.get(str(p.relative_to(folder))) != p.stat().st_size]
-    if missing:
-        raise RetryableError(
-            f"the pull request {commit.pr_revision} on {repo} lacks or has wrong sizes for "
-            f"{', '.join(missing[:5])}; it was not merged. Rerun to upload again"
+        remote = with_retries(
+            "listing the uploaded files",
+            lambda: {
+                item.path: getattr(item, "size", None)
+                for item in api.list_repo_tree(repo, revision=commit.pr_revision, recursive=True)
+            },
+            attempts,
+            backoff,
         )
-    merged = with_retries(
-        f"merging {commit.pr_revision}",
-        lambda: api.merge_pull_request(
-            repo, commit.pr_num, comment="Checked: every file present with its size. Published by tuneserve."
-        ),
-        attempts,
-        backoff,
-    )
-    record.update(merged=True, commit_url=getattr(merged, "url", None) or commit.commit_url)
-    write_json_atomic(state_file, state)
-    log.info("published %s to https://huggingface.co/%s (revision %s)", kind, repo, revision)
-    return record
+        missing = [
+            str(p.relative_to(folder)) for p in files if remote.get(str(p.relative_to(folder))) != p.stat().st_size
+        ]
+        if missing:
+            raise RetryableError(
+                f"the pull request {commit.pr_revision} on {repo} lacks or has wrong sizes for "
+                f"{', '.join(missing[:5])}; it was not merged. Rerun to upload again"
+            )
+        merged = with_retries(
+            f"merging {commit.pr_revision}",
+            lambda: api.merge_pull_request(
+                repo, commit.pr_num, comment="Checked: every file present with its size. Published by tuneserve."
+            ),
+            attempts,
+            backoff,
+        )
+        record.update(merged=True, commit_url=getattr(merged, "url", None) or commit.commit_url)
+        write_json_atomic(state_file, state)
+        log.info("published %s to https://huggingface.co/%s (revision %s)", kind, repo, revision)
+        return record

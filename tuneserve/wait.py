@@ -1,7 +1,9 @@
-"""Wait until a verdict file says `"passed": true`: the serving pods' init container on a shared volume.
+"""Wait until a verdict file says `"passed": true`, or with --exists until a file is there: the init containers
+of the pods that take over from a Job on a shared volume.
 
     python3 -m tuneserve.wait /output/verify.json                  # what verification passed (merged/)
     python3 -m tuneserve.wait /output/quantized/engine_gate.json   # what the engine evaluation passed
+    python3 -m tuneserve.wait --exists /output/quantized/quantize_info.json   # what training wrote last
 
 A model folder appears before its checks end, and stays when they fail (exit 4): serving it as soon as it
 exists would serve what failed. A failed verdict keeps the pod waiting (and says so every 30 s), since a
@@ -11,6 +13,7 @@ rerun of the Job may still pass; the server itself refuses a quantized folder wi
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -25,9 +28,10 @@ def verdict(path: str) -> bool | None:
 
 
 def main(argv: list[str]) -> int:
-    (path,) = argv
-    while not (passed := verdict(path)):
-        state = "says the checks failed (the Job exits 4)" if passed is False else "is not there yet"
+    exists = argv[:1] == ["--exists"]
+    (path,) = argv[1:] if exists else argv
+    while not (passed := os.path.isfile(path) if exists else verdict(path)):
+        state = "says the checks failed (the Job exits 4)" if passed is False and not exists else "is not there yet"
         print(f"waiting for the Job: {path} {state}", flush=True)
         time.sleep(30)
     return 0
