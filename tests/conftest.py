@@ -3,11 +3,37 @@ run, and the rendered Kubernetes overlays. Plain helpers and constants are in he
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import CORPUS, LEARN_ENV, qa_messages, run_train, write_jsonl
+
+_CACHE_VARS = ("XDG_CACHE_HOME", "HF_HOME", "VLLM_CACHE_ROOT")
+
+
+def pytest_configure(config):
+    """Every cache the code under test writes (the datasets' Arrow files, vLLM's compile cache, pip's) goes to a
+    folder of this session, inherited by the entrypoints the tests start: a run here behaves like one on a machine
+    that never ran the project, and leaves nothing in the user's ~/.cache."""
+    config._tuneserve_saved_env = {k: os.environ.get(k) for k in _CACHE_VARS}
+    config._tuneserve_cache = Path(tempfile.mkdtemp(prefix="tuneserve-test-cache-"))
+    os.environ["XDG_CACHE_HOME"] = str(config._tuneserve_cache)
+    os.environ["HF_HOME"] = str(config._tuneserve_cache / "huggingface")
+    os.environ["VLLM_CACHE_ROOT"] = str(config._tuneserve_cache / "vllm")
+
+
+def pytest_unconfigure(config):
+    for key, value in getattr(config, "_tuneserve_saved_env", {}).items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if cache := getattr(config, "_tuneserve_cache", None):
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
