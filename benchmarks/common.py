@@ -238,8 +238,10 @@ def answered_as_child(args: argparse.Namespace, measurements: dict[str, Callable
 
 def clean_env(**extra: str) -> dict[str, str]:
     """A minimal, offline environment for measured processes. tuneserve and the entrypoints come from the
-    environment's installed package (make setup installs it); `dev_env` adds the checkout for benchmarks' modules."""
-    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR", "SERVE_PYTHON") if k in os.environ}
+    environment's installed package (make setup installs it); `dev_env` adds the checkout for benchmarks' modules.
+    The cache locations are passed on, so the caller decides where datasets' and vLLM's caches go."""
+    keep = ("PATH", "HOME", "LANG", "TMPDIR", "SERVE_PYTHON", "XDG_CACHE_HOME", "HF_HOME", "VLLM_CACHE_ROOT")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
     env.update(
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",

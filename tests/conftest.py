@@ -10,16 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import CORPUS, LEARN_ENV, qa_messages, run_train, write_jsonl
-
-_CACHE_VARS = ("XDG_CACHE_HOME", "HF_HOME", "VLLM_CACHE_ROOT")
+from tests.helpers import CACHE_VARS, CORPUS, LEARN_ENV, qa_messages, run_train, write_jsonl
 
 
 def pytest_configure(config):
     """Every cache the code under test writes (the datasets' Arrow files, vLLM's compile cache, pip's) goes to a
-    folder of this session, inherited by the entrypoints the tests start: a run here behaves like one on a machine
-    that never ran the project, and leaves nothing in the user's ~/.cache."""
-    config._tuneserve_saved_env = {k: os.environ.get(k) for k in _CACHE_VARS}
+    folder of this session, passed on to the entrypoints the tests start (helpers.clean_env): a run here behaves
+    like one on a machine that never ran the project, and leaves nothing in the user's ~/.cache."""
+    config._tuneserve_saved_env = {k: os.environ.get(k) for k in CACHE_VARS}
     config._tuneserve_cache = Path(tempfile.mkdtemp(prefix="tuneserve-test-cache-"))
     os.environ["XDG_CACHE_HOME"] = str(config._tuneserve_cache)
     os.environ["HF_HOME"] = str(config._tuneserve_cache / "huggingface")

@@ -52,9 +52,14 @@ def qa_messages() -> list[dict]:
     return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA]
 
 
+# Where caches go; conftest points them at a folder of the test session, and clean_env passes them on.
+CACHE_VARS = ("XDG_CACHE_HOME", "HF_HOME", "VLLM_CACHE_ROOT")
+
+
 def clean_env(**overrides: str) -> dict[str, str]:
-    """A minimal environment: nothing from the developer's shell leaks into the run under test."""
-    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+    """A minimal environment: nothing from the developer's shell leaks into the run under test (the cache folders
+    are the test session's own, see conftest)."""
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR", *CACHE_VARS) if k in os.environ}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     env.update(overrides)
     return env
