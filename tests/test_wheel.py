@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import CACHE_VARS
+
 REPO = Path(__file__).resolve().parents[1]
 SERVE_PYTHON = Path(os.environ.get("SERVE_PYTHON", REPO / ".venv-serve" / "bin" / "python"))
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -31,8 +33,9 @@ KEY = "sk-wheel-test-KEY789"
 
 
 def env(**overrides: str) -> dict[str, str]:
-    """A minimal, offline environment with no PYTHONPATH: only the interpreter's own sys.path counts."""
-    base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+    """A minimal, offline environment with no PYTHONPATH: only the interpreter's own sys.path counts (the cache
+    folders are the test session's, see conftest)."""
+    base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR", *CACHE_VARS) if k in os.environ}
     return {
         **base,
         "HF_HUB_OFFLINE": "1",
