@@ -11,7 +11,6 @@ not run, and tuneserve and entrypoints can only come from the scratch environmen
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -22,35 +21,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import CACHE_VARS
+from tests.helpers import REPO, SERVE_PYTHON, clean_env
 
-REPO = Path(__file__).resolve().parents[1]
-SERVE_PYTHON = Path(os.environ.get("SERVE_PYTHON", REPO / ".venv-serve" / "bin" / "python"))
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 VERSION = PROJECT["version"]
 PACKAGES = ("tuneserve", "entrypoints")
 KEY = "sk-wheel-test-KEY789"
 
 
-def env(**overrides: str) -> dict[str, str]:
-    """A minimal, offline environment with no PYTHONPATH: only the interpreter's own sys.path counts (the cache
-    folders are the test session's, see conftest)."""
-    base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR", *CACHE_VARS) if k in os.environ}
-    return {
-        **base,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        **overrides,
-    }
-
-
 def run(argv: list, cwd: Path, timeout: float = 300, **overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(a) for a in argv], env=env(**overrides), cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
+    """clean_env has no PYTHONPATH: only the installed interpreter's own sys.path counts."""
+    env = clean_env(PYTHONDONTWRITEBYTECODE="1", **overrides)
+    return subprocess.run([str(a) for a in argv], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def source_files(package: str) -> list[str]:
