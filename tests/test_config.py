@@ -46,7 +46,7 @@ def test_config_errors_are_all_listed_exit_2_without_traceback_or_torch(tmp_path
     for expected in (
         "BASE_MODEL is required",
         "LORA_R='-4': must be >= 1",
-        "PACKING='maybe': expected a boolean",
+        "PACKING='maybe': expected auto or a boolean",
         "EVAL_SIZE='1.5'",
         "DATASET='./nope.jsonl': no such file",
         "SFT_NOT_A_FIELD: SFT_* variables set fields of trl.SFTConfig, and it has no field 'not_a_field'",

@@ -302,19 +302,18 @@ def test_execution_match_compares_rows_not_text():
 
 
 def test_packing_keeps_every_loss_mask(tmp_path):
-    """PACKING=true hands our rows to TRL's best-fit-decreasing packer; the labels (and so the trained end-of-turn
-    tokens) must survive it unchanged."""
-    from trl.data_utils import pack_dataset
+    """PACKING=true hands a micro-batch of our rows to TRL's padding-free collator, which flattens them into one
+    sequence; the labels (and so the trained end-of-turn tokens) must survive it unchanged, row by row."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     cfg, shaped, info = setup(tmp_path, qa_messages() * 4, PACKING="true")
     prepared = data.tokenize(cfg, info, shaped, None)
-    packed = pack_dataset(prepared.train, seq_length=cfg.max_seq_length, strategy="bfd")
-    assert len(packed) < len(prepared.train)
-    before = sorted(t for row in prepared.train["labels"] for t in row)
-    after = sorted(t for row in packed["labels"] for t in row)
-    assert before == after
+    rows = [prepared.train[i] for i in range(len(prepared.train))]
+    batch = DataCollatorForLanguageModeling(pad_token_id=info.tokenizer.pad_token_id, padding_free=True)(rows)
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch  # one flattened sequence
+    assert batch["labels"][0].tolist() == [t for row in rows for t in row["labels"]]
     eot = info.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert after.count(eot) == len(prepared.train)  # one trained end-of-turn per conversation
+    assert batch["labels"][0].tolist().count(eot) == len(rows)  # one trained end-of-turn per conversation
 
 
 # ------------------------------------------------------------------------------------------- broken files

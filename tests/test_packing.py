@@ -9,6 +9,7 @@ the loss) must equal those of the row run alone.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -155,7 +156,7 @@ def test_packing_check_refuses_an_attention_that_lets_packed_rows_see_each_other
     AttentionMaskInterface.register("causal_only", sdpa_mask)
     rows = write_jsonl(tmp_path / "qa.jsonl", qa_messages())
     *_, model = load(families["llama"], rows, PACKING="false", ATTN_IMPLEMENTATION="causal_only")
-    with pytest.raises(ConfigError, match="packed rows attend to each other"):
+    with pytest.raises(ConfigError, match="rows flattened together attend to each other"):
         batching.check_packing(model, pad_token_id=0)
     for attn in ATTENTION:
         *_, model = load(families["gemma3_text"], rows, ATTN_IMPLEMENTATION=attn)
@@ -166,10 +167,11 @@ def test_packing_check_refuses_an_attention_that_lets_packed_rows_see_each_other
     "env, message",
     [
         (
-            {"ATTN_IMPLEMENTATION": "paged|sdpa"},
+            {"ATTN_IMPLEMENTATION": "paged|sdpa", "PACKING": "true"},
             "ATTN_IMPLEMENTATION='paged|sdpa' with PACKING=true: packed rows would",
         ),
-        ({"SFT_PACKING_STRATEGY": "wrapped"}, "SFT_PACKING_STRATEGY=wrapped cuts rows mid-way"),
+        ({"SFT_PACKING_STRATEGY": "wrapped"}, "SFT_PACKING_STRATEGY: trl.SFTConfig.packing_strategy is set by this"),
+        ({"SFT_PADDING_FREE": "true"}, "SFT_PADDING_FREE: trl.SFTConfig.padding_free is set by this tool; use PACKING"),
         ({"LORA_TARGET_MODULES": "q_proj,lm_head"}, "LORA_TARGET_MODULES includes lm_head"),
         (
             {"SFT_USE_LIGER_KERNEL": "true", "SFT_LIGER_KERNEL_CONFIG": '{"fused_linear_cross_entropy": true}'},
@@ -185,9 +187,10 @@ def test_combinations_that_would_train_wrong_exit_2_before_loading_anything(tmp_
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
     assert not (tmp_path / "out").exists()
-    # Without packing the same kernel is allowed.
+    # Without PACKING=true the same kernel is allowed (PACKING=auto then pads the rows of a micro-batch).
     if "ATTN_IMPLEMENTATION" in env:
-        load_train_config(clean_env(BASE_MODEL="org/m", DATASET=str(qa_dataset), PACKING="false", **env))
+        for packing in ("false", "auto"):
+            load_train_config(clean_env(BASE_MODEL="org/m", DATASET=str(qa_dataset), **{**env, "PACKING": packing}))
 
 
 @pytest.mark.parametrize("family", ["gemma3_text", "qwen2"])
@@ -232,48 +235,121 @@ def settings(**env):
     return load_train_config({"BASE_MODEL": "org/m", "DATASET": "org/d", **env})
 
 
+WORLDS = (1, 2, 3, 4, 8, 16)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("world", WORLDS)
+def test_the_default_batch_adapts_to_any_number_of_processes(world, device):
+    """Nothing set: the guide's 4 sequences per step, rounded up to a multiple of the processes, each taking an equal
+    share in micro-batches that fit the device's token budget."""
+    for rows in (24, 512, 4096):
+        plan = batching.plan(settings(), world, device, row_tokens=rows)
+        assert plan.batch == world * -(-batching.DEFAULT_BATCH // world) and plan.world == world
+        assert plan.micro * plan.accum * world == plan.batch
+        budget = batching.GPU_MICRO_BATCH_TOKENS if device == "cuda" else batching.CPU_MICRO_BATCH_TOKENS
+        assert plan.micro == 1 or plan.micro * rows <= budget
+        assert "BATCH_SIZE default 4" in plan.describe()
+
+
+@pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize(
-    "env, world, device, expected",
+    "name, values",
     [
-        ({}, 1, "cpu", (1, 4)),  # the CPU: one packed sequence per pass
-        ({}, 1, "cuda", (4, 1)),  # a GPU: 4 x 512 tokens in one pass
-        ({}, 2, "cuda", (2, 1)),
-        ({"BATCH_SIZE": "32"}, 1, "cuda", (8, 4)),  # at most 4096 tokens per pass
-        ({"BATCH_SIZE": "32", "MAX_SEQ_LENGTH": "2048"}, 2, "cuda", (2, 8)),
-        ({"MAX_SEQ_LENGTH": "8192"}, 1, "cuda", (1, 4)),
-        ({"PER_DEVICE_TRAIN_BATCH_SIZE": "2"}, 1, "cpu", (2, 2)),
-        ({"GRADIENT_ACCUMULATION_STEPS": "2"}, 1, "cuda", (2, 2)),
-        ({"PER_DEVICE_TRAIN_BATCH_SIZE": "8", "GRADIENT_ACCUMULATION_STEPS": "3"}, 2, "cuda", (8, 3)),  # as set
-        (
-            {"BATCH_SIZE": "48", "PER_DEVICE_TRAIN_BATCH_SIZE": "8", "GRADIENT_ACCUMULATION_STEPS": "3"},
-            2,
-            "cuda",
-            (8, 3),
-        ),
+        ("BATCH_SIZE", (48, 96, 144)),
+        ("PER_DEVICE_TRAIN_BATCH_SIZE", (1, 3, 8)),
+        ("GRADIENT_ACCUMULATION_STEPS", (1, 2, 4, 16)),
     ],
 )
-def test_batch_size_is_what_the_user_asked_for_however_it_is_split(env, world, device, expected):
-    micro, accum = batching.plan(settings(**env), world, device)
-    assert (micro, accum) == expected
-    if "PER_DEVICE_TRAIN_BATCH_SIZE" not in env or "BATCH_SIZE" in env:
-        assert micro * accum * world == int(env.get("BATCH_SIZE", 4))
+def test_any_one_batch_variable_set_alone_defines_the_batch(name, values, world):
+    for value in values:
+        for device in ("cpu", "cuda"):
+            plan = batching.plan(settings(**{name: str(value)}), world, device, row_tokens=128)
+            assert plan.micro * plan.accum * world == plan.batch
+            if name == "BATCH_SIZE":
+                assert plan.batch == value  # a multiple of every number of processes here
+            elif name == "PER_DEVICE_TRAIN_BATCH_SIZE":
+                assert (plan.micro, plan.accum, plan.batch) == (value, 1, value * world)  # TRL's meaning
+            else:
+                # The least micro-batch that keeps at least the default batch.
+                assert plan.accum == value and plan.batch >= batching.DEFAULT_BATCH
+                assert plan.micro == 1 or (plan.micro - 1) * value * world < batching.DEFAULT_BATCH
+            assert f"{name} as set" in plan.why
+
+
+@pytest.mark.parametrize(
+    "env, world, expected",
+    [
+        ({"BATCH_SIZE": "12", "PER_DEVICE_TRAIN_BATCH_SIZE": "2"}, 3, (12, 2, 2)),
+        ({"BATCH_SIZE": "12", "GRADIENT_ACCUMULATION_STEPS": "2"}, 2, (12, 3, 2)),
+        ({"PER_DEVICE_TRAIN_BATCH_SIZE": "8", "GRADIENT_ACCUMULATION_STEPS": "3"}, 2, (48, 8, 3)),
+        ({"BATCH_SIZE": "48", "PER_DEVICE_TRAIN_BATCH_SIZE": "8", "GRADIENT_ACCUMULATION_STEPS": "3"}, 2, (48, 8, 3)),
+    ],
+)
+def test_values_set_together_are_kept_as_set(env, world, expected):
+    plan = batching.plan(settings(**env), world, "cuda")
+    assert (plan.batch, plan.micro, plan.accum) == expected
+
+
+def test_two_nodes_share_the_batch_among_every_process_of_both():
+    from tuneserve import launch
+
+    cfg = settings(NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1", NPROC_PER_NODE="4")
+    assert launch.planned_world(cfg) == 8
+    plan = batching.plan(cfg, launch.planned_world(cfg), "cuda")
+    assert (plan.batch, plan.micro, plan.accum, plan.world) == (8, 1, 1, 8)
+    with pytest.raises(ConfigError, match="BATCH_SIZE=12 cannot be shared equally by 8 training process"):
+        batching.plan(settings(BATCH_SIZE="12", NNODES="2", MASTER_ADDR="h", NPROC_PER_NODE="4"), 8, "cuda")
+
+
+def test_micro_batches_fill_the_token_budget_of_the_device():
+    def split(cfg, world, device, rows=None):
+        plan = batching.plan(cfg, world, device, row_tokens=rows)
+        return plan.micro, plan.accum
+
+    assert split(settings(BATCH_SIZE="32"), 1, "cuda", 512) == (8, 4)
+    assert split(settings(BATCH_SIZE="32"), 2, "cuda", 2048) == (2, 8)
+    assert split(settings(), 1, "cuda", 8192) == (1, 4)
+    assert split(settings(), 1, "cpu", 200) == (4, 1)
+    assert split(settings(MAX_SEQ_LENGTH="1024"), 1, "cpu") == (2, 2)  # rows unknown: MAX_SEQ_LENGTH each
+
+
+@pytest.mark.parametrize(
+    "packing, device, micro, attn, flattened",
+    [
+        ("auto", "cuda", 4, None, True),
+        ("auto", "cpu", 4, None, False),  # the CPU: padding costs less than attention over flattened rows
+        ("auto", "cuda", 4, "flex_attention", False),  # a kernel not known to keep flattened rows apart
+        ("true", "cpu", 4, None, True),
+        ("false", "cuda", 4, None, False),
+        ("true", "cuda", 1, None, False),  # one row: nothing to flatten
+    ],
+)
+def test_packing_decides_the_layout_of_a_micro_batch_only(packing, device, micro, attn, flattened):
+    env = {"PACKING": packing, "PER_DEVICE_TRAIN_BATCH_SIZE": str(micro), "GRADIENT_ACCUMULATION_STEPS": "2"}
+    if attn:
+        env["ATTN_IMPLEMENTATION"] = attn
+    plan = batching.plan(settings(**env), 2, device)
+    assert plan.padding_free is flattened
+    assert (plan.batch, plan.micro, plan.accum) == (micro * 2 * 2, micro, 2)  # the batch is the same either way
 
 
 @pytest.mark.parametrize(
     "env, world, message",
     [
-        ({"BATCH_SIZE": "6"}, 4, "BATCH_SIZE=6 does not divide among 4 training processes"),
-        ({"PER_DEVICE_TRAIN_BATCH_SIZE": "3"}, 1, "cannot make; set one of them to a divisor of it"),
-        ({"GRADIENT_ACCUMULATION_STEPS": "8"}, 1, "cannot make"),
+        ({"BATCH_SIZE": "6"}, 4, "BATCH_SIZE=6 cannot be shared equally by 4 training process(es)"),
+        ({"BATCH_SIZE": "4"}, 8, "use a multiple of 8 such as 8 or 16, or leave BATCH_SIZE unset"),
+        ({"BATCH_SIZE": "8", "PER_DEVICE_TRAIN_BATCH_SIZE": "3"}, 1, "PER_DEVICE_TRAIN_BATCH_SIZE=3 does not divide"),
+        ({"BATCH_SIZE": "8", "GRADIENT_ACCUMULATION_STEPS": "3"}, 2, "is 4 sequence(s) each, which GRADIENT_ACC"),
         (
             {"BATCH_SIZE": "8", "PER_DEVICE_TRAIN_BATCH_SIZE": "2", "GRADIENT_ACCUMULATION_STEPS": "2"},
             1,
-            "BATCH_SIZE=8 but PER_DEVICE_TRAIN_BATCH_SIZE=2 x GRADIENT_ACCUMULATION_STEPS=2 x 1 process(es) = 4",
+            "BATCH_SIZE=8 but PER_DEVICE_TRAIN_BATCH_SIZE=2 x GRADIENT_ACCUMULATION_STEPS=2 x 1 training process(es) = 4",
         ),
     ],
 )
-def test_a_batch_that_cannot_be_made_exits_2_saying_why(env, world, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+def test_only_values_the_user_set_that_contradict_exit_2_saying_why(env, world, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         batching.plan(settings(**env), world, "cuda")
 
 

@@ -2,8 +2,8 @@
 
 Defaults follow Google's "fine-tune Gemma with QLoRA for text-to-SQL" guide (r=16, alpha=16,
 dropout 0.05, all-linear targets, lr 2e-4 constant, warmup 3%, max grad norm 0.3, 3 epochs,
-4 packed sequences per step, max length 512), except where noted in the help: how the batch is split
-into micro-batches, gradient checkpointing and the CPU's dtype follow the hardware.
+4 sequences per step, max length 512), except where noted in the help: how the batch is split
+into micro-batches and laid out, gradient checkpointing and the CPU's dtype follow the hardware.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ TRAIN_VARS = [
         "str",
         None,
         "Attention kernel (eager, sdpa, flash_attention_2, ...); unset lets "
-        "transformers choose (sdpa). With PACKING only kernels that keep packed rows apart are allowed: "
+        "transformers choose (sdpa). PACKING=true needs one that keeps flattened rows apart: "
         f"{', '.join(PACKED_ATTENTION)}.",
         G_MODEL,
     ),
@@ -140,11 +140,13 @@ TRAIN_VARS = [
     ),
     Var(
         "PACKING",
-        "bool",
-        True,
-        "Pack rows into MAX_SEQ_LENGTH sequences (TRL best-fit-decreasing, padding-free, "
-        "each row keeping its own position ids, so rows never attend to each other; checked on the loaded model "
-        "before training). false: one row per sequence.",
+        "auto|bool",
+        "auto",
+        "How a micro-batch's rows are laid out; speed only: the batch, the steps per epoch and each step's rows "
+        "are the same either way. true: flattened into one padding-free sequence, each row keeping its own "
+        "position ids, so rows never attend to each other (checked on the model). false: padded side by side. "
+        "auto: flattened on a GPU (with an attention kernel that keeps rows apart), padded on the CPU (where "
+        "attention over the flattened rows costs more than the padding saves).",
         G_DATA,
     ),
     # ---- loss
@@ -209,8 +211,10 @@ TRAIN_VARS = [
         "BATCH_SIZE",
         "int",
         4,
-        "Sequences per optimizer step, all processes together (with PACKING: packed "
-        "sequences of up to MAX_SEQ_LENGTH tokens). The guide's 1 x 4.",
+        "Training sequences (rows, or assistant turns where the template needs one sequence each) per optimizer "
+        "step, all processes together. Set alone, the split follows. Unset: PER_DEVICE_TRAIN_BATCH_SIZE x "
+        "GRADIENT_ACCUMULATION_STEPS x processes when either is set, else 4 (the guide's 1 x 4) rounded up to a "
+        "multiple of the processes.",
         G_TRAIN,
         minimum=1,
     ),
@@ -218,10 +222,9 @@ TRAIN_VARS = [
         "PER_DEVICE_TRAIN_BATCH_SIZE",
         "int",
         None,
-        "Sequences per forward pass in each process (micro-batch). "
-        "Unset: on a GPU, BATCH_SIZE's share per process up to 4096 tokens (small batches leave a GPU waiting on "
-        "kernel launches); on the CPU, 1 (the CPU is busy with one; a longer packed batch only adds "
-        "attention-mask work).",
+        "Sequences per forward pass in each process (micro-batch). Set alone: the batch is this x processes, no "
+        "accumulation (as in TRL). Unset: on a GPU, the most of each process's share whose rows fit 4096 tokens "
+        "(small passes leave a GPU waiting on kernel launches); on the CPU, 1.",
         G_TRAIN,
         minimum=1,
     ),
@@ -229,7 +232,8 @@ TRAIN_VARS = [
         "GRADIENT_ACCUMULATION_STEPS",
         "int",
         None,
-        "Micro-batches per optimizer step. Unset: BATCH_SIZE / (micro-batch x processes), which must divide evenly.",
+        "Micro-batches per optimizer step in each process. Set alone: the micro-batch is the least that keeps the "
+        "batch at 4 or more. Unset: each process's share of BATCH_SIZE / micro-batch.",
         G_TRAIN,
         minimum=1,
     ),
@@ -458,6 +462,9 @@ SFT_MANAGED = {
     "output_dir": "use OUTPUT_DIR",
     "max_length": "use MAX_SEQ_LENGTH",
     "packing": "use PACKING",
+    "padding_free": "use PACKING (each micro-batch's rows flattened padding-free)",
+    "packing_strategy": "PACKING lays out each micro-batch's own rows, flattened padding-free; no rows are "
+    "binned or cut (the batch counts rows either way)",
     "num_train_epochs": "use NUM_TRAIN_EPOCHS",
     "max_steps": "use MAX_STEPS",
     "seed": "use SEED",
@@ -606,7 +613,7 @@ def _loss_problems(s: Settings) -> list[str]:
     whole logits. It reads the weight through PEFT's wrapper, so LORA_MODULES_TO_SAVE=lm_head (the Gemma guide's
     setting) trains the saved copy (tests/test_packing.py); a LoRA adapter on lm_head would never be trained."""
     problems: list[str] = []
-    if s.packing and s.attn_implementation and s.attn_implementation not in PACKED_ATTENTION:
+    if s.packing is True and s.attn_implementation and s.attn_implementation not in PACKED_ATTENTION:
         problems.append(
             f"ATTN_IMPLEMENTATION={s.attn_implementation!r} with PACKING=true: packed rows would attend "
             f"to each other; use one of {', '.join(PACKED_ATTENTION)}, or PACKING=false"
@@ -623,11 +630,6 @@ def _loss_problems(s: Settings) -> list[str]:
             "SFT_LIGER_KERNEL_CONFIG: fused_linear_cross_entropy replaces the model's forward, which "
             "TRL's fused LM head (its loss) needs; leave it false (TRL then applies Liger's other "
             "kernels)"
-        )
-    if s.packing and sft.get("packing_strategy") == "wrapped":
-        problems.append(
-            "SFT_PACKING_STRATEGY=wrapped cuts rows mid-way and lets them attend to each other; use bfd "
-            "(the default) or bfd_split"
         )
     return problems
 

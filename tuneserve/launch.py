@@ -72,6 +72,12 @@ def nproc_per_node(cfg: Settings) -> int:
     return max(torch.cuda.device_count(), 1)
 
 
+def planned_world(cfg: Settings) -> int:
+    """The training processes of the run, all nodes together: WORLD_SIZE in a worker, else NPROC_PER_NODE x NNODES
+    (every node runs as many as this one)."""
+    return world_size() if in_worker() else nproc_per_node(cfg) * cfg.nnodes
+
+
 def needed(cfg: Settings) -> bool:
     return not in_worker() and (cfg.nnodes > 1 or nproc_per_node(cfg) > 1)
 

@@ -213,7 +213,10 @@ def get_quantization_config(cfg: Settings, placement: Placement):
             "integer 4-bit storage and would keep the whole base on every GPU; leave it unset (the "
             "compute dtype) or use DISTRIBUTED_STRATEGY=ddp"
         )
-    return BitsAndBytesConfig(**kwargs)
+    try:
+        return BitsAndBytesConfig(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"quantization configuration rejected by transformers.BitsAndBytesConfig: {exc}") from None
 
 
 def language_model_linears(model) -> list[str] | None:
@@ -277,6 +280,28 @@ def attach_adapter(model, adapter_dir):
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tok))
     return PeftModel.from_pretrained(model, str(adapter_dir))
+
+
+def model_config(cfg: Settings):
+    """BASE_MODEL's config (config.json alone, no weights), or exit 2 saying why it cannot be read."""
+    from transformers import AutoConfig
+
+    kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.base_model_revision:
+        kwargs["revision"] = cfg.base_model_revision
+    try:
+        config = AutoConfig.from_pretrained(cfg.base_model, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"BASE_MODEL={cfg.base_model!r}: cannot load the model's config ({str(exc).splitlines()[0]})"
+        ) from None
+    folder = Path(cfg.base_model).expanduser()
+    if folder.is_dir() and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise ConfigError(
+            f"BASE_MODEL={cfg.base_model!r}: the folder holds a config but no weights (*.safetensors or *.bin); "
+            "give the folder save_pretrained wrote, or a Hub id"
+        )
+    return config
 
 
 def load_model(cfg: Settings, tok_info, placement: Placement):

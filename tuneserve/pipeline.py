@@ -50,7 +50,10 @@ def run(cfg: Settings, check_only: bool = False) -> int:
     layout = Layout.of(cfg.output_dir)
     preflight_stage(cfg, layout, write=not check_only)
     if check_only:
-        prepared = prepare(cfg, data_dir=None)[2]
+        from tuneserve import train
+
+        placement, tok_info, prepared = prepare(cfg, data_dir=None)
+        train.check(cfg, layout, tok_info, prepared, placement)
         log.info("preflight passed: %s", prepared.stats)
         return ExitCode.OK
     code = train_stage(cfg, layout)

@@ -52,18 +52,21 @@ def describe_quantization(model) -> dict | None:
     }
 
 
-def build_sft_config(cfg: Settings, layout: Layout, placement: Placement, has_eval: bool):
+def build_sft_config(cfg: Settings, layout: Layout, placement: Placement, has_eval: bool, plan: batching.Plan):
     from trl import SFTConfig
 
-    micro, accum = batching.plan(cfg, launch.world_size(), placement.device)
+    # PACKING flattens each micro-batch's rows into one padding-free sequence (batching.py); TRL's own packing, which
+    # bins rows into new sequences and so changes what a batch counts, is never used. Rows arrive within
+    # MAX_SEQ_LENGTH (data.py drops longer ones), and TRL refuses a max_length with padding-free batches.
     kwargs = dict(
         output_dir=str(layout.checkpoints),
-        max_length=cfg.max_seq_length,
-        packing=cfg.packing,
+        max_length=None if plan.padding_free else cfg.max_seq_length,
+        packing=False,
+        padding_free=plan.padding_free,
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
-        per_device_train_batch_size=micro,
-        gradient_accumulation_steps=accum,
+        per_device_train_batch_size=plan.micro,
+        gradient_accumulation_steps=plan.accum,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
@@ -103,6 +106,24 @@ def build_sft_config(cfg: Settings, layout: Layout, placement: Placement, has_ev
         return SFTConfig(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"training configuration rejected by trl.SFTConfig: {exc}") from None
+
+
+def check(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placement) -> batching.Plan:
+    """--check's part of this stage: every configuration error training can raise before its first step, found
+    without loading a weight: the batch plan for the processes that will start, the trainer's arguments, the model's
+    config, the quantization and LoRA configurations, and (PACKING with flattened micro-batches) the packing check
+    on a small copy of the architecture."""
+    from tuneserve.model import get_peft_config, get_quantization_config, model_config
+
+    plan = batching.plan(cfg, launch.planned_world(cfg), placement.device, prepared.stats["max_row_tokens"])
+    log.info("%s", plan.describe())
+    args = build_sft_config(cfg, layout, placement, prepared.eval is not None, plan)
+    config = model_config(cfg)
+    get_quantization_config(cfg, placement)
+    get_peft_config(cfg, tok_info.added_token_ids)
+    if args.padding_free and (probe := batching.probe_model(cfg, config)) is not None:
+        batching.check_packing(probe, tok_info.tokenizer.pad_token_id or 0)
+    return plan
 
 
 def fsdp_options() -> dict:
@@ -198,11 +219,8 @@ class RowRecorder:
 
     def __call__(self, examples):
         rows = []
-        for ex in examples:  # a packed sequence holds several rows, whole (longer rows were dropped before)
-            ids, start = ex["input_ids"], 0
-            for n in ex.get("seq_lengths") or [len(ids)]:
-                rows.append(self.index.get(self.digest(ids[start : start + n]), -1))
-                start += n
+        for ex in examples:  # one training row each, however the collator lays them out
+            rows.append(self.index.get(self.digest(ex["input_ids"]), -1))
         self.batches.append(rows)
         return self.collator(examples)
 
@@ -229,19 +247,30 @@ def epoch_check(ledgers: list[dict], rows: list[int], batches_per_epoch: list[in
     """Whether the processes' ledgers (micro-batches in order over their segments) train every row exactly once
     in each epoch, all processes together. `rows` holds every training row's index (identical sequences share
     one), `batches_per_epoch` each process's count. A last epoch cut short (MAX_STEPS) may lack rows, never
-    repeat one."""
+    repeat one.
+
+    With several processes, accelerate deals an epoch's micro-batches round-robin (process 0 the first, process 1
+    the second, ...) and, so that every process takes the same number of full ones, completes the last with rows
+    from the start of the epoch (`even_batches`): those repeats, and only those, are allowed, and counted."""
     from collections import Counter
 
     if any(seg["batches"] is None for ledger in ledgers for seg in ledger["segments"]):
         return {"verified": False, "why": "a segment resumed from a checkpoint without a ledger"}
     batches = [[b for seg in ledger["segments"] for b in seg["batches"]] for ledger in ledgers]
     epochs = max(-(-len(bs) // n) for bs, n in zip(batches, batches_per_epoch))
-    expected, bad = Counter(rows), []
+    expected, bad, repeats = Counter(rows), [], 0
     for e in range(epochs):
         chunks = [bs[e * n : (e + 1) * n] for bs, n in zip(batches, batches_per_epoch)]
-        seen = Counter(r for chunk in chunks for b in chunk for r in b)
+        dealt = [r for i in range(max(map(len, chunks))) for chunk in chunks if i < len(chunk) for r in chunk[i]]
         complete = all(len(c) == n for c, n in zip(chunks, batches_per_epoch))
-        if (seen != expected) if complete else bool(seen - expected):
+        if complete:
+            first, extra = dealt[: len(rows)], dealt[len(rows) :]
+            padded = not extra or (len(ledgers) > 1 and extra == dealt[: len(extra)])
+            ok = Counter(first) == expected and padded
+            repeats += len(extra) if ok else 0
+        else:
+            ok = not (Counter(dealt) - expected)
+        if not ok:
             bad.append(e)
     out = {
         "verified": not bad,
@@ -249,7 +278,9 @@ def epoch_check(ledgers: list[dict], rows: list[int], batches_per_epoch: list[in
         "segments": [len(ledger["segments"]) for ledger in ledgers],
         "epochs_not_once_each": bad,
     }
-    if any(-1 in b for bs in batches for b in bs):  # e.g. SFT_PACKING_STRATEGY=bfd_split cut a row
+    if repeats:
+        out["padding_repeats"] = repeats
+    if any(-1 in b for bs in batches for b in bs):  # a sequence that is not one of the prepared rows
         out.update(verified=False, why="batches hold sequences that are not whole training rows")
     return out
 
@@ -353,12 +384,14 @@ def _train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placeme
     _init_process_group(placement)
     resume = _resume_point(cfg, layout)
     # The training arguments first: with FSDP they tell from_pretrained to load on rank 0 only.
-    args = build_sft_config(cfg, layout, placement, prepared.eval is not None)
+    plan = batching.plan(cfg, launch.world_size(), placement.device, prepared.stats["max_row_tokens"])
+    log.info("%s", plan.describe())
+    args = build_sft_config(cfg, layout, placement, prepared.eval is not None, plan)
     model = load_model(cfg, tok_info, placement)
     args.gradient_checkpointing = batching.checkpointing(
         cfg, model, args.per_device_train_batch_size, placement.device, placement.dtype.itemsize
     )
-    if cfg.packing and cfg.distributed_strategy != "fsdp":  # FSDP: the weights are not in place until wrapped
+    if args.padding_free and cfg.distributed_strategy != "fsdp":  # FSDP: the weights are not in place until wrapped
         batching.check_packing(model, tok_info.tokenizer.pad_token_id)
     quantization = describe_quantization(model)
     peft_config = get_peft_config(cfg, tok_info.added_token_ids, model)
@@ -403,15 +436,19 @@ def _train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placeme
             f"{layout.checkpoints}. Rerun with the same OUTPUT_DIR to resume."
         )
     processes = _per_process_report(trainer, recorder, sharded=cfg.distributed_strategy == "fsdp")
+    steps_per_epoch = -(-len(trainer.get_train_dataloader()) // args.gradient_accumulation_steps)
     ledger = None
     if recorder:
         per_process = len(trainer.get_train_dataloader())  # micro-batches one process takes per epoch
         ledger = epoch_check([p["ledger"] for p in processes], recorder.rows, [per_process] * len(processes))
         log.info(
-            "ledger: %d epoch(s) over %s segment(s) per process; every row once per epoch: %s",
+            "ledger: %d epoch(s) over %s segment(s) per process; every row once per epoch: %s%s",
             ledger.get("epochs", 0),
             ledger.get("segments"),
             ledger["verified"],
+            f" (and {n} repeat(s) that complete the processes' last micro-batches)"
+            if (n := ledger.get("padding_repeats"))
+            else "",
         )
     tmp = scratch(layout.adapter)
     if launch.is_main():
@@ -446,6 +483,16 @@ def _train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placeme
                 "data": prepared.stats,
                 "log_history": trainer.state.log_history,
                 "resumed_from": str(resume) if resume else None,
+                "batch": {
+                    "batch_size": plan.batch,
+                    "per_device_train_batch_size": plan.micro,
+                    "gradient_accumulation_steps": plan.accum,
+                    "processes": plan.world,
+                    "padding_free": plan.padding_free,
+                    "why": plan.why,
+                    "layout": plan.layout,
+                    "steps_per_epoch": steps_per_epoch,
+                },
                 "processes": processes,
                 "ledger_check": ledger,
             },
