@@ -101,15 +101,20 @@ def test_merge_smoke_outputs_match_peft_and_memory_is_measured(smoke):
 def test_data_smoke_counts_every_position(smoke):
     r = result(smoke, "data")
     rows = {row["key"]: row for row in r["rows"]}
-    assert set(rows) == {"ours", "ours-packing", "guide", "trl-defaults"}
+    assert set(rows) == {"ours", "ours-packing", "ours-padded", "guide", "trl-defaults"}
     for row in rows.values():
         assert row["rows_in"] == r["setup"]["rows"] and row["samples_per_second"] > 0
         assert 0 < row["real_tokens"] <= row["positions"] and 0 < row["real_fraction"] <= 1
         assert 0 < row["loss_tokens"] <= row["real_tokens"]
-    # PACKING=false batches one row at a time: nothing is padded. The guide and our default pack rows.
-    assert rows["ours"]["real_fraction"] == 1 and rows["ours"]["batch_size"] == 1
+    # Ours never packs rows into new sequences: one sequence per row, several rows a micro-batch. PACKING=true
+    # flattens them (nothing padded); the default pads them on the CPU, as PACKING=false does. The guide packs.
+    for key in ("ours", "ours-packing", "ours-padded"):
+        assert not rows[key]["packing"] and rows[key]["sequences"] == rows[key]["rows_in"]
+        assert rows[key]["batch_size"] > 1 and rows[key]["loss_tokens"] == rows["ours"]["loss_tokens"]
+    assert rows["ours-packing"]["padding_free"] and rows["ours-packing"]["real_fraction"] == 1
+    assert not rows["ours"]["padding_free"] and rows["ours"]["real_fraction"] == rows["ours-padded"]["real_fraction"]
     assert rows["guide"]["packing"] and rows["guide"]["sequences"] < rows["guide"]["rows_in"]
-    assert 0 < rows["ours-packing"]["pack_fill"] <= 1
+    assert 0 < rows["guide"]["pack_fill"] <= 1
     # Ours trains on the answer only, the guide (TRL's default) on every token.
     assert rows["ours"]["loss_tokens"] < rows["guide"]["loss_tokens"]
 
