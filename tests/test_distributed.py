@@ -44,7 +44,7 @@ def test_distributed_settings_are_checked_before_anything_starts(tmp_path):
 @pytest.mark.slow
 def test_two_processes_split_the_data_reduce_gradients_and_merge_once(tmp_path, chatml_base, qa_dataset):
     out = tmp_path / "out"
-    # 8 rows of 21-24 tokens packed 2 a sequence: 4 sequences, one micro-batch of 2 for each process
+    # 8 rows, 2 a micro-batch: each process takes 2 micro-batches, its own 4 rows, per epoch
     env = {
         **LEARN_ENV,
         **TWO,
@@ -89,6 +89,38 @@ def test_two_processes_split_the_data_reduce_gradients_and_merge_once(tmp_path, 
     assert "training already done" in again.stderr and "verification already passed" in again.stderr
     other = run_train({**env, "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.255.255.1"}, cwd=tmp_path)
     assert other.returncode == 0 and "node 1: nothing else to do here" in other.stderr, other.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_three_processes_train_with_the_default_batch(tmp_path, chatml_base, qa_dataset):
+    """The default batch of 4 cannot be shared by 3 processes: it becomes 6, 2 rows each per step, and the log says
+    so. 8 rows over 3 processes: each epoch deals every row once, and the processes' last micro-batches are
+    completed with rows from the epoch's start (accelerate's even batches), which the ledger tells apart."""
+    out = tmp_path / "out"
+    env = {
+        "NPROC_PER_NODE": "3",
+        "DEVICE": "cpu",
+        "BASE_MODEL": str(chatml_base),
+        "DATASET": str(qa_dataset),
+        "OUTPUT_DIR": str(out),
+        "NUM_TRAIN_EPOCHS": "2",
+        "MERGE": "false",
+    }
+    res = run_train(env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "starting 3 training processes on this node" in res.stderr
+    assert (
+        "batch 6 sequence(s) per optimizer step = 2 per micro-batch x 1 accumulation step(s) x 3 process(es) "
+        "(BATCH_SIZE default 4, rounded up to 6 so that 3 training process(es) take equal shares" in res.stderr
+    )
+    report = json.loads((out / "train_report.json").read_text())
+    processes = report["processes"]
+    assert [p["rank"] for p in processes] == [0, 1, 2] and len({p["trainable_sha256"] for p in processes}) == 1
+    assert report["global_step"] == 2 * 2  # 8 rows, 6 a step: 2 steps an epoch
+    check = report["ledger_check"]
+    assert check["verified"] is True and check["epochs"] == 2 and check["padding_repeats"] == 2 * (12 - 8)
+    first_epoch = [r for p in processes for b in p["ledger"]["segments"][0]["batches"][:2] for r in b]
+    assert set(first_epoch) == set(range(8))
 
 
 @pytest.mark.slow

@@ -439,5 +439,95 @@ def test_the_ledger_check_catches_a_row_skipped_or_trained_twice_in_an_epoch():
     # Two processes: each takes its own half of every epoch.
     assert epoch_check([ledger([[0, 1]]), ledger([[2, 3]])], rows, [1, 1])["verified"] is True
     assert epoch_check([ledger([[0, 1]]), ledger([[0, 1]])], rows, [1, 1])["verified"] is False
+    # Three processes, 8 rows, 2 micro-batches of 2 each: dealt round-robin, the last ones completed with the rows
+    # the epoch started with (accelerate's even batches). Other repeats are still caught.
+    rows8 = list(range(8))
+    dealt = [ledger([[6, 3], [4, 5]]), ledger([[0, 7], [6, 3]]), ledger([[2, 1], [0, 7]])]
+    assert epoch_check(dealt, rows8, [2, 2, 2]) | {"segments": None} == {
+        "verified": True,
+        "epochs": 1,
+        "segments": None,
+        "epochs_not_once_each": [],
+        "padding_repeats": 4,
+    }
+    twice = [ledger([[6, 3], [4, 5]]), ledger([[0, 7], [2, 1]]), ledger([[2, 1], [0, 7]])]
+    assert epoch_check(twice, rows8, [2, 2, 2])["verified"] is False
+    assert epoch_check([ledger([[0, 1], [2, 3], [0, 1]])], rows, [3])["verified"] is False  # one process: no padding
     unknown = {"segments": [{"from_step": 0, "to_step": 4, "batches": None}]}
     assert epoch_check([unknown], rows, [2])["verified"] is False
+
+
+# ------------------------------------------------------------------------------------------- what a batch means
+# Under which the tiny model learns the 8 pairs exactly with a batch of 2 (4 optimizer steps an epoch): the learning
+# rate LEARN_ENV uses with all 8 pairs in one step is too high for so small a batch.
+SMALL_BATCH_ENV = {**LEARN_ENV, "LEARNING_RATE": "2e-3", "NUM_TRAIN_EPOCHS": "25", "MERGE": "false"}
+
+
+def ledger_batches(out: Path) -> list[list[int]]:
+    report = json.loads((out / "train_report.json").read_text())
+    return [b for p in report["processes"] for seg in p["ledger"]["segments"] for b in seg["batches"]]
+
+
+def test_packing_changes_how_a_batch_is_laid_out_never_the_steps_the_rows_or_what_is_learned(
+    tmp_path, chatml_base, qa_dataset
+):
+    """BATCH_SIZE=2 over 8 rows, 25 epochs: with PACKING=false (rows padded), PACKING=true (rows flattened into one
+    sequence) and the default, the run takes the same 100 optimizer steps, each the same rows in the same order, and
+    every run answers all 8 questions exactly. (Packing rows into new sequences, as TRL's packer does, made the
+    batch count packed sequences: 25 steps, and a model that had not learned the pairs.)"""
+    env = {k: v for k, v in SMALL_BATCH_ENV.items() if k not in ("PER_DEVICE_TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS")}
+    runs = {}
+    for packing in ("false", "true", None):
+        out = tmp_path / f"out-{packing or 'default'}"
+        layout = {"PACKING": packing} if packing else {}
+        res = run_train(
+            {"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out), "BATCH_SIZE": "2", **env, **layout},
+            cwd=tmp_path,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "batch 2 sequence(s) per optimizer step = 2 per micro-batch x 1 accumulation step(s)" in res.stderr
+        report = json.loads((out / "train_report.json").read_text())
+        assert report["batch"]["padding_free"] is (packing == "true")  # auto pads on the CPU
+        runs[packing] = (report["global_step"], ledger_batches(out))
+        assert report["batch"]["steps_per_epoch"] == len(QA) // 2
+        answers = greedy_answers(chatml_base, out / "adapter", [q for q, _ in QA])
+        assert answers == [f"{a}<|im_end|>" for _, a in QA], (packing, answers)
+    assert {steps for steps, _ in runs.values()} == {25 * len(QA) // 2}
+    batches = [b for _, b in runs.values()]
+    assert batches[0] == batches[1] == batches[2] and all(len(b) == 2 for b in batches[0])
+
+
+@pytest.mark.parametrize(
+    "name, value, logged, split",
+    [
+        ("BATCH_SIZE", "8", "BATCH_SIZE as set", (8, 8, 1)),
+        ("PER_DEVICE_TRAIN_BATCH_SIZE", "3", "PER_DEVICE_TRAIN_BATCH_SIZE as set, no accumulation", (3, 3, 1)),
+        ("GRADIENT_ACCUMULATION_STEPS", "4", "GRADIENT_ACCUMULATION_STEPS as set", (4, 1, 4)),
+    ],
+)
+def test_any_one_batch_variable_alone_trains_and_the_log_says_what_the_batch_became(
+    tmp_path, chatml_base, qa_dataset, name, value, logged, split
+):
+    out = tmp_path / "out"
+    res = run_train(
+        {
+            "BASE_MODEL": str(chatml_base),
+            "DATASET": str(qa_dataset),
+            "OUTPUT_DIR": str(out),
+            "MAX_STEPS": "2",
+            "MERGE": "false",
+            name: value,
+        },
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    batch, micro, accum = split
+    assert (
+        f"batch {batch} sequence(s) per optimizer step = {micro} per micro-batch x {accum} accumulation step(s) x 1 "
+        f"process(es) ({logged}" in res.stderr
+    )
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["global_step"] == 2
+    assert (report["batch"]["batch_size"], report["batch"]["per_device_train_batch_size"]) == (batch, micro)
+    # Each optimizer step took `batch` rows: `accum` micro-batches of `micro` (wrapping into the next epoch).
+    assert [len(b) for b in ledger_batches(out)] == [micro] * (2 * accum)
