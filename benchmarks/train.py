@@ -119,7 +119,6 @@ def plan(smoke: bool, gpu: bool) -> dict:
     }
 
 
-
 # The variants trained epoch for epoch: ours with PACKING as each row says (None: the default), and the guide.
 EPOCH_SIDES = {
     "ours": ("ours", None),

@@ -475,13 +475,24 @@ def test_packing_changes_how_a_batch_is_laid_out_never_the_steps_the_rows_or_wha
     sequence) and the default, the run takes the same 100 optimizer steps, each the same rows in the same order, and
     every run answers all 8 questions exactly. (Packing rows into new sequences, as TRL's packer does, made the
     batch count packed sequences: 25 steps, and a model that had not learned the pairs.)"""
-    env = {k: v for k, v in SMALL_BATCH_ENV.items() if k not in ("PER_DEVICE_TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS")}
+    env = {
+        k: v
+        for k, v in SMALL_BATCH_ENV.items()
+        if k not in ("PER_DEVICE_TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS")
+    }
     runs = {}
     for packing in ("false", "true", None):
         out = tmp_path / f"out-{packing or 'default'}"
         layout = {"PACKING": packing} if packing else {}
         res = run_train(
-            {"BASE_MODEL": str(chatml_base), "DATASET": str(qa_dataset), "OUTPUT_DIR": str(out), "BATCH_SIZE": "2", **env, **layout},
+            {
+                "BASE_MODEL": str(chatml_base),
+                "DATASET": str(qa_dataset),
+                "OUTPUT_DIR": str(out),
+                "BATCH_SIZE": "2",
+                **env,
+                **layout,
+            },
             cwd=tmp_path,
         )
         assert res.returncode == 0, res.stderr[-3000:]

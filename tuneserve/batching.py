@@ -101,7 +101,13 @@ def _split(cfg: Settings, world: int, device: str, row_tokens: int) -> Plan:
                 f"BATCH_SIZE={batch} but PER_DEVICE_TRAIN_BATCH_SIZE={micro} x GRADIENT_ACCUMULATION_STEPS={accum} x "
                 f"{procs} = {micro * accum * world}; set BATCH_SIZE alone (the split follows) or make them agree"
             )
-        return Plan(micro * accum * world, micro, accum, world, "PER_DEVICE_TRAIN_BATCH_SIZE x GRADIENT_ACCUMULATION_STEPS as set")
+        return Plan(
+            micro * accum * world,
+            micro,
+            accum,
+            world,
+            "PER_DEVICE_TRAIN_BATCH_SIZE x GRADIENT_ACCUMULATION_STEPS as set",
+        )
     if batch is not None:
         if batch % world:
             lower = batch - batch % world or batch - batch % world + world
@@ -229,7 +235,9 @@ def check_packing(model, pad_token_id: int) -> float:
             f"(a row's logits change by {diff:.3g} with the row packed before it); use "
             "ATTN_IMPLEMENTATION=sdpa or flash_attention_2, or PACKING=false"
         )
-    log.info("packing check: rows flattened together stay apart with attention %r (largest difference %.2g)", attn, diff)
+    log.info(
+        "packing check: rows flattened together stay apart with attention %r (largest difference %.2g)", attn, diff
+    )
     return diff
 
 
