@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m entrypoints.train",
         description=__doc__.split("\n")[0],
         check_help="run the preflight only (configuration, publish targets' Hub access, OUTPUT_DIR, "
-        "dataset, tokenizer, chat template, loss mask) and exit; trains nothing, writes nothing",
+        "dataset, tokenizer, chat template, loss mask, the batch for the processes that will start, the "
+        "trainer's, quantization and LoRA settings, the model's config, the packing check) and exit; trains "
+        "nothing, writes nothing",
     )
 
 

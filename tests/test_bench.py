@@ -162,9 +162,20 @@ def test_mfu_counts_each_matmul_once_from_its_shape(chatml_base):
 def test_train_smoke_measures_both_sides_and_marks_gpu_rows(smoke):
     r = result(smoke, "train")
     rows = {row["key"]: row for row in r["rows"]}
-    assert set(rows) == {"ours", "guide"}
+    epoch_sides = {"ours", "ours-packing", "ours-padded", "guide"}
+    assert set(rows) == {"ours", "guide"} | {f"small:{side}" for side in epoch_sides}
     for row in rows.values():
         assert row["tokens_per_second"] > 0 and row["tokens"] > 0 and row["peak_rss_gib"] > 0
+    # Epoch for epoch: every side trained the same whole epoch; ours takes the same steps however it lays out a
+    # micro-batch (PACKING=true flattens, the default pads on the CPU), the guide fewer (it packs rows into bins).
+    epochs = {side: rows[f"small:{side}"] for side in epoch_sides}
+    assert {row["epochs"] for row in epochs.values()} == {1.0}
+    assert epochs["ours"]["optimizer_steps"] == epochs["ours-packing"]["optimizer_steps"]
+    assert epochs["ours"]["optimizer_steps"] == epochs["ours-padded"]["optimizer_steps"]
+    assert epochs["guide"]["optimizer_steps"] < epochs["ours"]["optimizer_steps"]
+    assert epochs["ours-packing"]["padding_free"] and not epochs["ours"]["padding_free"]
+    figures = {f["key"]: f for f in r["figures"]}
+    assert figures["small_steps_vs_padded"]["value"] == 1.0 and figures["small_eval_loss_vs_padded"]["met"]
     # The guide trains lm_head and embed_tokens in full; ours trains the LoRA weights only.
     assert rows["guide"]["trainable_parameters"] > rows["ours"]["trainable_parameters"]
     if r["machine"]["gpu"] is None:

@@ -436,10 +436,10 @@ def _train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placeme
             f"{layout.checkpoints}. Rerun with the same OUTPUT_DIR to resume."
         )
     processes = _per_process_report(trainer, recorder, sharded=cfg.distributed_strategy == "fsdp")
-    steps_per_epoch = -(-len(trainer.get_train_dataloader()) // args.gradient_accumulation_steps)
+    per_process = len(trainer.get_train_dataloader())  # micro-batches one process takes per epoch
+    steps_per_epoch = -(-per_process // args.gradient_accumulation_steps)
     ledger = None
     if recorder:
-        per_process = len(trainer.get_train_dataloader())  # micro-batches one process takes per epoch
         ledger = epoch_check([p["ledger"] for p in processes], recorder.rows, [per_process] * len(processes))
         log.info(
             "ledger: %d epoch(s) over %s segment(s) per process; every row once per epoch: %s%s",
