@@ -310,8 +310,9 @@ def test_micro_batches_fill_the_token_budget_of_the_device():
     assert split(settings(BATCH_SIZE="32"), 1, "cuda", 512) == (8, 4)
     assert split(settings(BATCH_SIZE="32"), 2, "cuda", 2048) == (2, 8)
     assert split(settings(), 1, "cuda", 8192) == (1, 4)
-    assert split(settings(), 1, "cpu", 200) == (4, 1)
-    assert split(settings(MAX_SEQ_LENGTH="1024"), 1, "cpu") == (2, 2)  # rows unknown: MAX_SEQ_LENGTH each
+    assert split(settings(), 1, "cpu", 200) == (2, 2)
+    assert split(settings(), 1, "cpu", 100) == (4, 1)
+    assert split(settings(MAX_SEQ_LENGTH="256"), 1, "cpu") == (2, 2)  # rows unknown: MAX_SEQ_LENGTH each
 
 
 @pytest.mark.parametrize(

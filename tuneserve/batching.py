@@ -28,10 +28,11 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH = 4
 # Tokens of one micro-batch at most (rows x the longest row). On a GPU, a few hundred tokens a forward leave it waiting
 # on kernel launches; this many keep it busy at the sizes this tool trains (the GPU check measures it). On the CPU,
-# padded micro-batches of 4-8 rows of ~190 tokens ran 25 steps of the training benchmark's model in 5.7-6.5 s, against
-# 9.8 s one row at a time and 7.5 s with the 4 rows flattened (docs/training.md).
+# the guide's one 512-token sequence a forward: on the training benchmark's model (rows of ~190 tokens, 40 steps of 4
+# rows, two runs each), 2 padded rows a forward ran 3,860-4,010 tokens/s at a peak RSS of 0.72 GiB, 4 rows 4,050-4,650
+# tokens/s at 0.80 GiB, above the guide's; one row at a time was slower still (docs/training.md).
 GPU_MICRO_BATCH_TOKENS = 4096
-CPU_MICRO_BATCH_TOKENS = 2048
+CPU_MICRO_BATCH_TOKENS = 512
 
 
 @dataclass(frozen=True)

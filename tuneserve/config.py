@@ -223,8 +223,9 @@ TRAIN_VARS = [
         "int",
         None,
         "Sequences per forward pass in each process (micro-batch). Set alone: the batch is this x processes, no "
-        "accumulation (as in TRL). Unset: on a GPU, the most of each process's share whose rows fit 4096 tokens "
-        "(small passes leave a GPU waiting on kernel launches); on the CPU, 1.",
+        "accumulation (as in TRL). Unset: the most of each process's share whose rows fit 4096 tokens on a GPU "
+        "(small passes leave it waiting on kernel launches), 512 on the CPU (the guide's memory), counting each row "
+        "as the longest.",
         G_TRAIN,
         minimum=1,
     ),
