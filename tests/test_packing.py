@@ -1,10 +1,11 @@
-"""Packed batches never let examples see each other, and the loss TRL computes trains what we ask.
+"""Flattened micro-batches (PACKING) never let examples see each other, the loss TRL computes trains what we ask,
+and the batch planner keeps the batch users ask for.
 
 Each supported family (Qwen2, Llama, Gemma 3 with sliding-window layers, the text path of multimodal Gemma 3) is
 loaded the way training loads it (4-bit NF4 through bitsandbytes, float32 compute for a tight tolerance), its rows
-encoded by our data stage, packed by TRL's best-fit-decreasing packer and collated by TRL's padding-free collator,
-exactly what the trainer feeds the model. Every row's logits and per-token log-probabilities (TRL's fused LM head,
-the loss) must equal those of the row run alone.
+encoded by our data stage and a micro-batch of them flattened by TRL's padding-free collator, exactly what the
+trainer feeds the model with PACKING. Every row's logits and per-token log-probabilities (TRL's fused LM head, the
+loss) must equal those of the row run alone.
 """
 
 from __future__ import annotations
@@ -93,9 +94,8 @@ def load(base: Path, data_file: Path, **env):
 
 @pytest.mark.parametrize("attn", ATTENTION)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_packed_rows_equal_each_row_alone(families, tmp_path, family, attn):
+def test_flattened_rows_equal_each_row_alone(families, tmp_path, family, attn):
     import torch
-    from trl.data_utils import pack_dataset
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
     from trl.trainer.utils import add_fused_lm_head
 
@@ -107,11 +107,10 @@ def test_packed_rows_equal_each_row_alone(families, tmp_path, family, attn):
     )
     assert "Linear4bit" in {type(m).__name__ for m in model.modules()}  # trained through real 4-bit layers
     add_fused_lm_head(model)  # what SFTTrainer does to every model it trains
-    packed = pack_dataset(prepared.train, seq_length=cfg.max_seq_length, strategy="bfd")
-    assert len(packed) >= 2 and max(len(s) for s in packed["seq_lengths"]) >= 3  # several rows per sequence
     collate = DataCollatorForLanguageModeling(pad_token_id=info.tokenizer.pad_token_id, padding_free=True)
-    examples = [packed[i] for i in range(len(packed))]
-    batch = collate(examples)  # every packed sequence in one micro-batch, flattened into one row
+    examples = [prepared.train[i] for i in range(len(prepared.train))]
+    assert len(examples) >= 8
+    batch = collate(examples)  # every row in one micro-batch, flattened into one sequence
     model.train()
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
@@ -121,21 +120,21 @@ def test_packed_rows_equal_each_row_alone(families, tmp_path, family, attn):
     train_rows = {tuple(ids): labels for ids, labels in zip(prepared.train["input_ids"], prepared.train["labels"])}
     flat_ids, flat_labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     for ex in examples:
-        for n in ex["seq_lengths"]:
-            ids = flat_ids[offset : offset + n]
-            labels = train_rows[tuple(ids)]
-            # The loss mask survives packing: the same trained tokens (prompt masked, end-of-turn trained), except
-            # the first token, which the collator masks so no row is predicted from the one before it.
-            assert flat_labels[offset : offset + n] == [-100] + labels[1:]
-            assert labels[0] == -100 and eot in [t for t in labels if t != -100]
-            with torch.no_grad():
-                alone = torch.tensor([ids])
-                ref_logits = model(input_ids=alone).logits[0]
-                ref_log_probs = model(input_ids=alone, labels=torch.tensor([labels]), fused_lm_head=True).log_probs[0]
-            assert (logits[offset : offset + n] - ref_logits).abs().max().item() < TOLERANCE
-            # log_probs[t] scores the label at t + 1; the last position of a row is never scored.
-            assert (log_probs[offset : offset + n - 1] - ref_log_probs[: n - 1]).abs().max().item() < TOLERANCE
-            offset, seen = offset + n, seen + 1
+        n = len(ex["input_ids"])
+        ids = flat_ids[offset : offset + n]
+        labels = train_rows[tuple(ids)]
+        # The loss mask survives flattening: the same trained tokens (prompt masked, end-of-turn trained), except
+        # the first token, which the collator masks so no row is predicted from the one before it.
+        assert flat_labels[offset : offset + n] == [-100] + labels[1:]
+        assert labels[0] == -100 and eot in [t for t in labels if t != -100]
+        with torch.no_grad():
+            alone = torch.tensor([ids])
+            ref_logits = model(input_ids=alone).logits[0]
+            ref_log_probs = model(input_ids=alone, labels=torch.tensor([labels]), fused_lm_head=True).log_probs[0]
+        assert (logits[offset : offset + n] - ref_logits).abs().max().item() < TOLERANCE
+        # log_probs[t] scores the label at t + 1; the last position of a row is never scored.
+        assert (log_probs[offset : offset + n - 1] - ref_log_probs[: n - 1]).abs().max().item() < TOLERANCE
+        offset, seen = offset + n, seen + 1
     assert seen == len(prepared.train)
 
 
