@@ -164,6 +164,7 @@ def test_multi_turn_rows_train_merge_and_answer_every_turn_exactly_with_stops(tm
             "OUTPUT_DIR": str(out),
             **LEARN_ENV,
             "NUM_TRAIN_EPOCHS": "100",
+            "PER_DEVICE_TRAIN_BATCH_SIZE": str(2 * len(rows)),  # every turn's sequence in each step
         },
         cwd=tmp_path,
     )

@@ -362,14 +362,13 @@ def test_token_file_reaches_huggingface_hub_through_the_environment(tmp_path, mo
 def test_a_run_interrupted_twice_trains_the_rows_and_weights_of_an_uninterrupted_one(tmp_path, chatml_base, qa_dataset):
     from safetensors.torch import load_file
 
-    # 8 rows of 21-24 tokens packed 2 a sequence (MAX_SEQ_LENGTH 48), 1 sequence a micro-batch, 2 micro-batches a
-    # step: 2 steps an epoch, 12 steps in all.
+    # 8 rows, 2 a micro-batch, 2 micro-batches a step: 2 steps an epoch, 12 steps in all.
     env = {
         "BASE_MODEL": str(chatml_base),
         "DATASET": str(qa_dataset),
         "NUM_TRAIN_EPOCHS": "6",
         "MAX_SEQ_LENGTH": "48",
-        "PER_DEVICE_TRAIN_BATCH_SIZE": "1",
+        "PER_DEVICE_TRAIN_BATCH_SIZE": "2",
         "GRADIENT_ACCUMULATION_STEPS": "2",
         "SAVE_STEPS": "1000",
         "LOGGING_STEPS": "1",
