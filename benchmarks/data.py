@@ -109,11 +109,11 @@ def _variant(spec: dict) -> dict:
     variant, rows_in = spec["variant"], spec["rows"]
     if variant.startswith("ours"):
         from devtools.textsql import SYSTEM_PROMPT, USER_TEMPLATE
-        from tuneserve import batching, data, tokenizer
+        from tuneserve import data, tokenizer
         from tuneserve.config import load_train_config
         from tuneserve.layout import Layout
         from tuneserve.model import resolve_placement
-        from tuneserve.train import build_sft_config
+        from tuneserve.train import batch_and_args
 
         env = {
             "BASE_MODEL": spec["model"],
@@ -132,8 +132,7 @@ def _variant(spec: dict) -> dict:
         shaped = data.load_and_shape(cfg)
         tok_info = tokenizer.prepare_tokenizer(cfg, needs_template=shaped.is_chat)
         prepared = data.tokenize(cfg, tok_info, shaped, None)
-        plan = batching.plan(cfg, 1, placement.device, prepared.stats["max_row_tokens"])
-        args = build_sft_config(cfg, Layout.of(out), placement, has_eval=False, plan=plan)
+        args = batch_and_args(cfg, Layout.of(out), placement, prepared, world=1)[1]
         trainer = SFTTrainer(model=model, args=args, train_dataset=prepared.train, processing_class=tok_info.tokenizer)
         seconds = time.perf_counter() - start
         max_length = cfg.max_seq_length

@@ -363,6 +363,32 @@ def matmul_parameters(model) -> int:
     )
 
 
+def measurement_row(r: dict, variant: str, key: str, gpu: str | None) -> dict:
+    """One row of the measurements table from a run's result (the same columns for every run)."""
+    row = {
+        "variant": variant,
+        "key": key,
+        "device": r["device"],
+        "tokens_per_second": r["tokens_per_second"],
+        "seconds_per_step": r["seconds_per_step"],
+        "tokens": r["tokens"],
+        "peak_rss_gib": round(r["peak_rss_bytes"] / 2**30, 3),
+        "rss_at_loop_start_gib": round(r["rss_at_start_bytes"] / 2**30, 3),
+        "trainable_parameters": r["trainable_parameters"],
+        "packing": r["packing"],
+        "padding_free": r["padding_free"],
+        "batch": f"{r['batch_size']} x {r['grad_accumulation']}",
+        "dtype": r["dtype"],
+        "gradient_checkpointing": r["gradient_checkpointing"],
+        "tokens_trained": r["tokens_trained"],
+        "eval_loss": r["eval_loss"],
+    }
+    if r["device"] == "cuda":
+        row["peak_gpu_gib"] = round(r["peak_gpu_bytes"] / 2**30, 3)
+        row["mfu"] = mfu(r, gpu)
+    return row
+
+
 def native_bf16(device: str) -> str:
     """Whether this machine computes bfloat16 natively, and how we know: what DTYPE=auto decides by."""
     from tuneserve.model import native_bf16
@@ -428,60 +454,20 @@ def main(argv: list[str] | None = None) -> int:
         "ours": "ours: python -m entrypoints.train, defaults",
         "guide": "guide: its model kwargs, LoraConfig and SFTConfig",
     }
-    rows = []
-    for side, r in results.items():
-        row = {
-            "variant": labels[side],
-            "key": side,
-            "device": device,
-            "tokens_per_second": r["tokens_per_second"],
-            "seconds_per_step": r["seconds_per_step"],
-            "tokens": r["tokens"],
-            "peak_rss_gib": round(r["peak_rss_bytes"] / 2**30, 3),
-            "rss_at_loop_start_gib": round(r["rss_at_start_bytes"] / 2**30, 3),
-            "trainable_parameters": r["trainable_parameters"],
-            "packing": r["packing"],
-            "padding_free": r["padding_free"],
-            "batch": f"{r['batch_size']} x {r['grad_accumulation']}",
-            "dtype": r["dtype"],
-            "gradient_checkpointing": r["gradient_checkpointing"],
-            "tokens_trained": r["tokens_trained"],
-            "eval_loss": r["eval_loss"],
-        }
-        if device == "cuda":
-            row["peak_gpu_gib"] = round(r["peak_gpu_bytes"] / 2**30, 3)
-            row["mfu"] = mfu(r, gpu)
-        rows.append(row)
+    rows = [measurement_row(r, labels[side], side, gpu) for side, r in results.items()]
     epoch_labels = {
         "ours": "ours, defaults",
         "ours-packing": "ours, PACKING=true",
         "ours-padded": "ours, PACKING=false",
         "guide": "guide",
     }
-    for (dataset, key), r in epoch_results.items():
-        n_rows, epochs = next((n, e) for d, n, e, _ in p["epoch_runs"] if d == dataset)
-        rows.append(
-            {
-                "variant": f"{epoch_labels[key]}: {epochs:g} epoch(s) over {n_rows:,} rows",
-                "key": f"{dataset}:{key}",
-                "device": device,
-                "tokens_per_second": r["tokens_per_second"],
-                "seconds_per_step": r["seconds_per_step"],
-                "tokens": r["tokens"],
-                "peak_rss_gib": round(r["peak_rss_bytes"] / 2**30, 3),
-                "rss_at_loop_start_gib": round(r["rss_at_start_bytes"] / 2**30, 3),
-                "trainable_parameters": r["trainable_parameters"],
-                "packing": r["packing"],
-                "padding_free": r["padding_free"],
-                "batch": f"{r['batch_size']} x {r['grad_accumulation']}",
-                "dtype": r["dtype"],
-                "gradient_checkpointing": r["gradient_checkpointing"],
-                "tokens_trained": r["tokens_trained"],
-                "eval_loss": r["eval_loss"],
-                "optimizer_steps": r["global_step"],
-                "epochs": round(r["epoch"], 3),
-            }
-        )
+    for dataset, n_rows, epochs, sides in p["epoch_runs"]:
+        for key in sides:
+            r = epoch_results[(dataset, key)]
+            row = measurement_row(
+                r, f"{epoch_labels[key]}: {epochs:g} epoch(s) over {n_rows:,} rows", f"{dataset}:{key}", gpu
+            )
+            rows.append({**row, "optimizer_steps": r["global_step"], "epochs": round(r["epoch"], 3)})
     speed = round(ours["tokens_per_second"] / g["tokens_per_second"], 3)
     mem_key = "peak_gpu_bytes" if device == "cuda" else "peak_rss_bytes"
     memory = round(ours[mem_key] / g[mem_key], 3)

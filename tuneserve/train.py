@@ -108,6 +108,14 @@ def build_sft_config(cfg: Settings, layout: Layout, placement: Placement, has_ev
         raise ConfigError(f"training configuration rejected by trl.SFTConfig: {exc}") from None
 
 
+def batch_and_args(cfg: Settings, layout: Layout, placement: Placement, prepared, world: int):
+    """The batch plan for `world` processes (logged) and the trainer's arguments built on it: what training uses and
+    what --check checks, made the same way."""
+    plan = batching.plan(cfg, world, placement.device, prepared.stats["max_row_tokens"])
+    log.info("%s", plan.describe())
+    return plan, build_sft_config(cfg, layout, placement, prepared.eval is not None, plan)
+
+
 def check(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placement) -> batching.Plan:
     """--check's part of this stage: every configuration error training can raise before its first step, found
     without loading a weight: the batch plan for the processes that will start, the trainer's arguments, the model's
@@ -115,9 +123,7 @@ def check(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placemen
     on a small copy of the architecture."""
     from tuneserve.model import get_peft_config, get_quantization_config, model_config
 
-    plan = batching.plan(cfg, launch.planned_world(cfg), placement.device, prepared.stats["max_row_tokens"])
-    log.info("%s", plan.describe())
-    args = build_sft_config(cfg, layout, placement, prepared.eval is not None, plan)
+    plan, args = batch_and_args(cfg, layout, placement, prepared, launch.planned_world(cfg))
     config = model_config(cfg)
     get_quantization_config(cfg, placement)
     get_peft_config(cfg, tok_info.added_token_ids)
@@ -384,9 +390,7 @@ def _train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placeme
     _init_process_group(placement)
     resume = _resume_point(cfg, layout)
     # The training arguments first: with FSDP they tell from_pretrained to load on rank 0 only.
-    plan = batching.plan(cfg, launch.world_size(), placement.device, prepared.stats["max_row_tokens"])
-    log.info("%s", plan.describe())
-    args = build_sft_config(cfg, layout, placement, prepared.eval is not None, plan)
+    plan, args = batch_and_args(cfg, layout, placement, prepared, launch.world_size())
     model = load_model(cfg, tok_info, placement)
     args.gradient_checkpointing = batching.checkpointing(
         cfg, model, args.per_device_train_batch_size, placement.device, placement.dtype.itemsize
