@@ -14,6 +14,11 @@ from tuneserve.layout import readable_as_umask_allows
 from tuneserve.templates import NAMED_TEMPLATE_TOKENS, named_template
 
 EOS = "<|endoftext|>"
+# The pre-tokenizer splits of Qwen2 and Llama 3 (their tokenizer.json): unlike GPT-2's, a run of newlines is one
+# piece ("\n\n" after a prompt's last "\n" merges into one token), and punctuation takes the newlines after it.
+_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+"
+_REST = r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+PRETOKENIZER_PATTERNS = {"qwen2": _WORDS + r"|\p{N}|" + _REST, "llama3": _WORDS + r"|\p{N}{1,3}|" + _REST}
 
 
 def build_tokenizer(
@@ -22,17 +27,28 @@ def build_tokenizer(
     vocab_size: int = 600,
     eos: str = EOS,
     extra_special: list[str] | None = None,
+    bos: str | None = None,
+    pretokenizer: str = "gpt2",
 ):
-    """A fast BPE tokenizer. `template` None gives a base ('-pt') tokenizer with no chat tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A fast BPE tokenizer. `template` None gives a base ('-pt') tokenizer with no chat tokens. `pretokenizer`:
+    gpt2 (byte-level's own split), or qwen2 / llama3 (their split, which merges runs of newlines)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    special = [eos]
+    special = [eos] + ([bos] if bos else [])
     if template is not None:
         special += [t for t in NAMED_TEMPLATE_TOKENS[template] if t not in special]
     special += [t for t in (extra_special or []) if t not in special]
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if pretokenizer == "gpt2":
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        bpe.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(PRETOKENIZER_PATTERNS[pretokenizer]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -41,7 +57,7 @@ def build_tokenizer(
         show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=eos, pad_token=eos)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=eos, pad_token=eos, bos_token=bos)
     if template is not None:
         tok.chat_template = named_template(template)
     return tok
@@ -61,14 +77,20 @@ def build_tiny_model(
     max_shard_size: str | None = None,
     chat_template: str | None = None,
     extra_special: list[str] | None = None,
+    bos: str | None = None,
+    pretokenizer: str = "gpt2",
+    max_position_embeddings: int = 1024,
 ) -> Path:
-    """`chat_template` (text) replaces the named template's text; `extra_special` adds special tokens it uses."""
+    """`chat_template` (text) replaces the named template's text; `extra_special` adds special tokens it uses;
+    `bos`, `pretokenizer`: see build_tokenizer."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(texts, template=template, vocab_size=vocab_size, extra_special=extra_special)
+    tok = build_tokenizer(
+        texts, template=template, vocab_size=vocab_size, extra_special=extra_special, bos=bos, pretokenizer=pretokenizer
+    )
     if chat_template is not None:
         tok.chat_template = chat_template
     head_dim = 64
@@ -81,7 +103,7 @@ def build_tiny_model(
         num_attention_heads=hidden_size // head_dim,
         num_key_value_heads=1,
         head_dim=head_dim,
-        max_position_embeddings=1024,
+        max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=tie_word_embeddings,
         bos_token_id=None,
         eos_token_id=tok.eos_token_id,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
+import lzma
 from pathlib import Path
 
 import pytest
@@ -219,8 +222,9 @@ def test_wrong_types_name_the_rows(tmp_path):
     with pytest.raises(DataError) as err:
         setup(tmp_path, rows)
     assert "2 row(s) have the wrong shape" in err.value.message
-    assert "content must be a string, got int" in err.value.message
-    assert "role 'wizard' is not one of" in err.value.message
+    # Each row is named by its file and 1-based line, as an editor shows it.
+    assert "d.jsonl:9: messages[0]: content must be a string or a list of text parts, got int" in err.value.message
+    assert "d.jsonl:10: messages[0]: role 'wizard' is not one of" in err.value.message
 
 
 def test_empty_dataset_is_a_data_error(tmp_path):
@@ -237,7 +241,8 @@ def test_overlong_rows_fail_past_the_threshold_and_are_named(tmp_path):
     cfg, shaped, info = setup(tmp_path, rows, MAX_SEQ_LENGTH="64")
     with pytest.raises(DataError) as err:
         data.tokenize(cfg, info, shaped, None)
-    assert "1 of 9 rows (11.1%) are longer than MAX_SEQ_LENGTH=64: rows 8 (" in err.value.message
+    assert "1 of 9 rows (11.1%) are longer than MAX_SEQ_LENGTH=64: " in err.value.message
+    assert "d.jsonl:9 (" in err.value.message
     cfg, shaped, info = setup(tmp_path, rows, MAX_SEQ_LENGTH="64", MAX_OVERLONG_FRACTION="0.2")
     prepared = data.tokenize(cfg, info, shaped, None)
     assert prepared.stats["dropped_overlong_rows"] == [8] and len(prepared.train) == 8
@@ -246,7 +251,7 @@ def test_overlong_rows_fail_past_the_threshold_and_are_named(tmp_path):
 def test_rows_without_loss_tokens_are_a_data_error(tmp_path):
     rows = qa_messages() + [{"messages": [{"role": "user", "content": "only a question"}]}]
     cfg, shaped, info = setup(tmp_path, rows)
-    with pytest.raises(DataError, match="1 row\\(s\\) have no tokens to learn from .*rows 8"):
+    with pytest.raises(DataError, match="1 row\\(s\\) have no tokens to learn from (.|\n)*d.jsonl:9$"):
         data.tokenize(cfg, info, shaped, None)
 
 
@@ -337,7 +342,17 @@ GOOD_ROW = (
             b"[1, 2]\n",
             "list.jsonl:1: a row must be a JSON object with the dataset's columns, not a JSON list",
         ),
-        ("types.jsonl", b'{"messages": [{"role": "user", "content": 5}]}\n', "content must be a string, got int"),
+        (
+            "types.jsonl",
+            b'{"messages": [{"role": "user", "content": 5}]}\n',
+            "types.jsonl:1: messages[0]: content must be a string",
+        ),
+        ("malformed.jsonl.gz", gzip.compress(GOOD_ROW + b"{not json\n"), "malformed.jsonl.gz:2: not valid JSON"),
+        ("malformed.jsonl.bz2", bz2.compress(GOOD_ROW * 2 + b"[}\n"), "malformed.jsonl.bz2:3: not valid JSON"),
+        ("lines.json", GOOD_ROW + b"\n" + b'{"messages": [}\n', "lines.json:3: not valid JSON"),
+        ("array.json", b"[\n" + GOOD_ROW.strip() + b',\n{"messages": ]\n]\n', "array.json:3: not valid JSON"),
+        ("scalars.json", b"[\n" + GOOD_ROW.strip() + b",\n7\n]\n", "scalars.json row 2: a row must be a JSON object"),
+        ("array.json.xz", lzma.compress(b"[" + GOOD_ROW.strip() + b",\n{]"), "array.json.xz:2: not valid JSON"),
         (
             "huge.jsonl",
             b'{"text": "' + b"a" * (1 << 20) + b'"}\n',
@@ -369,3 +384,120 @@ def test_a_broken_file_exits_3_without_a_traceback(tmp_path):
         cwd=tmp_path,
     )
     assert res.returncode == 3 and "d.jsonl:1: not valid UTF-8" in res.stderr and "Traceback" not in res.stderr
+
+
+# ------------------------------------------------------------------------------------------- where a bad row is
+def shards(folder: Path, *rows_per_shard: list[bytes]) -> Path:
+    """A Hub-style dataset folder: data/train-0000i-of-0000n.jsonl.gz, one per list of lines."""
+    (folder / "data").mkdir(parents=True)
+    for i, lines in enumerate(rows_per_shard):
+        name = f"train-{i:05d}-of-{len(rows_per_shard):05d}.jsonl.gz"
+        (folder / "data" / name).write_bytes(gzip.compress(b"".join(lines)))
+    return folder
+
+
+def test_rows_of_nested_compressed_shards_are_named_by_file_and_line(tmp_path):
+    good = [json.dumps(r).encode() + b"\n" for r in qa_messages()]
+    wizard = json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode() + b"\n"
+    folder = shards(tmp_path / "ds", good[:4], good[4:6] + [b"\n", wizard] + good[6:])
+    with pytest.raises(DataError) as err:
+        setup(tmp_path, folder)
+    assert "data/train-00001-of-00002.jsonl.gz:4: messages[0]: role 'wizard'" in str(err.value)
+
+
+def test_rows_without_a_line_are_named_by_split_and_1_based_row(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "d.parquet"
+    rows = [{"prompt": q, "completion": a} for q, a in QA]
+    rows[3]["completion"] = None
+    pd.DataFrame(rows).to_parquet(path)
+    with pytest.raises(DataError) as err:
+        setup(tmp_path, path)
+    assert f"DATASET={str(path)!r} split 'train' row 4: prompt and completion must be strings" in str(err.value)
+
+
+def test_a_null_column_in_user_template_is_a_data_error_not_the_text_none(tmp_path):
+    rows = [dict(r) for r in SQL_ROWS] + [{**SQL_ROWS[0], "sql_context": None}]
+    with pytest.raises(DataError) as err:
+        setup(tmp_path, rows, USER_TEMPLATE="{sql_context} {sql_prompt}", ASSISTANT_FIELD="sql")
+    assert "d.jsonl:3: column(s) sql_context used by USER_TEMPLATE are null" in str(err.value)
+
+
+def test_an_assistant_turn_that_opens_the_conversation_is_context(tmp_path):
+    """No prompt serving could send precedes it, so it is not trained; the turns after it are. A row with no other
+    assistant turn has nothing to learn: a data error naming it."""
+    opener = {"role": "assistant", "content": "Hello, ask me anything."}
+    rows = [{"messages": [opener, *r["messages"]]} for r in qa_messages()]
+    cfg, shaped, info = setup(tmp_path, rows)
+    ex = shaped.train[0]
+    assert ex.trained_turns == [2]
+    [(ids, labels)], _ = data.encode(info.tokenizer, ex)
+    assert "Hello" not in trained_text(info.tokenizer, ids, labels)
+    assert trained_text(info.tokenizer, ids, labels) == ex.messages[2]["content"] + "<|im_end|>\n"
+    with pytest.raises(DataError) as err:
+        cfg, shaped, info = setup(tmp_path, qa_messages() + [{"messages": [opener]}])
+        data.tokenize(cfg, info, shaped, None)
+    assert "have no tokens to learn from" in str(err.value) and "d.jsonl:9" in str(err.value)
+
+
+def _raising_template_case(tmp_path: Path) -> dict:
+    from tests.test_tools import family_tokenizer, tool_rows
+
+    rows = tool_rows(True)
+    call = rows[0]["messages"][1]["tool_calls"][0]
+    rows[0]["messages"][1]["tool_calls"] = [call, {**call, "id": "call_2"}]
+    return {
+        "BASE_MODEL": str(family_tokenizer(tmp_path / "llama", "llama3.2")),
+        "DATASET": str(write_jsonl(tmp_path / "tools.jsonl", rows)),
+        "MAX_SEQ_LENGTH": "2048",
+    }
+
+
+def _file_case(name: str, content: bytes, **env):
+    def make(tmp_path: Path) -> dict:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+        return {"DATASET": str(tmp_path / (name.split("/")[0] if "/" in name else name)), **env}
+
+    return make
+
+
+BAD_ROW_CASES = {
+    "raising template": (
+        _raising_template_case,
+        "tools.jsonl:1: the chat template refuses it: This model only supports single tool-calls at once!",
+    ),
+    "null template column": (
+        _file_case(
+            "sql.jsonl",
+            b"".join(json.dumps(r).encode() + b"\n" for r in SQL_ROWS + [{**SQL_ROWS[0], "sql_prompt": None}]),
+            USER_TEMPLATE="{sql_prompt}",
+            ASSISTANT_FIELD="sql",
+        ),
+        "sql.jsonl:3: column(s) sql_prompt used by USER_TEMPLATE are null",
+    ),
+    "assistant-only row": (
+        _file_case("a.jsonl", GOOD_ROW + b'{"messages": [{"role": "assistant", "content": "Hi"}]}\n'),
+        "have no tokens to learn from",
+    ),
+    "malformed nested": (
+        _file_case("ds/data/train-00000-of-00001.jsonl", GOOD_ROW + b"{oops\n"),
+        "data/train-00000-of-00001.jsonl:2: not valid JSON",
+    ),
+    "malformed compressed": (
+        _file_case("c.jsonl.gz", gzip.compress(GOOD_ROW * 3 + b'{"messages": [}\n')),
+        "c.jsonl.gz:4: not valid JSON",
+    ),
+    "malformed .json": (_file_case("j.json", b"[\n" + GOOD_ROW.strip() + b",\n{]\n"), "j.json:3: not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ROW_CASES))
+def test_bad_rows_exit_3_naming_the_file_and_line(tmp_path, case):
+    make, message = BAD_ROW_CASES[case]
+    env = {"BASE_MODEL": str(save_tokenizer(tmp_path, "chatml")), "OUTPUT_DIR": str(tmp_path / "out")}
+    env |= make(tmp_path)
+    res = run_train(env, "--check", cwd=tmp_path)
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert message in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]

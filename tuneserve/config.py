@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from tuneserve.layout import MERGE_BASES
-from tuneserve.refs import DATA_EXTENSIONS, looks_local
+from tuneserve.refs import DATA_EXTENSIONS, data_extension, looks_local
 from tuneserve.settings import Prefix, Schema, Settings, Var
 
 NAMED_TEMPLATES = ("chatml", "llama3", "gemma")
@@ -111,6 +111,14 @@ TRAIN_VARS = [
         G_DATA,
     ),
     Var("ASSISTANT_FIELD", "str", None, "Column datasets: column holding the assistant's answer.", G_DATA),
+    Var(
+        "TOOLS",
+        "str",
+        None,
+        "JSON file with the function schemas (OpenAI's `tools` list) of every conversation, for tool-calling "
+        "data; a row's own `tools` column wins. The chat template renders them as serving does.",
+        G_DATA,
+    ),
     Var(
         "CHAT_TEMPLATE",
         "str",
@@ -545,10 +553,13 @@ def _validate(s: Settings) -> list[str]:
             if not p.exists():
                 problems.append(
                     f"DATASET={ds!r}: no such file or directory; give a local "
-                    f"{'/'.join(DATA_EXTENSIONS)} file, a directory, or a Hub id like org/name"
+                    f"{'/'.join(DATA_EXTENSIONS)} file (.gz/.bz2/.xz too), a directory, or a Hub id like org/name"
                 )
-            elif p.is_file() and not ds.endswith(DATA_EXTENSIONS):
-                problems.append(f"DATASET={ds!r}: unsupported file type; use one of {', '.join(DATA_EXTENSIONS)}")
+            elif p.is_file() and data_extension(ds) is None:
+                problems.append(
+                    f"DATASET={ds!r}: unsupported file type; use one of {', '.join(DATA_EXTENSIONS)} "
+                    "(compressed with .gz, .bz2 or .xz or not)"
+                )
         elif not hub_id.match(ds):
             problems.append(f"DATASET={ds!r}: not a Hub id (org/name) nor an existing path")
     if s.eval_split and s.eval_size:
@@ -568,6 +579,8 @@ def _validate(s: Settings) -> list[str]:
         except ValueError as exc:
             problems.append(f"USER_TEMPLATE={s.user_template!r}: {exc}")
     problems += s.secret_file_problems("HF_TOKEN")
+    if s.tools is not None and not Path(s.tools).expanduser().is_file():
+        problems.append(f"TOOLS={s.tools!r}: no such file (a JSON list of function schemas)")
     ct = s.chat_template
     if ct is not None and ct not in NAMED_TEMPLATES and "{" not in ct:
         if not ct.endswith((".jinja", ".j2")):

@@ -1,7 +1,8 @@
 """Stage: score the held-out rows on the merged model.
 
 - eval loss: mean cross-entropy over the tokens that were in the loss during training (same masks);
-- exact match: greedy answer == reference answer (whitespace-trimmed);
+- exact match: greedy answer == reference answer (whitespace-trimmed); for a turn that calls tools, the calls
+  written in the answer == the reference calls, compared as data (names, and arguments as JSON objects);
 - stop rate: answers that ended with a stop id within EVAL_MAX_NEW_TOKENS;
 - with EVAL_SQL_EXECUTION: the generated SQL runs on sqlite against the row's schema (the column named by
   EVAL_SQL_CONTEXT_FIELD, or the <SCHEMA>...</SCHEMA> block of the prompt) and returns the reference
@@ -10,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -34,6 +36,32 @@ def sql_context(ex: Example, field: str) -> str | None:
         if found:
             return found.group(1)
     return None
+
+
+def tool_calls_in(text: str) -> list[dict]:
+    """The tool calls an answer writes as JSON objects with a name and arguments (or Llama's parameters), in order:
+    the shape every JSON tool-call format shares (Hermes/Qwen's <tool_call> tags, Llama 3's bare object, Mistral's
+    list), read without the serving parser, which the training image lacks. XML or Python-call formats read as no
+    calls, and score as misses."""
+    calls, decoder, at = [], json.JSONDecoder(), 0
+    while (at := text.find("{", at)) != -1:
+        try:
+            value, end = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:
+            at += 1
+            continue
+        args = value.get("arguments", value.get("parameters")) if isinstance(value, dict) else None
+        if isinstance(args, (dict, str)) and isinstance(value.get("name"), str):
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args)
+                except json.JSONDecodeError:
+                    pass
+            calls.append({"name": value["name"], "arguments": args})
+            at = end
+        else:
+            at += 1
+    return calls
 
 
 def clean_sql(text: str) -> str:
@@ -132,6 +160,10 @@ def score(
             "exact_match": answer == p.reference.strip(),
             "stopped": stop,
         }
+        if p.tool_calls is not None:
+            item["reference_tool_calls"] = p.tool_calls
+            item["tool_calls"] = tool_calls_in(answer)
+            item["exact_match"] = item["tool_calls"] == p.tool_calls
         exact += item["exact_match"]
         if sql_execution:
             context = sql_context(ex, sql_context_field)

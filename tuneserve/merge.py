@@ -481,6 +481,8 @@ def merge(
                     "base_model_revision": revision,
                     "stop_token_ids": servable["eos_token_id"],
                     "end_of_turn": servable["end_of_turn"],
+                    # How the template renders some trained tool calls: serving picks its tool-call parser from them.
+                    "tool_call_samples": meta.get("tool_call_samples") or [],
                 },
                 indent=2,
             )

@@ -22,7 +22,7 @@ from typing import Any
 from tuneserve.config import TRAIN_SCHEMA
 from tuneserve.exitcodes import ConfigError
 from tuneserve.layout import Layout, write_json_atomic
-from tuneserve.refs import DATA_EXTENSIONS, looks_local
+from tuneserve.refs import DATA_FILE_SUFFIXES, looks_local
 from tuneserve.settings import Settings, shorten
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def dataset_digest(ref: str) -> str:
     if looks_local(ref):
         path = Path(ref).expanduser()
         files = (
-            sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(DATA_EXTENSIONS))
+            sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(DATA_FILE_SUFFIXES))
             if path.is_dir()
             else [path]
         )

@@ -11,6 +11,10 @@ replaced by vLLM's server (os.execve), so signals from `docker stop` or Kubernet
 - Stop ids: when the chat template ends an assistant turn with a token the model's generation_config does
   not list (an untouched base served with LoRA adapters, or a Hub model), a repaired generation_config is
   written to a scratch folder and handed to vLLM with --generation-config; the model folder is not touched.
+- Tool calls: TOOL_CALL_PARSER=auto picks vLLM's tool-call parser from the run itself. Training records how the
+  chat template renders some of the run's tool calls (merge_info.json, `tool_call_samples`); the parser is the
+  first, in name order, of vLLM's parsers that turns every recorded rendering back into the same calls, whole
+  and streamed token by token. No model family is named here.
 - LORA_ADAPTERS serves the base plus adapters with --enable-lora and --max-lora-rank from the adapters'
   own configs; adapters vLLM cannot serve (modules_to_save, trainable tokens, DoRA) are refused.
 """
@@ -66,6 +70,15 @@ SERVE_VARS = [
         choices=("auto", "bfloat16", "float16", "float32", "half", "float"),
     ),
     Var("HF_TOKEN", "str", None, "Hugging Face token for private/gated models.", G_MODEL, secret=True),
+    Var(
+        "TOOL_CALL_PARSER",
+        "str",
+        "auto",
+        "vLLM tool-call parser that turns the model's tool calls into OpenAI `tool_calls`: auto (the parser that "
+        "reads back the tool calls training recorded in the merged folder; none when it recorded none), none, or "
+        "a parser name (vLLM's --tool-call-parser).",
+        G_MODEL,
+    ),
     Var("HOST", "str", "0.0.0.0", "Address to listen on.", G_SERVER),
     Var("PORT", "int", 8000, "Port to listen on.", G_SERVER, minimum=1, maximum=65535),
     Var(
@@ -417,6 +430,104 @@ def _merged_folder_stops(model: str) -> bool:
     return bool(stops) and all(i in eos for i in stops)
 
 
+# --------------------------------------------------------------------------------------------- tool calls
+def tool_call_samples(model: str) -> list[dict]:
+    """The tool calls training recorded in a merged folder: how the template renders each, and the calls."""
+    try:
+        return json.loads((Path(model).expanduser() / MERGE_INFO).read_text()).get("tool_call_samples") or []
+    except (OSError, ValueError):
+        return []
+
+
+def _parser_names() -> list[str]:
+    from vllm.tool_parsers import ToolParserManager
+
+    return sorted(ToolParserManager.list_registered())
+
+
+def _recovered(parser_cls, tok, sample: dict, stream: bool) -> list[tuple[str, Any]] | None:
+    """The calls a parser reads from the sample's rendering: whole, or fed token by token as vLLM streams."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    request = ChatCompletionRequest(
+        model="m", messages=[{"role": "user", "content": "-"}], tools=sample["tools"], stream=stream
+    )
+    parser = parser_cls(tok, request.tools)
+    request = parser.adjust_request(request)
+    ids = tok(sample["text"], add_special_tokens=False)["input_ids"]
+    skip = request.skip_special_tokens
+    if not stream:
+        found = parser.extract_tool_calls(tok.decode(ids, skip_special_tokens=skip), request)
+        calls = [(c.function.name, c.function.arguments) for c in found.tool_calls] if found.tools_called else []
+    else:
+        merged: dict[int, list[str]] = {}
+        before, before_ids = "", []
+        for k in range(1, len(ids) + 1):
+            now = tok.decode(ids[:k], skip_special_tokens=skip)
+            delta = parser.extract_tool_calls_streaming(
+                before, now, now[len(before) :], before_ids, ids[:k], ids[len(before_ids) : k], request
+            )
+            for tc in (delta.tool_calls if delta is not None else None) or []:
+                name_args = merged.setdefault(tc.index, ["", ""])
+                if tc.function is not None:
+                    name_args[0] += tc.function.name or ""
+                    name_args[1] += tc.function.arguments or ""
+            before, before_ids = now, ids[:k]
+        calls = [tuple(merged[i]) for i in sorted(merged)]
+    try:
+        return [(name, json.loads(args) if args else {}) for name, args in calls]
+    except (TypeError, ValueError):
+        return None
+
+
+def choose_tool_parser(model: str, revision: str | None, samples: list[dict]) -> str | None:
+    """The first parser, in name order, that recovers every sample's calls whole and streamed (None: none does)."""
+    from transformers import AutoTokenizer
+    from vllm.tool_parsers import ToolParserManager
+
+    tok = AutoTokenizer.from_pretrained(model, revision=revision)
+    wanted = [[(c["name"], c["arguments"]) for c in s["tool_calls"]] for s in samples]
+    able = []
+    for name in _parser_names():
+        try:
+            cls = ToolParserManager.get_tool_parser(name)
+            if all(_recovered(cls, tok, s, stream) == w for s, w in zip(samples, wanted) for stream in (False, True)):
+                able.append(name)
+        except Exception:  # noqa: BLE001 - a parser for another family: needs tokens or a tokenizer this one lacks
+            continue
+    if able:
+        log.info(
+            "tool calls: parser %r reads back the %d tool call(s) training recorded, whole and streamed%s",
+            able[0],
+            len(samples),
+            f" (so do {', '.join(able[1:])})" if able[1:] else "",
+        )
+    return able[0] if able else None
+
+
+def tool_call_parser(cfg: Settings) -> str | None:
+    """The --tool-call-parser to serve with (None: no tool calling), from TOOL_CALL_PARSER."""
+    choice = cfg.tool_call_parser.strip()
+    if choice == "none":
+        return None
+    if choice != "auto":
+        names = _parser_names()
+        if choice not in names:
+            raise ConfigError(f"TOOL_CALL_PARSER={choice!r}: vLLM has no such parser; it has: {', '.join(names)}")
+        return choice
+    samples = tool_call_samples(cfg.model_id)
+    if not samples:
+        return None
+    parser = choose_tool_parser(cfg.model_id, cfg.model_revision, samples)
+    if parser is None:
+        raise ConfigError(
+            f"MODEL_ID={cfg.model_id!r} was trained on tool calls, but none of vLLM's tool-call parsers reads back "
+            "how its chat template renders them; name one with TOOL_CALL_PARSER, or TOOL_CALL_PARSER=none to serve "
+            "without tool calling"
+        )
+    return parser
+
+
 # --------------------------------------------------------------------------------------------- argv
 def visible_gpus() -> int:
     """GPUs this process can use, without importing torch (seconds added to every start otherwise): the
@@ -497,6 +608,9 @@ def build_command(cfg: Settings) -> tuple[list[str], dict[str, str]]:
             "--lora-modules",
             *modules,
         ]
+    parser = tool_call_parser(cfg)
+    if parser is not None:
+        args += ["--enable-auto-tool-choice", "--tool-call-parser", parser]
     gen_dir = repaired_generation_config(cfg.model_id, cfg.model_revision, end_of_turn)
     if gen_dir is not None:
         args += ["--generation-config", str(gen_dir)]

@@ -63,9 +63,12 @@ def resolve_template(cfg: Settings, tok) -> tuple[str | None, str, list[str]]:
     return Path(ct).read_text(), f"file:{ct}", template_tokens(Path(ct).read_text())
 
 
-def render(tok, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """A conversation as text through the tokenizer's chat template."""
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def render(tok, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
+    """A conversation as text through the tokenizer's chat template (with the function schemas, when given, as
+    vLLM passes a request's `tools`)."""
+    return tok.apply_chat_template(
+        messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def eos_ids(value) -> list[int]:

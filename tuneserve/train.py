@@ -473,6 +473,7 @@ def _train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placeme
                 "base_model": cfg.base_model,
                 "base_model_revision": cfg.base_model_revision,
                 "end_of_turn": tok_info.end_of_turn,
+                "tool_call_samples": prepared.tool_call_samples,
                 "added_tokens": tok_info.added_tokens,
                 "template_source": tok_info.template_source,
                 "dtype": placement.dtype_name,

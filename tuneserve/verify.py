@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneserve.data import Example, read_jsonl
+from tuneserve.data import Example, ids_of, read_jsonl
 from tuneserve.exitcodes import VerifyError
 from tuneserve.layout import EVAL_ROWS, MERGE_BASES, TRAIN_ROWS, TRAINING_META
-from tuneserve.tokenizer import eos_ids
+from tuneserve.tokenizer import eos_ids, render
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,12 @@ class Prompt:
     messages: list[dict] | None  # chat prompt (without the answer)
     text: str | None  # plain prompt
     reference: str
+    tools: list[dict] | None = None  # the function schemas the chat prompt offers
+    tool_calls: list[dict] | None = None  # the reference turn's calls ({"name", "arguments"}), scored structurally
 
     def encode(self, tok) -> list[int]:
-        if self.messages is not None:
-            return tok.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
-                "input_ids"
-            ]
+        if self.messages is not None:  # as serving encodes a chat request (data.ids_of)
+            return ids_of(tok, render(tok, self.messages, add_generation_prompt=True, tools=self.tools))
         return tok(self.text)["input_ids"]
 
 
@@ -54,7 +54,11 @@ def to_prompt(ex: Example) -> Prompt:
     if ex.kind == "chat":
         turns = ex.trained_turns or [i for i, m in enumerate(ex.messages) if m["role"] == "assistant"]
         last = turns[-1] if turns else len(ex.messages) - 1
-        return Prompt(ex.row, ex.messages[:last], None, ex.messages[last]["content"])
+        calls = ex.messages[last].get("tool_calls")
+        reference_calls = [
+            {"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in calls or []
+        ]
+        return Prompt(ex.row, ex.messages[:last], None, ex.messages[last]["content"], ex.tools, reference_calls or None)
     if ex.kind == "pc":
         return Prompt(ex.row, None, ex.prompt, ex.completion)
     half = len(ex.text) // 2
