@@ -21,25 +21,23 @@ from tuneserve.config import load_train_config
 from tuneserve.exitcodes import DataError
 
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
-CITIES = {"Paris": "sunny", "Rome": "rainy", "Oslo": "snowy", "Lima": "cloudy"}
-TIMES = {"Paris": "10:00", "Rome": "10:00", "Oslo": "10:00", "Lima": "04:00"}
+# tool -> (how a user asks for it, the city asked about, the tool's result, how the assistant then answers). The
+# questions share few words, so that a model as small as the tests' learns which one is asked from a few rows.
+CALLS = {
+    "get_weather": ("Is it raining in {city} today?", "Paris", "sunny", "No, it is sunny in {city}."),
+    "get_time": ("Tell me the local clock time over in {city} right now.", "Lima", "04:00", "It is 04:00 in {city}."),
+}
+CITY_LIST = ["Paris", "Lima", "Oslo", "Rome"]
 TOOLS = [
     {
         "type": "function",
         "function": {
-            "name": "get_weather",
-            "description": "The weather in a city",
+            "name": name,
+            "description": f"The {name.split('_')[1]} in a city",
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
         },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "get_time",
-            "description": "The local time in a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        },
-    },
+    }
+    for name in CALLS
 ]
 # family -> (official template file, tokens it writes, bos, pre-tokenizer, end of turn)
 FAMILIES = {
@@ -54,20 +52,21 @@ FAMILIES = {
 }
 
 
-def question(tool: str, city: str) -> str:
-    return f"What is the {'weather' if tool == 'get_weather' else 'time'} in {city}?"
+def question(tool: str, city: str | None = None) -> str:
+    return CALLS[tool][0].format(city=city or CALLS[tool][1])
 
 
-def result(tool: str, city: str) -> str:
-    return CITIES[city] if tool == "get_weather" else TIMES[city]
+def result(tool: str, city: str | None = None) -> str:
+    return CALLS[tool][2]
 
 
-def answer(tool: str, city: str) -> str:
-    return f"It is {result(tool, city)} in {city}."
+def answer(tool: str, city: str | None = None) -> str:
+    return CALLS[tool][3].format(city=city or CALLS[tool][1])
 
 
-def tool_conversation(tool: str, city: str, call_id: str = "call_1") -> list[dict]:
+def tool_conversation(tool: str, city: str | None = None, call_id: str = "call_1") -> list[dict]:
     """A question, the assistant's call (OpenAI's format: arguments a JSON string), the tool's result, the answer."""
+    city = city or CALLS[tool][1]
     return [
         {"role": "user", "content": question(tool, city)},
         {
@@ -83,7 +82,7 @@ def tool_conversation(tool: str, city: str, call_id: str = "call_1") -> list[dic
 
 
 def tool_rows(per_row_tools: bool) -> list[dict]:
-    rows = [{"messages": tool_conversation(t, c)} for t in ("get_weather", "get_time") for c in CITIES]
+    rows = [{"messages": tool_conversation(t, c)} for t in CALLS for c in CITY_LIST]
     return [r | {"tools": TOOLS} for r in rows] if per_row_tools else rows
 
 
@@ -198,13 +197,15 @@ def test_tool_calls_tools_and_results_reach_the_template_as_serving_passes_them(
     tok, eot = info.tokenizer, FAMILIES[family][4]
     assert info.end_of_turn == eot
     ex = next(e for e in shaped.train if e.messages[0]["content"] == question("get_time", "Lima"))
+    assert len(shaped.train) == 8
     assert ex.tools == data.normalize_tools(TOOLS) and ex.trained_turns == [1, 3]
+    assert len(ex.tools) == 2 and ex.tools[1]["function"]["description"] == "The time in a city"
     call = ex.messages[1]["tool_calls"][0]
     assert call["function"] == {"name": "get_time", "arguments": {"city": "Lima"}}  # parsed, as vLLM does
     assert ex.messages[2]["tool_call_id"] == "call_1"
     (prompt, call_ids, _), (result_prompt, answer_ids, _) = turn_spans(tok, ex)
     # The prompt shows the functions; the call is trained as the template writes it, then the end of the turn.
-    assert '"name": "get_time"' in tok.decode(prompt) and "The local time in a city" in tok.decode(prompt)
+    assert '"name": "get_time"' in tok.decode(prompt) and "The time in a city" in tok.decode(prompt)
     written = tok.decode(call_ids)
     assert data.tool_call_samples(tok, [ex], eot)[0]["tool_calls"] == [
         {"name": "get_time", "arguments": {"city": "Lima"}}
@@ -212,7 +213,9 @@ def test_tool_calls_tools_and_results_reach_the_template_as_serving_passes_them(
     assert "get_time" in written and '{"city": "Lima"}' in written and written.rstrip().endswith(eot)
     # The tool's result is context in the prompt of the answer, never trained.
     assert "04:00" in tok.decode(result_prompt) and "04:00" not in written
-    assert tok.decode(answer_ids).startswith("It is 04:00 in Lima.") and tok.decode(answer_ids).rstrip().endswith(eot)
+    assert tok.decode(answer_ids).startswith(answer("get_time", "Lima")) and tok.decode(answer_ids).rstrip().endswith(
+        eot
+    )
 
 
 def test_tool_call_arguments_get_no_nulls_from_arrow(tmp_path):
@@ -220,11 +223,11 @@ def test_tool_call_arguments_get_no_nulls_from_arrow(tmp_path):
     template must render the row's own arguments, as the client sent them."""
     rows = tool_rows(True)
     rows[0]["messages"][1]["tool_calls"][0]["function"]["arguments"] = {"city": "Paris", "unit": "C"}
-    rows[1]["messages"][1]["tool_calls"][0]["function"]["arguments"] = {"city": "Rome"}
+    rows[1]["messages"][1]["tool_calls"][0]["function"]["arguments"] = {"city": "Lima"}
     cfg, shaped, info = prepare(tmp_path, "qwen2.5", rows)
     by_city = {e.messages[0]["content"]: e for e in shaped.train}
-    rome = by_city[question("get_weather", "Rome")].messages[1]["tool_calls"][0]["function"]["arguments"]
-    assert rome == {"city": "Rome"}
+    lima = by_city[question("get_weather", "Lima")].messages[1]["tool_calls"][0]["function"]["arguments"]
+    assert lima == {"city": "Lima"}
     paris = by_city[question("get_weather", "Paris")].messages[1]["tool_calls"][0]["function"]["arguments"]
     assert paris == {"city": "Paris", "unit": "C"}
 
@@ -298,3 +301,24 @@ def test_tool_calls_in_answers_are_read_as_data():
     ):
         assert tool_calls_in(text) == want, text
     assert tool_calls_in("It is 04:00 in Lima.") == [] and tool_calls_in('{"name": "x"}') == []
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "TOOLS=.*: no such file"),
+        ("[{not json", "TOOLS=.*: not valid JSON"),
+        ("[]", "TOOLS=.*: the file holds no tools"),
+        ('[{"function": {}}]', r"TOOLS=.*\[0\]: expected"),
+    ],
+)
+def test_a_bad_tools_file_is_a_configuration_error(tmp_path, content, message):
+    from tuneserve.exitcodes import ConfigError
+
+    path = tmp_path / "tools.json"
+    if content is not None:
+        path.write_text(content)
+    ds = write_jsonl(tmp_path / "d.jsonl", tool_rows(False))
+    with pytest.raises(ConfigError, match=message):
+        cfg = load_train_config({"BASE_MODEL": str(tmp_path), "DATASET": str(ds), "TOOLS": str(path)})
+        data.load_and_shape(cfg)

@@ -25,8 +25,10 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.UNEXPECTED: "Unexpected error (a bug or an environment failure); the traceback is printed.",
     ExitCode.CONFIG: "Configuration error: every problem is listed at once (variable, value, what is allowed). "
     "Retrying will not help.",
-    ExitCode.DATA: "Dataset error: missing file or columns, wrong types, empty, too many rows longer than "
-    "MAX_SEQ_LENGTH, rows without tokens to learn from. Retrying will not help.",
+    ExitCode.DATA: "Dataset error: missing file or columns, malformed JSON, wrong types, null template columns, "
+    "rows the chat template refuses, tools it does not render, empty, too many rows longer than MAX_SEQ_LENGTH, "
+    "rows without tokens to learn from; each row named by file and line (or split and row). "
+    "Retrying will not help.",
     ExitCode.VERIFY: "The merged model failed verification, or the quantized model the engine evaluation's gate "
     "(QUANTIZE_MAX_DROP); nothing was published.",
     ExitCode.DISK_FULL: "A disk is full: the message names the path being written and the space left. Everything "

@@ -32,7 +32,7 @@ from typing import Any
 from tuneserve.exitcodes import ConfigError
 from tuneserve.gate import GATE_ENV, gate_settings
 from tuneserve.layout import MERGE_INFO, TRAINING_META
-from tuneserve.refs import looks_local
+from tuneserve.refs import hub_id, looks_local
 from tuneserve.settings import Prefix, Schema, Settings, Var
 from tuneserve.tokenizer import eos_ids
 
@@ -431,10 +431,20 @@ def _merged_folder_stops(model: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- tool calls
-def tool_call_samples(model: str) -> list[dict]:
-    """The tool calls training recorded in a merged folder: how the template renders each, and the calls."""
+def tool_call_samples(model: str, revision: str | None = None) -> list[dict]:
+    """The tool calls training recorded in a merged folder (local, or published to the Hub with it): how the
+    template renders each, and the calls. Empty when there is no record."""
+    path = Path(model).expanduser() / MERGE_INFO
+    if not path.is_file() and hub_id(model):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(model, MERGE_INFO, revision=revision))
+        except Exception as exc:  # noqa: BLE001 - not ours, or the Hub unreachable: serve without the record
+            log.info("no %s in %s (%s): no recorded tool calls", MERGE_INFO, model, type(exc).__name__)
+            return []
     try:
-        return json.loads((Path(model).expanduser() / MERGE_INFO).read_text()).get("tool_call_samples") or []
+        return json.loads(path.read_text()).get("tool_call_samples") or []
     except (OSError, ValueError):
         return []
 
@@ -515,7 +525,7 @@ def tool_call_parser(cfg: Settings) -> str | None:
         if choice not in names:
             raise ConfigError(f"TOOL_CALL_PARSER={choice!r}: vLLM has no such parser; it has: {', '.join(names)}")
         return choice
-    samples = tool_call_samples(cfg.model_id)
+    samples = tool_call_samples(cfg.model_id, cfg.model_revision)
     if not samples:
         return None
     parser = choose_tool_parser(cfg.model_id, cfg.model_revision, samples)
