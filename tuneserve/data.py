@@ -244,7 +244,10 @@ def _check_json_document(path: Path, opener) -> list[str] | None:
 def _csv_places(path: Path, opener) -> list[str]:
     with opener(path, "rb") as raw:
         reader = csv.reader(io.TextIOWrapper(raw, encoding="utf-8", newline=""))
-        places = [f"{path} row {i}" for i, _ in enumerate(reader) if i > 0]  # the first record is the header
+        try:
+            places = [f"{path} row {i}" for i, _ in enumerate(reader) if i > 0]  # the first record is the header
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
     if not places:
         raise DataError(f"{path}: the file has no rows")
     return places
