@@ -150,7 +150,7 @@ def test_exit_2_for_configuration_and_3_for_data(tmp_path, chatml_base, qa_datas
         + [{"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "x"}]}],
     )
     res = run_train({"BASE_MODEL": str(chatml_base), "DATASET": str(long), "MAX_SEQ_LENGTH": "128"}, cwd=tmp_path)
-    assert res.returncode == ExitCode.DATA and "rows 8 (" in res.stderr
+    assert res.returncode == ExitCode.DATA and "long.jsonl:9 (" in res.stderr  # the file and its 1-based line
 
 
 def test_check_runs_preflight_only_and_writes_nothing(tmp_path, chatml_base, qa_dataset):
