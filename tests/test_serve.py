@@ -217,6 +217,12 @@ def test_the_gate_is_the_outermost_middleware_and_gets_its_settings(tmp_path, tr
         ({"messages": [{"role": "user", "content": "a"}] * 5, "max_tokens": 50}, None),  # one conversation
         ({"token_ids": [1, 2], "sampling_params": {"n": 9}}, "n=9 is more than"),
         ({"n": "many"}, None),  # the wrong type is vLLM's to reject
+        # Numbers however they are written, as vLLM reads them: no spelling slips past the limits.
+        ({"n": "2000", "max_tokens": 1}, "n=2000 is more than"),
+        ({"n": 9.0, "max_tokens": 1}, "n=9 is more than"),
+        ({"best_of": " 7 ", "max_tokens": 1}, "best_of=7 is more than"),
+        ({"prompt": ["a"] * 4, "max_tokens": "60"}, "240 tokens (4 prompts x 1 choices x 60 tokens)"),
+        ({"n": True, "max_tokens": 1}, None),
         (["not", "an", "object"], None),
     ],
 )
@@ -227,6 +233,25 @@ def test_generation_limits_count_choices_prompts_and_tokens(body, problem):
     assert (found is None) == (problem is None), found
     if problem is not None:
         assert problem in found[0]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        json.dumps({"n": "2000"}).encode(),
+        b"\xef\xbb\xbf" + json.dumps({"n": "2000"}).encode(),
+        json.dumps({"n": "2000"}).encode("utf-16"),
+        json.dumps({"n": "2000"}).encode("utf-32"),
+        b"\r\n  " + json.dumps({"n": "2000"}).encode(),
+    ],
+)
+def test_bodies_are_read_as_vllm_reads_them_whatever_their_encoding(raw):
+    from tuneserve.gate import check_generation_limits, parse_body
+
+    assert parse_body(raw) == {"n": "2000"} == json.loads(raw)
+    found = check_generation_limits(parse_body(raw), max_choices=4, max_request_output_tokens=200, max_output_tokens=64)
+    assert found is not None and "n=2000" in found[0]
+    assert parse_body(b"n=2000") is None
 
 
 # ------------------------------------------------------------------------------------------- real vLLM

@@ -32,6 +32,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 GATE_ENV = "TUNESERVE_GATE"
 PROBES = frozenset({"/health", "/ping", "/live"})
 PUBLIC = PROBES | {"/metrics"}
@@ -69,8 +71,29 @@ def error_body(status: int, message: str, code: str, param: str | None = None) -
     return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
 
 
+# vLLM's request models read counts with pydantic's lax integer: 9.0, "2000", " 7 " and true are numbers too.
+_LAX_INT = TypeAdapter(int)
+
+
 def _count(value: Any, default: int = 1) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+    """The count vLLM reads from `value`, so that no spelling of a number slips past the limits; `default` when
+    absent, below 1, or not a number (vLLM rejects such a request itself)."""
+    if value is None:
+        return default
+    try:
+        count = _LAX_INT.validate_python(value)
+    except ValidationError:
+        return default
+    return count if count > 0 else default
+
+
+def parse_body(body: bytes) -> Any:
+    """A request body as vLLM's routes read it (json.loads of the bytes: UTF-8 with or without a BOM, UTF-16 and
+    UTF-32 alike), or None when it is not JSON (vLLM answers that itself)."""
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
 
 
 def check_generation_limits(
@@ -256,13 +279,9 @@ class Gate:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        if not tokenize and body[:1] in (b"{", b" ", b"\n", b"\t", b"\r"):
-            try:
-                parsed = json.loads(body)
-            except ValueError:
-                parsed = None  # vLLM answers malformed JSON itself
+        if not tokenize:
             problem = check_generation_limits(
-                parsed,
+                parse_body(body),
                 max_choices=self.cfg["max_choices"],
                 max_request_output_tokens=self.cfg["max_request_output_tokens"],
                 max_output_tokens=self.cfg["max_output_tokens"],
