@@ -36,6 +36,7 @@ import json
 import logging
 import lzma
 import os
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ from typing import Any
 from tuneserve.config import template_fields
 from tuneserve.exitcodes import ConfigError, DataError
 from tuneserve.layout import EVAL_ROWS, TRAIN_ROWS
-from tuneserve.refs import data_extension, looks_local
+from tuneserve.refs import COMPRESSIONS, TEXT_EXTENSIONS, data_extension, looks_local
 from tuneserve.settings import Settings
 from tuneserve.tokenizer import render
 
@@ -125,16 +126,25 @@ def max_line_bytes(max_seq_length: int) -> int:
     return max(1 << 20, 64 * max_seq_length)
 
 
-COMPRESSION = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
-TEXT_KINDS = (".jsonl", ".json", ".csv")
+OPENERS = dict(zip(COMPRESSIONS, (gzip.open, bz2.open, lzma.open)))
 
 
 def file_kind(path: Path) -> tuple[str | None, Callable]:
     """(data extension, opener for its compression) of a data file: train.jsonl.gz -> ('.jsonl', gzip.open)."""
-    suffixes, opener = path.suffixes, open
-    if suffixes and suffixes[-1] in COMPRESSION:
-        opener, suffixes = COMPRESSION[suffixes[-1]], suffixes[:-1]
-    return (suffixes[-1] if suffixes else None), opener
+    return data_extension(path.name), OPENERS.get(path.suffix, open)
+
+
+@dataclass
+class FileRows:
+    """Where the rows of one file are: `lines[k]` is the 1-based line of row k of a JSON-lines file; a JSON array
+    or CSV file's rows are numbered (lines None)."""
+
+    path: Path
+    count: int
+    lines: array | None = None
+
+    def place(self, k: int) -> str:
+        return f"{self.path}:{self.lines[k]}" if self.lines is not None else f"{self.path} row {k + 1}"
 
 
 @dataclass
@@ -145,26 +155,29 @@ class Origin:
 
     dataset: str
     split: str
-    places: list[str] | None = None  # one per row, in the loaded order
+    files: list[FileRows] | None = None  # the split's files in the loaded order
 
     def __call__(self, row: int) -> str:
-        if self.places is not None and 0 <= row < len(self.places):
-            return self.places[row]
+        k = row
+        for f in self.files or []:
+            if 0 <= k < f.count:
+                return f.place(k)
+            k -= f.count
         return f"DATASET={self.dataset!r} split {self.split!r} row {row + 1}"
 
 
-def check_text_file(path: Path, limit: int) -> list[str] | None:
+def check_text_file(path: Path, limit: int) -> FileRows | None:
     """Reads a local .jsonl, .json or .csv file (compressed too: .gz, .bz2, .xz) in bounded memory before the loader
     does. DataError naming the file, the 1-based line and the cause for invalid UTF-8, an overlong line, malformed
-    JSON or a row that is not an object; and for a file with no rows. Returns where each row is ('file:line' for
-    JSON lines, 'file row N' for a JSON array or CSV), or None for a file it does not read (parquet)."""
+    JSON or a row that is not an object; and for a file with no rows. Returns where its rows are, or None for a file
+    it does not read (parquet)."""
     ext, opener = file_kind(path)
-    if ext not in TEXT_KINDS:
+    if ext not in TEXT_EXTENSIONS:
         return None
     if ext == ".json" and _is_json_document(path, opener):
         return _check_json_document(path, opener)
     jsonl = ext in (".jsonl", ".json")
-    places: list[str] = []
+    lines = array("I")
     with opener(path, "rb") as f:
         for number, line in enumerate(iter(lambda: f.readline(limit + 1), b""), start=1):
             if len(line) > limit:
@@ -175,7 +188,7 @@ def check_text_file(path: Path, limit: int) -> list[str] | None:
             text = _utf8(line, f"{path}:{number}")
             if not text.strip():
                 continue
-            places.append(f"{path}:{number}")
+            lines.append(number)
             if jsonl:
                 try:
                     row = json.loads(text)
@@ -190,10 +203,10 @@ def check_text_file(path: Path, limit: int) -> list[str] | None:
                         f"not a JSON {type(row).__name__}"
                     )
     if jsonl:
-        if not places:
+        if not lines:
             raise DataError(f"{path}: the file has no rows")
-        return places
-    return _csv_places(path, opener)
+        return FileRows(path, len(lines), lines)
+    return _csv_rows(path, opener)
 
 
 def _utf8(raw: bytes, where: str) -> str:
@@ -220,7 +233,7 @@ def _is_json_document(path: Path, opener) -> bool:
     return False
 
 
-def _check_json_document(path: Path, opener) -> list[str] | None:
+def _check_json_document(path: Path, opener) -> FileRows | None:
     """A .json document is parsed whole, as `datasets` does: the error names the line and column."""
     with opener(path, "rb") as f:
         text = _utf8(f.read(), str(path))
@@ -237,20 +250,20 @@ def _check_json_document(path: Path, opener) -> list[str] | None:
                 )
         if not doc:
             raise DataError(f"{path}: the file has no rows")
-        return [f"{path} row {i + 1}" for i in range(len(doc))]
+        return FileRows(path, len(doc))
     return None  # an object of columns (or a `field`): rows have no place of their own
 
 
-def _csv_places(path: Path, opener) -> list[str]:
+def _csv_rows(path: Path, opener) -> FileRows:
     with opener(path, "rb") as raw:
         reader = csv.reader(io.TextIOWrapper(raw, encoding="utf-8", newline=""))
         try:
-            places = [f"{path} row {i}" for i, _ in enumerate(reader) if i > 0]  # the first record is the header
+            count = sum(1 for _ in reader) - 1  # the first record is the header
         except csv.Error as exc:
             raise DataError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
-    if not places:
+    if count < 1:
         raise DataError(f"{path}: the file has no rows")
-    return places
+    return FileRows(path, count)
 
 
 def local_split_files(path: Path) -> dict[str, list[Path]]:
@@ -274,21 +287,30 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(seen).__name__}: {first}"
 
 
-def _load_split(cfg: Settings, split: str):
-    """(the split as a datasets.Dataset, where its rows come from)."""
+def check_local_files(cfg: Settings) -> dict[str, list[FileRows] | None]:
+    """Reads every file of a local dataset once, each split's (check_text_file): split -> where its rows are (None
+    when a file's rows cannot be placed). Every split's, since the loader reads them all. {} for a Hub dataset."""
+    if not looks_local(cfg.dataset):
+        return {}
+    path = Path(cfg.dataset).expanduser()
+    by_split = {"train": [path]} if path.is_file() else local_split_files(path) if path.is_dir() else {}
+    limit = max_line_bytes(cfg.max_seq_length)
+    placed = {}
+    for split, files in by_split.items():
+        rows = [check_text_file(f, limit) for f in files]
+        placed[split] = rows if all(r is not None for r in rows) else None
+    return placed
+
+
+def _load_split(cfg: Settings, split: str, files: list[FileRows] | None):
+    """(the split as a datasets.Dataset, where its rows come from); `files`: from check_local_files."""
     import datasets
 
     ref = cfg.dataset
-    origin = Origin(ref, split)
+    origin = Origin(ref, split, files)
     try:
         if looks_local(ref):
             path = Path(ref).expanduser()
-            by_split = {"train": [path]} if path.is_file() else local_split_files(path) if path.is_dir() else {}
-            limit = max_line_bytes(cfg.max_seq_length)
-            for name, files in by_split.items():
-                places = [check_text_file(f, limit) for f in files]
-                if name == split and all(p is not None for p in places):
-                    origin.places = [place for file_places in places for place in file_places]
             if path.is_file():
                 builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}[data_extension(ref)]
                 if split != "train":
@@ -312,21 +334,22 @@ def _load_split(cfg: Settings, split: str):
         ) from None
     if split not in dd:
         raise DataError(f"DATASET={ref!r} has no split {split!r}; it has: {', '.join(dd)}")
-    if origin.places is not None and len(origin.places) != len(dd[split]):
-        origin.places = None  # the loader read the files otherwise than line by line: name rows by number
+    if files is not None and sum(f.count for f in files) != len(dd[split]):
+        origin.files = None  # the loader read the files otherwise than line by line: name rows by number
     return dd[split], origin
 
 
 def load_raw(cfg: Settings):
     """(train, eval, {split: Origin}): datasets.Dataset, each with the original row number in column __row__."""
-    train, origin = _load_split(cfg, cfg.dataset_split)
+    placed = check_local_files(cfg)
+    train, origin = _load_split(cfg, cfg.dataset_split, placed.get(cfg.dataset_split))
     if len(train) == 0:
         raise DataError(f"DATASET={cfg.dataset!r} split {cfg.dataset_split!r} is empty")
     train = train.add_column(ROW, list(range(len(train))))
     origins = {"train": origin, "eval": origin}  # EVAL_SIZE rows keep their numbers in the training split
     evalset = None
     if cfg.eval_split:
-        evalset, origins["eval"] = _load_split(cfg, cfg.eval_split)
+        evalset, origins["eval"] = _load_split(cfg, cfg.eval_split, placed.get(cfg.eval_split))
         evalset = evalset.add_column(ROW, list(range(len(evalset))))
     elif cfg.eval_size:
         size = cfg.eval_size
@@ -420,12 +443,7 @@ def _tool_calls(value: Any, where: str) -> list[dict]:
                 f"{where}[{i}]: expected {{'type': 'function', 'function': {{'name': ..., 'arguments': ...}}}}, "
                 f"got {call!r:.120}"
             )
-        args = fn.get("arguments") or {}
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}[{i}]: arguments are not valid JSON ({exc.msg})") from None
+        args = _json_value(fn.get("arguments") or {}, f"{where}[{i}].arguments")
         if not isinstance(args, dict):
             raise ValueError(f"{where}[{i}]: arguments must be a JSON object, got {type(args).__name__}")
         out = {k: v for k, v in call.items() if k != "function" and v is not None}
@@ -470,13 +488,13 @@ def _check_messages(value: Any, where: str) -> tuple[list[dict], list[int]]:
     return out, unweighted
 
 
-def _assistant_turns(messages: list[dict], unweighted: list[int]) -> list[int]:
-    """The assistant turns that are targets. A turn at index 0 has no prompt serving could send (it opens the
-    conversation), and a `"weight": 0` turn is context: both stay in the sequence, outside the loss."""
-    return [i for i, m in enumerate(messages) if i > 0 and m["role"] == "assistant" and i not in unweighted]
+def _assistant_turns(messages: list[dict], context: list[int]) -> list[int]:
+    """The assistant turns that are targets: all but the `context` ones, which stay in the sequence, outside the
+    loss."""
+    return [i for i, m in enumerate(messages) if m["role"] == "assistant" and i not in context]
 
 
-def _row_tools(cfg: Settings, row: dict, tools: list[dict] | None) -> list[dict] | None:
+def _row_tools(row: dict, tools: list[dict] | None) -> list[dict] | None:
     """A row's `tools` column when it has one, else the TOOLS file's tools."""
     own = row.get("tools")
     return normalize_tools(own, "tools") if own not in (None, "", []) else tools
@@ -513,17 +531,14 @@ def shape_row(cfg: Settings, fmt: str, row: dict, tools: list[dict] | None = Non
                 if isinstance(m, dict)
             ]
         )
-        messages, unweighted = _check_messages(raw, "messages")
+        messages, context = _check_messages(raw, "messages")
+        if messages[0]["role"] == "assistant":  # it opens the conversation: no prompt serving could send precedes it
+            context.append(0)
         if cfg.system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": cfg.system_prompt})
-            unweighted = [i + 1 for i in unweighted]
-            first = 1  # the conversation's own first turn still opens it
-        else:
-            first = 0
-        if messages[first]["role"] == "assistant":
-            unweighted.append(first)
-        trained = _assistant_turns(messages, unweighted) if cfg.assistant_only_loss else None
-        return Example(idx, "chat", messages=messages, trained_turns=trained, tools=_row_tools(cfg, row, tools))
+            context = [i + 1 for i in context]
+        trained = _assistant_turns(messages, context) if cfg.assistant_only_loss else None
+        return Example(idx, "chat", messages=messages, trained_turns=trained, tools=_row_tools(row, tools))
     if fmt == "conversational_prompt_completion":
         prompt, unweighted = _check_messages(row["prompt"], "prompt")
         completion, unweighted_c = _check_messages(row["completion"], "completion")
@@ -532,7 +547,7 @@ def shape_row(cfg: Settings, fmt: str, row: dict, tools: list[dict] | None = Non
         if cfg.completion_only_loss:
             skip = unweighted + [len(prompt) + i for i in unweighted_c]
             trained = [i for i in range(len(prompt), len(messages)) if i not in skip]
-        return Example(idx, "chat", messages=messages, trained_turns=trained, tools=_row_tools(cfg, row, tools))
+        return Example(idx, "chat", messages=messages, trained_turns=trained, tools=_row_tools(row, tools))
     if fmt == "prompt_completion":
         p, c = row["prompt"], row["completion"]
         if not isinstance(p, str) or not isinstance(c, str):
@@ -663,26 +678,29 @@ def encode_chat(
         ids = ids_of(tok, render(tok, messages, tools=tools))
         return [(ids, list(ids))], None
     pieces, reason = turn_targets(tok, messages, trained_turns, tools)
-    prompts = [ids_of(tok, prompt) for prompt, _, _ in pieces]
     if reason is None:
         full = render(tok, messages, tools=tools)
         ids: list[int] = []
         labels: list[int] = []
         at = 0
-        for (prompt, _, end), wanted in zip(pieces, prompts):
+        for k, (prompt, _, end) in enumerate(pieces):
             context = ids_of(tok, full[at : len(prompt)])
-            ids, labels = ids + context, labels + [-100] * len(context)
-            if ids != wanted:
+            ids += context
+            labels += [-100] * len(context)
+            # The first prompt is tokenized whole here; a later one must equal the pieces before it.
+            if k > 0 and ids != ids_of(tok, prompt):
                 reason = PER_TURN_TOKENS
                 break
             target = ids_of(tok, full[len(prompt) : end])
-            ids, labels, at = ids + target, labels + target, end
+            ids += target
+            labels += target
+            at = end
         else:
             rest = ids_of(tok, full[at:])
             return [(ids + rest, labels + [-100] * len(rest))], None
     sequences = []
-    for prompt_ids, (_, target, _) in zip(prompts, pieces):
-        target_ids = ids_of(tok, target)
+    for prompt, target, _ in pieces:
+        prompt_ids, target_ids = ids_of(tok, prompt), ids_of(tok, target)
         sequences.append((prompt_ids + target_ids, [-100] * len(prompt_ids) + target_ids))
     return sequences, reason
 
@@ -783,7 +801,7 @@ def encode_all(cfg: Settings, tok, examples: list[Example], split: str, origin: 
     return Encoded(rows, [r for r, _ in too_long], per_turn)
 
 
-def check_end_of_turn_trained(tok, eot: str, rows, origin: Callable[[int], str] = str) -> None:
+def check_end_of_turn_trained(tok, eot: str, rows, origin: Callable[[int], str]) -> None:
     """Preflight: the token ending the assistant turn is inside the loss of the first conversation."""
     eot_id = tok.convert_tokens_to_ids(eot)
     ex, ids, labels = rows[0]
@@ -861,7 +879,7 @@ class Shaped:
     format: str
     train: list[Example]
     eval: list[Example]
-    origins: dict[str, Origin] = field(default_factory=dict)
+    origins: dict[str, Origin]  # split -> where its rows come from
 
     @property
     def is_chat(self) -> bool:
@@ -911,13 +929,13 @@ def tokenize(cfg: Settings, tok_info, shaped: Shaped, data_dir: Path | None) -> 
     path = template_path(tok) if shaped.is_chat else None
     if path is not None:
         log.info("chat template (%s): %s", tok_info.template_source, path)
-    origins = shaped.origins or {}
-    check_tools_rendered(tok, shaped.train, origins.get("train") or Origin(cfg.dataset, "train"))
-    train = encode_all(cfg, tok, shaped.train, "train", origins.get("train"))
+    origins = shaped.origins
+    check_tools_rendered(tok, shaped.train, origins["train"])
+    train = encode_all(cfg, tok, shaped.train, "train", origins["train"])
     train_rows = train.rows
     if tok_info.end_of_turn is not None:
-        check_end_of_turn_trained(tok, tok_info.end_of_turn, train_rows, origins.get("train") or str)
-    eval_rows = encode_all(cfg, tok, shaped.eval, "eval", origins.get("eval")).rows if shaped.eval else []
+        check_end_of_turn_trained(tok, tok_info.end_of_turn, train_rows, origins["train"])
+    eval_rows = encode_all(cfg, tok, shaped.eval, "eval", origins["eval"]).rows if shaped.eval else []
 
     def to_ds(rows):
         return Dataset.from_dict({"input_ids": [r[1] for r in rows], "labels": [r[2] for r in rows]})

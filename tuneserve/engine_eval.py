@@ -165,12 +165,12 @@ def answer_in_engine(folder: Path, rows: Path, *, max_samples: int, max_new_toke
     chat = [i for i, p in enumerate(prompts) if p.messages is not None]
     text = [i for i, p in enumerate(prompts) if p.messages is None]
     outputs: dict[int, Any] = {}
-    by_tools: dict[str, list[int]] = {}  # vLLM's chat takes one list of tools per call
+    by_tools: dict[str, tuple[list[dict] | None, list[int]]] = {}  # vLLM's chat takes one list of tools per call
     for i in chat:
-        by_tools.setdefault(json.dumps(prompts[i].tools), []).append(i)
-    for tools, group in by_tools.items():  # the model's own chat template, as a /v1/chat/completions request gets it
+        by_tools.setdefault(json.dumps(prompts[i].tools), (prompts[i].tools, []))[1].append(i)
+    for tools, group in by_tools.values():  # the model's own chat template, as a /v1/chat/completions request gets it
         conversations = [prompts[i].messages for i in group]
-        for i, out in zip(group, llm.chat(conversations, params, use_tqdm=False, tools=json.loads(tools))):
+        for i, out in zip(group, llm.chat(conversations, params, use_tqdm=False, tools=tools)):
             outputs[i] = out
     if text:
         for i, out in zip(text, llm.generate([prompts[i].text for i in text], params, use_tqdm=False)):

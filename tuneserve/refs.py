@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 
-DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+TEXT_EXTENSIONS = (".jsonl", ".json", ".csv")
+DATA_EXTENSIONS = TEXT_EXTENSIONS + (".parquet",)
 COMPRESSIONS = (".gz", ".bz2", ".xz")  # what `datasets` decompresses and the data checks read
-DATA_FILE_SUFFIXES = DATA_EXTENSIONS + tuple(e + c for e in DATA_EXTENSIONS[:3] for c in COMPRESSIONS)
+DATA_FILE_SUFFIXES = DATA_EXTENSIONS + tuple(e + c for e in TEXT_EXTENSIONS for c in COMPRESSIONS)
 
 
 def data_extension(name: str) -> str | None:

@@ -420,11 +420,8 @@ def repaired_generation_config(model: str, revision: str | None, end_of_turn: st
 
 def _merged_folder_stops(model: str) -> bool:
     """True for a folder merged by tuneserve whose generation_config lists every stop id the merge recorded."""
-    folder = Path(model)
-    try:
-        info = json.loads((folder / MERGE_INFO).read_text())
-        gen = json.loads((folder / "generation_config.json").read_text())
-    except (OSError, ValueError):
+    info, gen = _json_file(Path(model) / MERGE_INFO), _json_file(Path(model) / "generation_config.json")
+    if info is None or gen is None:
         return False
     stops, eos = info.get("stop_token_ids"), eos_ids(gen.get("eos_token_id"))
     return bool(stops) and all(i in eos for i in stops)
@@ -434,19 +431,24 @@ def _merged_folder_stops(model: str) -> bool:
 def tool_call_samples(model: str, revision: str | None = None) -> list[dict]:
     """The tool calls training recorded in a merged folder (local, or published to the Hub with it): how the
     template renders each, and the calls. Empty when there is no record."""
-    path = Path(model).expanduser() / MERGE_INFO
-    if not path.is_file() and hub_id(model):
+    folder = Path(model).expanduser()
+    if not (folder / MERGE_INFO).is_file() and hub_id(model):
         try:
             from huggingface_hub import hf_hub_download
 
-            path = Path(hf_hub_download(model, MERGE_INFO, revision=revision))
+            folder = Path(hf_hub_download(model, MERGE_INFO, revision=revision)).parent
         except Exception as exc:  # noqa: BLE001 - not ours, or the Hub unreachable: serve without the record
             log.info("no %s in %s (%s): no recorded tool calls", MERGE_INFO, model, type(exc).__name__)
             return []
+    return (_json_file(folder / MERGE_INFO) or {}).get("tool_call_samples") or []
+
+
+def _json_file(path: Path) -> dict | None:
+    """A JSON file's object, or None when it is missing or unreadable."""
     try:
-        return json.loads(path.read_text()).get("tool_call_samples") or []
+        return json.loads(path.read_text())
     except (OSError, ValueError):
-        return []
+        return None
 
 
 def _parser_names() -> list[str]:
