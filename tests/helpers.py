@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,27 @@ def run_train(env: dict[str, str], *args: str, cwd: Path, timeout: int = 600) ->
     return subprocess.run(
         train_cmd(*args), env=clean_env(**env), cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
+
+
+def start_train(env: dict, cwd: Path) -> subprocess.Popen:
+    """The training entrypoint started in the background, its stderr merged into stdout (read with wait_for)."""
+    return subprocess.Popen(
+        train_cmd(), env=clean_env(**env), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def wait_for(proc: subprocess.Popen, needle: str, timeout: float = 300) -> str:
+    """Read `proc`'s output until a line holds `needle`; what was read."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    raise AssertionError(f"{needle!r} never appeared:\n{''.join(seen)[-3000:]}")
 
 
 def copy_output(src: Path, dst: Path) -> Path:

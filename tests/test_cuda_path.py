@@ -173,18 +173,16 @@ def test_the_nf4_replay_runs_where_training_quantized(monkeypatch):
 def test_the_model_is_loaded_on_this_process_gpu_whatever_the_strategy(monkeypatch, strategy, local_rank):
     """No device_map means TRL's device_map="auto", which spreads the model over every visible GPU and which
     accelerate refuses to train in a process group: each process names its own GPU."""
-    import trl.trainer.utils
-
     from tuneserve import model
     from tuneserve.tokenizer import TokenizerInfo
 
     seen = {}
 
-    def capture(name, **kwargs):
+    def capture(name, revision, **kwargs):  # what load_base hands TRL's create_model_from_path
         seen.update(kwargs)
         raise OSError("captured")
 
-    monkeypatch.setattr(trl.trainer.utils, "create_model_from_path", capture)
+    monkeypatch.setattr(model, "load_base", capture)
     monkeypatch.setenv("LOCAL_RANK", local_rank)
     cfg = settings(DISTRIBUTED_STRATEGY=strategy)
     with pytest.raises(ConfigError, match="captured"):

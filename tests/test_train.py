@@ -6,13 +6,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import LEARN_ENV, QA, clean_env, qa_messages, run_train, train_cmd, write_jsonl
+from tests.helpers import (
+    LEARN_ENV,
+    QA,
+    qa_messages,
+    run_train,
+    start_train,
+    wait_for,
+    write_jsonl,
+)
 from tuneserve.exitcodes import ExitCode
 
 pytestmark = pytest.mark.slow
@@ -174,25 +181,6 @@ def test_check_runs_preflight_only_and_writes_nothing(tmp_path, chatml_base, qa_
 
 
 # ------------------------------------------------------------------------------------------- preemption
-def _start(env: dict, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        train_cmd(), env=clean_env(**env), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
-def _wait_for(proc: subprocess.Popen, needle: str, timeout: float = 300) -> str:
-    seen = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if needle in line:
-            return "".join(seen)
-    raise AssertionError(f"{needle!r} never appeared:\n{''.join(seen)[-3000:]}")
-
-
 def test_sigterm_saves_checkpoint_exits_143_and_rerun_resumes_to_the_same_final_step(tmp_path, chatml_base, qa_dataset):
     out = tmp_path / "out"
     env = {
@@ -205,8 +193,8 @@ def test_sigterm_saves_checkpoint_exits_143_and_rerun_resumes_to_the_same_final_
         "LOGGING_STEPS": "1",
         "MERGE": "false",
     }
-    proc = _start(env, tmp_path)
-    _wait_for(proc, "'loss'")  # the first logged step: training is under way
+    proc = start_train(env, tmp_path)
+    wait_for(proc, "'loss'")  # the first logged step: training is under way
     proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=300)[0]
     assert proc.returncode == ExitCode.TERMINATED, rest[-3000:]
@@ -250,8 +238,8 @@ def test_sigterm_before_training_exits_143_without_checkpoint(tmp_path, chatml_b
     # 30,000 rows take many seconds to tokenize: the signal lands in the preflight, before training.
     big = write_jsonl(tmp_path / "big.jsonl", qa_messages() * 3750)
     out = tmp_path / "out"
-    proc = _start({"BASE_MODEL": str(chatml_base), "DATASET": str(big), "OUTPUT_DIR": str(out)}, tmp_path)
-    _wait_for(proc, "30000 training rows")
+    proc = start_train({"BASE_MODEL": str(chatml_base), "DATASET": str(big), "OUTPUT_DIR": str(out)}, tmp_path)
+    wait_for(proc, "30000 training rows")
     proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=120)[0]
     assert proc.returncode == ExitCode.TERMINATED, rest[-2000:]
@@ -362,14 +350,15 @@ def test_token_file_reaches_huggingface_hub_through_the_environment(tmp_path, mo
 def test_a_run_interrupted_twice_trains_the_rows_and_weights_of_an_uninterrupted_one(tmp_path, chatml_base, qa_dataset):
     from safetensors.torch import load_file
 
-    # 8 rows, 2 a micro-batch, 2 micro-batches a step: 2 steps an epoch, 12 steps in all.
+    # 8 rows, 2 a micro-batch, 3 micro-batches a step: 2 steps an epoch (the second takes the epoch's last
+    # micro-batch alone, as accumulation does not divide the epoch), 12 steps in all.
     env = {
         "BASE_MODEL": str(chatml_base),
         "DATASET": str(qa_dataset),
         "NUM_TRAIN_EPOCHS": "6",
         "MAX_SEQ_LENGTH": "48",
         "PER_DEVICE_TRAIN_BATCH_SIZE": "2",
-        "GRADIENT_ACCUMULATION_STEPS": "2",
+        "GRADIENT_ACCUMULATION_STEPS": "3",
         "SAVE_STEPS": "1000",
         "LOGGING_STEPS": "1",
         "MERGE": "false",
@@ -381,9 +370,9 @@ def test_a_run_interrupted_twice_trains_the_rows_and_weights_of_an_uninterrupted
     out = tmp_path / "interrupted"
     stops = []
     for losses_before_stop in (1, 3):  # the second stop lands further on than the first
-        proc = _start({**env, "OUTPUT_DIR": str(out)}, tmp_path)
+        proc = start_train({**env, "OUTPUT_DIR": str(out)}, tmp_path)
         for _ in range(losses_before_stop):
-            _wait_for(proc, "'loss'")
+            wait_for(proc, "'loss'")
         proc.send_signal(signal.SIGTERM)
         rest = proc.communicate(timeout=300)[0]
         assert proc.returncode == ExitCode.TERMINATED, rest[-3000:]

@@ -3,8 +3,14 @@
 transformers writes a checkpoint file by file into `checkpoint-<step>/`; a process killed mid-save (the
 grace period ran out, the node died) leaves a folder that looks like a checkpoint but is not one. A
 checkpoint counts as complete only when the trainer callback has marked it (`COMPLETE_MARKER`, written
-after every file of it is on disk) and its files pass structural checks (trainer_state.json parses,
+after every process wrote its part) and its files pass structural checks (trainer_state.json parses,
 each safetensors file is as long as its header says).
+
+What a checkpoint holds depends on how the run trains: one process or DDP write `optimizer.pt`; FSDP writes
+the optimizer through accelerate as `optimizer.bin` (full state dict) or `optimizer_0/` (sharded, one file per
+process) and may write the weights as `pytorch_model_fsdp_0/`; `SFT_SAVE_ONLY_MODEL=true` writes no optimizer
+at all. So the mark lists every file the trainer wrote, with its size, and a checkpoint is complete when each is
+there at that size: whatever the strategy, without a rule per layout.
 """
 
 from __future__ import annotations
@@ -34,25 +40,44 @@ def safetensors_ok(path: Path) -> bool:
         return False
 
 
+def inventory(ckpt: Path) -> dict[str, int]:
+    """Every file under `ckpt` (relative path -> size), the mark aside."""
+    return {
+        str(p.relative_to(ckpt)): p.stat().st_size
+        for p in sorted(ckpt.rglob("*"))
+        if p.is_file() and p.name not in (COMPLETE_MARKER, f".{COMPLETE_MARKER}.tmp")
+    }
+
+
 def problem(ckpt: Path) -> str | None:
     """Why `ckpt` cannot be resumed from, or None when it is complete."""
-    if not (ckpt / COMPLETE_MARKER).is_file():
+    try:
+        mark = json.loads((ckpt / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
         return "not marked complete (the save was interrupted)"
     try:
         json.loads((ckpt / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return "trainer_state.json is missing or unreadable"
-    tensors = list(ckpt.glob("*.safetensors"))
-    if not tensors:
-        return "no weights (*.safetensors)"
-    for t in tensors:
+    files = mark.get("files") if isinstance(mark, dict) else None
+    if files is None:  # marked by an earlier version: the one-process layout
+        files = {"optimizer.pt": None, "scheduler.pt": None}
+    for name, size in files.items():
+        p = ckpt / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != size and (size is not None or p.stat().st_size == 0):
+            return f"{name} has {p.stat().st_size} bytes, {size if size is not None else 'more'} were written"
+    if not any(_is_weights(name) for name in files) and not list(ckpt.glob("*.safetensors")):
+        return "no weights (*.safetensors, pytorch_model_fsdp*)"
+    for t in ckpt.glob("*.safetensors"):
         if not safetensors_ok(t):
             return f"{t.name} is truncated or corrupt"
-    for name in ("optimizer.pt", "scheduler.pt"):
-        p = ckpt / name
-        if not p.is_file() or p.stat().st_size == 0:
-            return f"{name} is missing or empty"
     return None
+
+
+def _is_weights(name: str) -> bool:
+    return name.endswith(".safetensors") or name.startswith("pytorch_model")
 
 
 def checkpoints(folder: Path) -> list[tuple[int, Path]]:
@@ -76,12 +101,13 @@ def newest_complete(folder: Path, remove_incomplete: bool = True) -> Path | None
 
 
 def mark_complete(ckpt: Path, step: int) -> None:
+    """Mark `ckpt` complete, listing what is in it (called once every process has written its part)."""
     import os
 
     marker = ckpt / COMPLETE_MARKER
     tmp = ckpt / f".{COMPLETE_MARKER}.tmp"
     with tmp.open("w") as f:
-        json.dump({"step": step}, f)
+        json.dump({"step": step, "files": inventory(ckpt)}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, marker)

@@ -80,6 +80,11 @@ def run(
             return ExitCode.OK
         return int(stages(cfg, args.check) or ExitCode.OK)
     except (PipelineError, Terminated) as exc:
+        # A full disk found while loading (a model download, the dataset cache) surfaces as the loader's error.
+        full = disk_full_message(exc, getattr(cfg, "output_dir", None) if cfg is not None else None)
+        if full is not None and not isinstance(exc, Terminated):
+            log.error("%s", full)
+            return int(ExitCode.DISK_FULL)
         log.error("%s", exc.message)
         return int(exc.exit_code)
     except KeyboardInterrupt:

@@ -39,7 +39,14 @@ G_MODEL, G_DATA, G_LOSS, G_QUANT, G_LORA, G_TRAIN, G_DIST, G_MERGE, G_PUBLISH, G
 TRAIN_VARS = [
     # ---- model
     Var("BASE_MODEL", "str", None, "Base model: Hub id (org/name) or local directory.", G_MODEL, required=True),
-    Var("BASE_MODEL_REVISION", "str", None, "Hub revision (branch, tag or commit) of BASE_MODEL.", G_MODEL),
+    Var(
+        "BASE_MODEL_REVISION",
+        "str",
+        None,
+        "Hub revision (branch, tag or commit) of BASE_MODEL. Unset: the default branch, whose commit the first run "
+        "pins in run.json for every later stage and retry.",
+        G_MODEL,
+    ),
     Var(
         "TOKENIZER",
         "str",
@@ -47,6 +54,7 @@ TRAIN_VARS = [
         "Tokenizer to use instead of BASE_MODEL's (e.g. the -it tokenizer with a -pt model, as the Gemma guide does).",
         G_MODEL,
     ),
+    Var("TOKENIZER_REVISION", "str", None, "Hub revision of TOKENIZER (pinned as BASE_MODEL_REVISION is).", G_MODEL),
     Var("TRUST_REMOTE_CODE", "bool", False, "Allow model/tokenizer code from the Hub repository to run.", G_MODEL),
     Var(
         "ATTN_IMPLEMENTATION",
@@ -75,6 +83,7 @@ TRAIN_VARS = [
         required=True,
     ),
     Var("DATASET_CONFIG", "str", None, "Dataset configuration (subset) name on the Hub.", G_DATA),
+    Var("DATASET_REVISION", "str", None, "Hub revision of DATASET (pinned as BASE_MODEL_REVISION is).", G_DATA),
     Var("DATASET_SPLIT", "str", "train", "Split to train on.", G_DATA),
     Var("EVAL_SPLIT", "str", None, "Split held out for evaluation (exclusive with EVAL_SIZE).", G_DATA),
     Var(

@@ -322,7 +322,7 @@ def _load_split(cfg: Settings, split: str, files: list[FileRows] | None):
                 return datasets.load_dataset(builder, data_files=str(path), split="train"), origin
             dd = datasets.load_dataset(str(path))
         else:
-            dd = datasets.load_dataset(ref, cfg.dataset_config)
+            dd = datasets.load_dataset(ref, cfg.dataset_config, revision=cfg.dataset_revision)
     except (ConfigError, DataError):
         raise
     except Exception as exc:  # datasets raises many types (DatasetGenerationError, ArrowInvalid, ...)
@@ -868,10 +868,14 @@ def tool_call_samples(tok, examples: list[Example], end_of_turn: str | None, lim
 def write_jsonl(path: Path, examples: list[Example]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
-        for ex in examples:
-            f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w") as f:
+            for ex in examples:
+                f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk, say) leaves nothing behind
+        raise
 
 
 @dataclass

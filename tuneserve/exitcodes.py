@@ -23,8 +23,9 @@ class ExitCode(enum.IntEnum):
 EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.OK: "Success: every enabled stage finished.",
     ExitCode.UNEXPECTED: "Unexpected error (a bug or an environment failure); the traceback is printed.",
-    ExitCode.CONFIG: "Configuration error: every problem is listed at once (variable, value, what is allowed). "
-    "Retrying will not help.",
+    ExitCode.CONFIG: "Configuration error: every problem is listed at once (variable, value, what is allowed); "
+    "or OUTPUT_DIR is not writable, is not a tuneserve run, holds a run with other settings, or is in use by "
+    "another run (named). Retrying will not help.",
     ExitCode.DATA: "Dataset error: missing file or columns, malformed JSON, wrong types, null template columns, "
     "rows the chat template refuses, tools it does not render, empty, too many rows longer than MAX_SEQ_LENGTH, "
     "rows without tokens to learn from; each row named by file and line (or split and row). "
@@ -100,20 +101,19 @@ def disk_full_message(exc: BaseException, output_dir: str | None) -> str | None:
         seen.add(id(exc))
         chain.append(exc)
         exc = exc.__cause__ or exc.__context__
-    path = next(
-        (
-            e.filename or output_dir or "."
-            for e in chain
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-        ),
-        None,
-    )
 
     def usage(where: str):
         p = Path(where).expanduser().absolute()
         while not p.exists():
             p = p.parent
         return shutil.disk_usage(p)
+
+    full = [e for e in chain if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)]
+    path = None
+    if full:
+        # A write that names no file (the dataset cache's Arrow writer, say): of the folders a run writes, the
+        # one on the fullest disk.
+        path = full[0].filename or min(written_folders(output_dir), key=lambda f: usage(f).free)
 
     if path is None:
         if output_dir is None or not any(w in str(e) for e in chain for w in WRITE_FAILURES):
@@ -127,6 +127,17 @@ def disk_full_message(exc: BaseException, output_dir: str | None) -> str | None:
         "Everything finished is kept and the failed stage's temporary files were removed; free or enlarge the "
         "volume, then rerun with the same OUTPUT_DIR to continue"
     )
+
+
+def written_folders(output_dir: str | None) -> list[str]:
+    """Where a run writes: OUTPUT_DIR, the Hub download cache, the datasets cache, the temporary folder."""
+    import os
+    import tempfile
+
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub")
+    datasets = os.environ.get("HF_DATASETS_CACHE") or os.path.join(home, "datasets")
+    return [f for f in (output_dir, hub, datasets, tempfile.gettempdir()) if f]
 
 
 class Terminated(BaseException):

@@ -2,6 +2,7 @@
 
     OUTPUT_DIR/
       run.json             marks the directory as a tuneserve run; the fingerprint of its settings (rundir.py)
+      .tuneserve.lock      held by the one run using the directory (runlock.py)
       config.json          resolved configuration, secrets masked
       data/                shaped rows the model was trained and will be evaluated on (jsonl)
       checkpoints/         trainer checkpoints (checkpoint-<step>/, each marked complete when fully written)
@@ -53,6 +54,7 @@ def scratch(folder: Path) -> Path:
 @dataclass(frozen=True)
 class Layout:
     root: Path
+    DIGESTS = ".tuneserve-digests.json"  # rundir.Digests: local inputs' sha256, by path, size and times
 
     @classmethod
     def of(cls, output_dir: str | os.PathLike) -> Layout:
@@ -61,6 +63,10 @@ class Layout:
     @property
     def run_record(self) -> Path:
         return self.root / "run.json"
+
+    @property
+    def digests(self) -> Path:
+        return self.root / self.DIGESTS
 
     @property
     def config(self) -> Path:

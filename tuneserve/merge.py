@@ -367,12 +367,11 @@ def merge_sharded(
 def merge_with_peft(base_ref: str, revision: str | None, adapter_dir: Path, out: Path, dtype_name: str) -> None:
     """Fallback: PEFT's merge_and_unload on the whole model (memory is not bounded)."""
     import torch
-    from trl.trainer.utils import create_model_from_path
 
-    from tuneserve.model import attach_adapter
+    from tuneserve.model import attach_adapter, load_base
 
     log.warning("merging with PEFT's merge_and_unload: the whole model is loaded into memory")
-    model = create_model_from_path(base_ref, revision=revision, dtype=getattr(torch, dtype_name), device_map=None)
+    model = load_base(base_ref, revision, dtype=getattr(torch, dtype_name), device_map=None)
     attach_adapter(model, adapter_dir).merge_and_unload().save_pretrained(str(out))
 
 

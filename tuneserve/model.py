@@ -304,17 +304,38 @@ def model_config(cfg: Settings):
     return config
 
 
+def load_base(ref: str, revision: str | None = None, **kwargs):
+    """TRL's create_model_from_path, the model class chosen from the config at `revision`.
+
+    create_model_from_path picks the class from the config of the default branch whatever `revision` says (TRL
+    1.16), which would read a moving branch in a run pinned to a commit; so the class is chosen here the way it
+    chooses it, from the pinned config."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from trl.trainer.utils import create_model_from_path
+
+    config = AutoConfig.from_pretrained(
+        ref, revision=revision, trust_remote_code=kwargs.get("trust_remote_code", False)
+    )
+    architecture = getattr(transformers, (config.architectures or [""])[0], None)
+    if architecture is None:  # remote code: the most specific auto class its auto_map declares
+        auto_map = getattr(config, "auto_map", None) or {}
+        architecture = next(
+            (c for c in (AutoModelForImageTextToText, AutoModelForCausalLM) if c.__name__ in auto_map),
+            AutoModelForCausalLM,
+        )
+    if revision:
+        kwargs["revision"] = revision
+    return create_model_from_path(ref, architecture=architecture, **kwargs)
+
+
 def load_model(cfg: Settings, tok_info, placement: Placement):
     """The base model, quantized when LOAD_IN_4BIT, its embeddings resized for added tokens.
 
     The model class follows the checkpoint's config (TRL's `create_model_from_path`): a multimodal
     base such as Gemma 3 4B loads as its image-text-to-text class and trains on text rows too.
     """
-    from trl.trainer.utils import create_model_from_path
-
     kwargs = dict(dtype=placement.dtype, trust_remote_code=cfg.trust_remote_code)
-    if cfg.base_model_revision:
-        kwargs["revision"] = cfg.base_model_revision
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     quant = get_quantization_config(cfg, placement)
@@ -332,7 +353,7 @@ def load_model(cfg: Settings, tok_info, placement: Placement):
         placement.device,
     )
     try:
-        model = create_model_from_path(cfg.base_model, **kwargs)
+        model = load_base(cfg.base_model, cfg.base_model_revision, **kwargs)
     except OSError as exc:
         raise ConfigError(
             f"BASE_MODEL={cfg.base_model!r}: cannot load the model ({str(exc).splitlines()[0]})"

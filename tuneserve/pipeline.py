@@ -7,6 +7,7 @@ verified -> publish only. So a failed publish is retried by rerunning, without r
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -18,6 +19,19 @@ from tuneserve.layout import MERGE_BASES, MERGE_INFO, Layout, merged_id, read_js
 from tuneserve.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+# What verify and evaluate are run with: a change reruns them on an unchanged merged folder.
+CHECK_SETTINGS = (
+    "VERIFY_SAMPLES",
+    "VERIFY_MAX_NEW_TOKENS",
+    "VERIFY_MAX_PROB_DIFF",
+    "VERIFY_COMPARE_MERGE_BASES",
+    "EVAL_MAX_SAMPLES",
+    "EVAL_MAX_NEW_TOKENS",
+    "EVAL_SQL_EXECUTION",
+    "EVAL_SQL_CONTEXT_FIELD",
+)
 
 
 def banner(text: str) -> None:
@@ -44,21 +58,25 @@ def adapter_repo(cfg: Settings) -> str:
 
 def run(cfg: Settings, check_only: bool = False) -> int:
     from tuneserve import launch
+    from tuneserve.model import resolve_placement
 
     signals.install()
     use_token(cfg)
     layout = Layout.of(cfg.output_dir)
-    preflight_stage(cfg, layout, write=not check_only)
+    placement = resolve_placement(cfg)  # the fingerprint records the device class and dtype
+    preflight_stage(cfg, layout, placement, write=not check_only)
     if check_only:
         from tuneserve import train
 
-        placement, tok_info, prepared = prepare(cfg, data_dir=None)
+        tok_info, prepared = prepare(cfg, data_dir=None)
         train.check(cfg, layout, tok_info, prepared, placement)
         log.info("preflight passed: %s", prepared.stats)
         return ExitCode.OK
-    code = train_stage(cfg, layout)
+    code = train_stage(cfg, layout, placement)
     if code != ExitCode.OK:
         return code
+    if launch.runs_final_stages(cfg):
+        ledger_gate(layout)
     if not launch.runs_final_stages(cfg):  # the one process that merges, verifies and publishes
         who = f"rank {launch.rank()}" if launch.in_worker() else f"node {cfg.node_rank}"
         log.info(
@@ -76,33 +94,33 @@ def run(cfg: Settings, check_only: bool = False) -> int:
     return ExitCode.OK
 
 
-def preflight_stage(cfg: Settings, layout: Layout, *, write: bool) -> None:
-    """Before anything is loaded: the Hub token may write to every target, and OUTPUT_DIR is this run's (both
-    checked by the process that owns OUTPUT_DIR's shared files; nothing is written before this)."""
+def preflight_stage(cfg: Settings, layout: Layout, placement, *, write: bool) -> None:
+    """Before anything is loaded: the Hub token may write to every target, and OUTPUT_DIR is this run's, locked
+    and pinned (both checked by the process that owns OUTPUT_DIR's shared files; nothing is written before this).
+    The other processes of a multi-GPU run load the commits the claim pinned (Settings.pin)."""
     from tuneserve import launch, publish
 
     banner("preflight")
     if not launch.runs_final_stages(cfg):
+        rundir.follow(cfg, layout)
         return
     repos = publish_targets(cfg)
     if repos:
         publish.preflight(repos, attempts=cfg.publish_retries, backoff=cfg.publish_backoff_seconds)
-    rundir.claim(cfg, layout, write=write)
+    rundir.claim(cfg, layout, placement, write=write)
 
 
 def prepare(cfg: Settings, *, data_dir: Path | None):
-    """Where training runs, the dataset shaped and tokenized (written to `data_dir` unless None), the tokenizer:
-    everything `--check` checks. Returns (placement, tokenizer info, prepared rows)."""
+    """The dataset shaped and tokenized (written to `data_dir` unless None), the tokenizer: what `--check` checks
+    of the data. Returns (tokenizer info, prepared rows)."""
     from tuneserve import tokenizer
-    from tuneserve.model import resolve_placement
 
-    placement = resolve_placement(cfg)
     shaped = data.load_and_shape(cfg)
     tok_info = tokenizer.prepare_tokenizer(cfg, needs_template=shaped.is_chat)
-    return placement, tok_info, data.tokenize(cfg, tok_info, shaped, data_dir)
+    return tok_info, data.tokenize(cfg, tok_info, shaped, data_dir)
 
 
-def train_stage(cfg: Settings, layout: Layout) -> int:
+def train_stage(cfg: Settings, layout: Layout, placement) -> int:
     """Train in this process, or start one process per GPU and wait for them. Skipped when the adapter exists."""
     from tuneserve import launch, train
 
@@ -114,13 +132,26 @@ def train_stage(cfg: Settings, layout: Layout) -> int:
         signals.install()  # the launcher leaves its own SIGTERM handler in place
         return code
     main = launch.is_main()  # with several processes, rank 0 alone writes the shared files
-    placement, tok_info, prepared = prepare(cfg, data_dir=layout.data if main else None)
+    tok_info, prepared = prepare(cfg, data_dir=layout.data if main else None)
     if main:
         layout.root.mkdir(parents=True, exist_ok=True)
         write_json_atomic(layout.config, cfg.masked())
     banner(f"train: {'QLoRA' if cfg.load_in_4bit else 'LoRA'} SFT on {placement.device} ({placement.dtype_name})")
     train.train(cfg, layout, tok_info, prepared, placement)
     return ExitCode.OK
+
+
+def ledger_gate(layout: Layout) -> None:
+    """Nothing is merged or published from a run whose ledger shows rows trained other than once per epoch (a
+    resume that skipped or repeated data): exit 4 with the ledger's report. Checked on every run, reruns too."""
+    report = read_json(layout.train_report) or {}
+    ledger = report.get("ledger_check") or {}
+    if ledger.get("verified") is False:
+        raise VerifyError(
+            "the training ledger does not show every row trained once per epoch; nothing will be merged or "
+            f"published. Ledger check: {json.dumps(ledger)}. Details: {layout.train_report}. Train again: a new "
+            "OUTPUT_DIR, or remove adapter/ and checkpoints/ from this one"
+        )
 
 
 def merge_stage(cfg: Settings, layout: Layout) -> None:
@@ -139,9 +170,17 @@ def verify_stage(cfg: Settings, layout: Layout) -> None:
 
     previous = read_json(layout.verify_report)
     current = merged_id(layout.merged)
+    settings = {name: cfg.get(name) for name in CHECK_SETTINGS}
     if previous and previous.get("passed") and previous.get("merged_id") == current:
-        log.info("verification already passed for this merged folder; skipping")
-        return
+        changed = [
+            f"{k}: {previous.get('settings', {}).get(k)!r} -> {v!r}"
+            for k, v in settings.items()
+            if previous.get("settings", {}).get(k) != v
+        ]
+        if not changed:
+            log.info("verification already passed for this merged folder with these settings; skipping")
+            return
+        log.info("verification passed before with other settings (%s): verifying again", "; ".join(changed))
     banner("verify: load the merged folder, generate, compare with the adapter model")
     alternative = None
     if cfg.verify_compare_merge_bases:
@@ -165,6 +204,7 @@ def verify_stage(cfg: Settings, layout: Layout) -> None:
         if alternative is not None:
             shutil.rmtree(alternative, ignore_errors=True)
     report["merged_id"] = current
+    report["settings"] = settings
     problems = verify.failures(report)
     if problems:
         write_json_atomic(layout.verify_report, report)

@@ -210,6 +210,13 @@ class Settings:
     def get(self, name: str) -> Any:
         return self._values[name]
 
+    def pin(self, name: str, value: Any, source: str) -> None:
+        """Fix NAME for the rest of the run, and for the processes it starts (a Hub revision resolved to its commit
+        by rundir); `source` says where the value came from."""
+        self._values[name] = value
+        self.sources[name] = source
+        os.environ[name] = str(value)
+
     def masked(self) -> dict[str, Any]:
         """The resolved configuration, secrets replaced by `***` (used for printing and for files)."""
         out: dict[str, Any] = {}

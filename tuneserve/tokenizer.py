@@ -42,7 +42,7 @@ def load_tokenizer(cfg: Settings):
     from transformers import AutoTokenizer
 
     ref = cfg.tokenizer or cfg.base_model
-    revision = cfg.base_model_revision if cfg.tokenizer is None else None
+    revision = cfg.base_model_revision if cfg.tokenizer is None else cfg.tokenizer_revision
     try:
         return AutoTokenizer.from_pretrained(ref, revision=revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:

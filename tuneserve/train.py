@@ -177,6 +177,11 @@ def _callbacks(recorder: RowRecorder | None):
 
         stopped_by_signal = False
 
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            if recorder is not None and train_dataloader is not None:
+                recorder.per_epoch = len(train_dataloader)
+            return control
+
         def on_step_end(self, args, state, control, **kwargs):
             if _stop_requested(args.device):
                 self.stopped_by_signal = True
@@ -209,6 +214,7 @@ class RowRecorder:
 
     def __init__(self, rows, accumulation: int):
         self.collator, self.accumulation = None, accumulation  # the trainer's collator, wrapped once it exists
+        self.per_epoch = 0  # micro-batches this process takes per epoch, set when training begins
         self.index: dict[str, int] = {}
         self.rows: list[int] = []  # each training row's index, identical sequences sharing the first
         for i, ids in enumerate(rows):
@@ -238,8 +244,17 @@ class RowRecorder:
         elif step:
             self.earlier = [{"from_step": 0, "to_step": step, "batches": None}]  # a checkpoint without a ledger
 
+    def micro_batches(self, step: int) -> int:
+        """How many micro-batches this process has trained when the optimizer reaches `step`. Every step takes
+        `accumulation` of them, except each epoch's last, which takes what is left of the epoch (transformers'
+        training loop, and its resume, which skips (step % steps per epoch) x accumulation of them)."""
+        if not self.per_epoch:
+            return step * self.accumulation
+        steps = -(-self.per_epoch // self.accumulation)
+        return (step // steps) * self.per_epoch + (step % steps) * self.accumulation
+
     def ledger(self, step: int) -> dict:
-        trained = self.batches[: (step - self.from_step) * self.accumulation]
+        trained = self.batches[: self.micro_batches(step) - self.micro_batches(self.from_step)]
         return {"segments": [*self.earlier, {"from_step": self.from_step, "to_step": step, "batches": trained}]}
 
     def save(self, checkpoint: Path, step: int) -> None:
@@ -261,7 +276,7 @@ def epoch_check(ledgers: list[dict], rows: list[int], batches_per_epoch: list[in
     from collections import Counter
 
     if any(seg["batches"] is None for ledger in ledgers for seg in ledger["segments"]):
-        return {"verified": False, "why": "a segment resumed from a checkpoint without a ledger"}
+        return {"verified": None, "why": "a segment resumed from a checkpoint without a ledger: not checked"}
     batches = [[b for seg in ledger["segments"] for b in seg["batches"]] for ledger in ledgers]
     epochs = max(-(-len(bs) // n) for bs, n in zip(batches, batches_per_epoch))
     expected, bad, repeats = Counter(rows), [], 0

@@ -91,14 +91,11 @@ def load_adapter_model(base_model: str, revision: str | None, adapter_dir: Path,
     """The model as training computed it: base (4-bit when trained so) + adapter."""
     import torch
     from transformers import BitsAndBytesConfig
-    from trl.trainer.utils import create_model_from_path
 
-    from tuneserve.model import attach_adapter
+    from tuneserve.model import attach_adapter, load_base
 
     dtype = getattr(torch, meta.get("dtype", "bfloat16"))
     kwargs: dict[str, Any] = dict(dtype=dtype, device_map={"": device()})
-    if revision:
-        kwargs["revision"] = revision
     quant = meta.get("quantization")
     if meta.get("load_in_4bit") and quant:
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -107,7 +104,7 @@ def load_adapter_model(base_model: str, revision: str | None, adapter_dir: Path,
             bnb_4bit_use_double_quant=quant["double_quant"],
             bnb_4bit_compute_dtype=dtype,
         )
-    return attach_adapter(create_model_from_path(base_model, **kwargs), adapter_dir).eval()
+    return attach_adapter(load_base(base_model, revision, **kwargs), adapter_dir).eval()
 
 
 def next_token_logits(model, prompts_ids: list[list[int]]):
