@@ -40,7 +40,12 @@ def rerun_env(base: Path, dataset: Path, out: Path, **changes: str) -> dict[str,
 
 
 def tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file under `root` and its bytes; the lock aside (a refused rerun takes it to read the run's state)."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".tuneserve.lock"
+    }
 
 
 def test_a_directory_that_is_not_a_run_is_refused_and_left_as_it_was(tmp_path, chatml_base, qa_dataset):

@@ -62,6 +62,9 @@ def problem(ckpt: Path) -> str | None:
     files = mark.get("files") if isinstance(mark, dict) else None
     if files is None:  # marked by an earlier version: the one-process layout
         files = {"optimizer.pt": None, "scheduler.pt": None}
+    for t in ckpt.glob("*.safetensors"):
+        if not safetensors_ok(t):
+            return f"{t.name} is truncated or corrupt"
     for name, size in files.items():
         p = ckpt / name
         if not p.is_file():
@@ -70,9 +73,6 @@ def problem(ckpt: Path) -> str | None:
             return f"{name} has {p.stat().st_size} bytes, {size if size is not None else 'more'} were written"
     if not any(_is_weights(name) for name in files) and not list(ckpt.glob("*.safetensors")):
         return "no weights (*.safetensors, pytorch_model_fsdp*)"
-    for t in ckpt.glob("*.safetensors"):
-        if not safetensors_ok(t):
-            return f"{t.name} is truncated or corrupt"
     return None
 
 
