@@ -82,3 +82,28 @@ def rendered() -> dict[str, list[dict]]:
     from tests.k8s_helpers import K8S, OVERLAYS, render
 
     return {name: render.build(K8S / "overlays" / name) for name in OVERLAYS}
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 600 KB (root only: mount); `resize(kb)` grows it as an operator would enlarge a volume."""
+    import os
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)], capture_output=True, text=True, check=False
+    )
+    if res.returncode != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot mount a small tmpfs for the disk-full test: {res.stderr.strip()}")
+        pytest.skip(f"mounting a tmpfs needs root: {res.stderr.strip()}")
+
+    def resize(kb: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={kb}k", str(mnt)], check=True)
+
+    try:
+        yield mnt, resize
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -139,31 +139,6 @@ def test_a_long_value_is_cut_in_the_error(tmp_path):
     assert "... (100052 characters)" in line and len(line) < 400
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs of 600 KB (root only: mount); `resize(kb)` grows it as an operator would enlarge a volume."""
-    import os
-    import subprocess
-
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    res = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)], capture_output=True, text=True, check=False
-    )
-    if res.returncode != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"cannot mount a small tmpfs for the disk-full test: {res.stderr.strip()}")
-        pytest.skip(f"mounting a tmpfs needs root: {res.stderr.strip()}")
-
-    def resize(kb: int) -> None:
-        subprocess.run(["mount", "-o", f"remount,size={kb}k", str(mnt)], check=True)
-
-    try:
-        yield mnt, resize
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_a_full_disk_exits_74_keeps_what_is_finished_and_a_rerun_with_space_continues(
     tmp_path, small_disk, chatml_base, qa_dataset
 ):
@@ -445,7 +420,7 @@ def test_an_output_dir_this_user_cannot_write_exits_2_naming_the_folder_the_user
 def test_a_checkpoint_without_optimizer_pt_resumes_and_an_unverified_ledger_blocks_publishing(
     tmp_path, chatml_base, qa_dataset
 ):
-    from tuneserve.checkpoints import COMPLETE_MARKER, mark_complete
+    from tuneserve.checkpoints import COMPLETE_MARKER
 
     # 8 rows one at a time, 3 per step: 3 steps an epoch (3 + 3 + 2 micro-batches), 6 in all; a checkpoint at 4.
     env = {
@@ -480,9 +455,20 @@ def test_a_checkpoint_without_optimizer_pt_resumes_and_an_unverified_ledger_bloc
     ledger = json.loads(ledger_file.read_text())
     ledger["segments"][-1]["batches"].pop(0)
     ledger_file.write_text(json.dumps(ledger))
-    mark_complete(ledger_file.parent, 4)
     res = run_train({**env, "OUTPUT_DIR": str(tampered), "MERGE": "true"}, cwd=tmp_path)
     assert res.returncode == ExitCode.VERIFY, res.stderr[-3000:]
     assert "the training ledger does not show every row trained once per epoch" in res.stderr
     assert '"epochs_not_once_each": [0]' in res.stderr
     assert not (tampered / "merged").exists() and "==== merge" not in res.stderr
+
+
+def test_a_full_disk_while_quantizing_is_named_and_leaves_no_scratch_folder(small_disk, trained_output):
+    from tuneserve.exitcodes import disk_full_message
+    from tuneserve.quantize import quantize
+
+    disk, resize = small_disk
+    resize(200)  # the int8 weights alone are larger
+    with pytest.raises(Exception) as full:
+        quantize(trained_output / "merged", disk / "quantized", scheme="int8")
+    assert disk_full_message(full.value, str(disk)).startswith(f"no space left on the disk of {disk}")
+    assert list(disk.iterdir()) == []  # neither quantized/ nor its scratch folder

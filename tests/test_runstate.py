@@ -246,6 +246,25 @@ def test_a_checkpoint_is_complete_by_what_the_trainer_wrote_in_each_layout(tmp_p
     assert checkpoints.problem(folder / "checkpoint-2") == f"{sorted(listed)[0]} is missing"
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_mark_without_a_file_list_takes_what_is_there_in_any_layout_and_json_is_read_not_measured(tmp_path, layout):
+    ckpt = tmp_path / "checkpoint-5"
+    _trainer_files(ckpt, 5)
+    LAYOUTS[layout](ckpt)
+    (ckpt / checkpoints.COMPLETE_MARKER).write_text(json.dumps({"step": 5}))  # an earlier version's mark
+    assert checkpoints.problem(ckpt) is None
+    (ckpt / "scheduler.pt").write_bytes(b"")  # a state file of the trainer's left empty
+    assert checkpoints.problem(ckpt) == "scheduler.pt has 0 bytes, more were written"
+    # With the list: a JSON file of the checkpoint edited (the ledger, say) is still whole; one cut short is not.
+    (ckpt / "scheduler.pt").write_bytes(b"s" * 10)
+    (ckpt / "ledger-rank0.json").write_text(json.dumps({"segments": []}))
+    checkpoints.mark_complete(ckpt, 5)
+    (ckpt / "ledger-rank0.json").write_text(json.dumps({"segments": [{"from_step": 0}]}))
+    assert checkpoints.problem(ckpt) is None
+    (ckpt / "ledger-rank0.json").write_text('{"segments": [')
+    assert checkpoints.problem(ckpt) == "ledger-rank0.json is not readable JSON"
+
+
 def test_an_unmarked_checkpoint_is_incomplete_whatever_it_holds(tmp_path):
     ckpt = tmp_path / "checkpoint-3"
     _trainer_files(ckpt, 3)
@@ -270,3 +289,32 @@ def test_the_micro_batches_of_a_step_follow_the_training_loop_when_accumulation_
     recorder = RowRecorder([], accumulation)
     recorder.per_epoch = per_epoch
     assert [recorder.micro_batches(step) for step in range(len(taken))] == taken
+
+
+# ------------------------------------------------------------------------------------------- a full disk
+def test_a_failed_write_names_the_full_disk_whether_or_not_the_error_says_which(small_disk, tmp_path, monkeypatch):
+    import errno
+
+    from tuneserve.exitcodes import DataError, disk_full_message
+
+    disk, resize = small_disk
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(disk / "datasets"))
+    with pytest.raises(OSError) as full, (disk / "filler").open("wb") as f:  # fill it, as a cache writer would
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+    assert full.value.errno == errno.ENOSPC
+    out = str(tmp_path / "out")  # OUTPUT_DIR has room: the full disk is the cache's
+    for cause in (OSError(errno.ENOSPC, "No space left on device"), OSError("Arrow: No space left on device")):
+        try:
+            try:
+                raise cause
+            except OSError:
+                raise DataError("DATASET='rows.jsonl': cannot be loaded") from None  # as data.py wraps it
+        except DataError as exc:
+            message = disk_full_message(exc, out)
+        assert message.startswith(f"no space left on the disk of {disk / 'datasets'} (0.0 MB free of 0.6 MB)")
+    assert disk_full_message(DataError("DATASET='rows.jsonl' split 'train' is empty"), out) is None
+    (disk / "filler").unlink()
+    resize(128 << 10)  # the volume enlarged: no folder the run writes is nearly full
+    assert disk_full_message(OSError("Arrow: No space left on device"), out) is None

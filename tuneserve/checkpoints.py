@@ -60,8 +60,8 @@ def problem(ckpt: Path) -> str | None:
     except (OSError, ValueError):
         return "trainer_state.json is missing or unreadable"
     files = mark.get("files") if isinstance(mark, dict) else None
-    if files is None:  # marked by an earlier version: the one-process layout
-        files = {"optimizer.pt": None, "scheduler.pt": None}
+    if files is None:  # marked by an earlier version, without the list: what is there of the trainer's must be whole
+        files = {name: None for name in inventory(ckpt) if name.split("/")[0].startswith(TRAINER_STATE_FILES)}
     for t in ckpt.glob("*.safetensors"):
         if not safetensors_ok(t):
             return f"{t.name} is truncated or corrupt"
@@ -69,11 +69,20 @@ def problem(ckpt: Path) -> str | None:
         p = ckpt / name
         if not p.is_file():
             return f"{name} is missing"
-        if p.stat().st_size != size and (size is not None or p.stat().st_size == 0):
+        if name.endswith(".json"):  # read whole, not measured: a JSON file cut short does not parse
+            try:
+                json.loads(p.read_text())
+            except (OSError, ValueError):
+                return f"{name} is not readable JSON"
+        elif p.stat().st_size != size and (size is not None or p.stat().st_size == 0):
             return f"{name} has {p.stat().st_size} bytes, {size if size is not None else 'more'} were written"
     if not any(_is_weights(name) for name in files) and not list(ckpt.glob("*.safetensors")):
         return "no weights (*.safetensors, pytorch_model_fsdp*)"
     return None
+
+
+# What the trainer writes of its own state into a checkpoint, under any strategy (top-level name prefixes).
+TRAINER_STATE_FILES = ("optimizer", "scheduler", "pytorch_model", "rng_state", "adapter_model", "model")
 
 
 def _is_weights(name: str) -> bool:

@@ -90,8 +90,9 @@ NEARLY_FULL = 64 << 20  # bytes: a failed write with less than this free is take
 def disk_full_message(exc: BaseException, output_dir: str | None) -> str | None:
     """The message for a write that found no space, if `exc` (or what caused it) is one; else None.
 
-    An OSError with errno ENOSPC (or EDQUOT, a quota) says so itself and names its file. torch's writers
-    raise RuntimeError in their own words; those count only when OUTPUT_DIR's disk is nearly full too."""
+    An OSError with errno ENOSPC (or EDQUOT, a quota) says so itself, and usually names its file. torch's writers
+    raise RuntimeError in their own words (Arrow's an OSError without errno); those count only when the disk of
+    a folder the run writes is nearly full too."""
     import errno
     import shutil
     from pathlib import Path
@@ -116,11 +117,13 @@ def disk_full_message(exc: BaseException, output_dir: str | None) -> str | None:
         path = full[0].filename or min(written_folders(output_dir), key=lambda f: usage(f).free)
 
     if path is None:
-        if output_dir is None or not any(w in str(e) for e in chain for w in WRITE_FAILURES):
+        # A failed write in the writer's own words (torch's, Arrow's), where a folder the run writes is nearly full.
+        if not any(w in str(e) for e in chain for w in WRITE_FAILURES):
             return None
-        if usage(output_dir).free >= NEARLY_FULL:
+        nearly_full = [f for f in written_folders(output_dir) if usage(f).free < NEARLY_FULL]
+        if not nearly_full:
             return None
-        path = output_dir
+        path = min(nearly_full, key=lambda f: usage(f).free)
     du = usage(str(path))
     return (
         f"no space left on the disk of {path} ({du.free / 1e6:.1f} MB free of {du.total / 1e6:.1f} MB). "
