@@ -44,7 +44,7 @@ from typing import Any
 
 from tuneserve.config import template_fields
 from tuneserve.exitcodes import ConfigError, DataError
-from tuneserve.layout import EVAL_ROWS, TRAIN_ROWS
+from tuneserve.layout import EVAL_ROWS, TRAIN_ROWS, written_atomically
 from tuneserve.refs import COMPRESSIONS, TEXT_EXTENSIONS, data_extension, looks_local
 from tuneserve.settings import Settings
 from tuneserve.tokenizer import render
@@ -866,16 +866,9 @@ def tool_call_samples(tok, examples: list[Example], end_of_turn: str | None, lim
 
 
 def write_jsonl(path: Path, examples: list[Example]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        with tmp.open("w") as f:
-            for ex in examples:
-                f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write (a full disk, say) leaves nothing behind
-        raise
+    with written_atomically(path) as f:
+        for ex in examples:
+            f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
 
 
 @dataclass

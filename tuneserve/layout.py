@@ -24,9 +24,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from tuneserve.exitcodes import ConfigError
 
@@ -138,19 +140,27 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
+@contextmanager
+def written_atomically(path: Path) -> Iterator[IO[str]]:
+    """A text file to write `path` through: written beside it, renamed into place once complete; a failed write
+    (a full disk, say) leaves nothing behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with tmp.open("w") as f:
-            json.dump(payload, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write (a full disk, say) leaves nothing behind
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    with written_atomically(path) as f:
+        json.dump(payload, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
 
 
 # What a model or adapter folder of this tool holds, whichever way it was written (sharded or not, any tokenizer).

@@ -75,8 +75,6 @@ def run(cfg: Settings, check_only: bool = False) -> int:
     code = train_stage(cfg, layout, placement)
     if code != ExitCode.OK:
         return code
-    if launch.runs_final_stages(cfg):
-        ledger_gate(layout)
     if not launch.runs_final_stages(cfg):  # the one process that merges, verifies and publishes
         who = f"rank {launch.rank()}" if launch.in_worker() else f"node {cfg.node_rank}"
         log.info(
@@ -85,6 +83,7 @@ def run(cfg: Settings, check_only: bool = False) -> int:
             "the launcher on node 0" if launch.in_worker() else "node 0",
         )
         return ExitCode.OK
+    ledger_gate(layout)
     if cfg.merge:
         merge_stage(cfg, layout)
         verify_stage(cfg, layout)
@@ -172,11 +171,8 @@ def verify_stage(cfg: Settings, layout: Layout) -> None:
     current = merged_id(layout.merged)
     settings = {name: cfg.get(name) for name in CHECK_SETTINGS}
     if previous and previous.get("passed") and previous.get("merged_id") == current:
-        changed = [
-            f"{k}: {previous.get('settings', {}).get(k)!r} -> {v!r}"
-            for k, v in settings.items()
-            if previous.get("settings", {}).get(k) != v
-        ]
+        before = previous.get("settings") or {}
+        changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
         if not changed:
             log.info("verification already passed for this merged folder with these settings; skipping")
             return

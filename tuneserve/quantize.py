@@ -50,16 +50,6 @@ def quantized_done(out: Path, merged: Path, scheme: str) -> bool:
     return info.get("scheme") == scheme and info.get("source_id") == merged_id(merged)
 
 
-def _write(model, compressor, merged: Path, tmp: Path) -> None:
-    """The compressed model, its config and the merged folder's tokenizer files into `tmp`."""
-    model.save_pretrained(tmp)
-    compressor.update_config(tmp)
-    for pattern in COPIED:  # tokenizer, chat template, generation config (its stop ids): as merged
-        for f in merged.glob(pattern):
-            if not (tmp / f.name).exists():
-                shutil.copy2(f, tmp / f.name)
-
-
 def quantize(merged: Path, out: Path, *, scheme: str) -> dict[str, Any]:
     """Quantize the merged folder into `out` (written beside it, renamed into place when complete)."""
     import torch
@@ -79,25 +69,26 @@ def quantize(merged: Path, out: Path, *, scheme: str) -> dict[str, Any]:
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
     compressor.compress_model(model)
     try:
-        _write(model, compressor, merged, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failed write (a full disk, say) leaves nothing behind
-        raise
-    info = {
-        "scheme": scheme,
-        "preset": preset,
-        "format": fmt,
-        "source_id": merged_id(merged),
-        "quantized_layers": layers,
-        "ignored": IGNORE,
-        "bytes": sum(p.stat().st_size for p in tmp.glob("*.safetensors")),
-        "source_bytes": sum(p.stat().st_size for p in merged.glob("*.safetensors")),
-        "seconds": round(time.perf_counter() - start, 2),
-    }
-    try:
+        model.save_pretrained(tmp)
+        compressor.update_config(tmp)
+        for pattern in COPIED:  # tokenizer, chat template, generation config (its stop ids): as merged
+            for f in merged.glob(pattern):
+                if not (tmp / f.name).exists():
+                    shutil.copy2(f, tmp / f.name)
+        info = {
+            "scheme": scheme,
+            "preset": preset,
+            "format": fmt,
+            "source_id": merged_id(merged),
+            "quantized_layers": layers,
+            "ignored": IGNORE,
+            "bytes": sum(p.stat().st_size for p in tmp.glob("*.safetensors")),
+            "source_bytes": sum(p.stat().st_size for p in merged.glob("*.safetensors")),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
         (tmp / QUANTIZE_INFO).write_text(json.dumps(info, indent=2) + "\n")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write (a full disk, say) leaves nothing behind
         raise
     del model
     replace_folder(tmp, out)
