@@ -151,6 +151,24 @@ def test_engine_evaluation_gates_the_quantized_model_which_then_answers_over_htt
     finally:
         server.stop()
     assert "CompressedTensorsW8A8Int8" in server.log.read_text()  # served as int8, not dequantized
+    # The verdict holds for the files it measured: a weight file changed afterwards is refused, by name.
+    assert {"config.json", "quantize_info.json"} <= verdict["files"].keys()
+    shard = next(iter(sorted((out / "quantized").glob("*.safetensors"))))
+    assert shard.name in verdict["files"]
+    with shard.open("r+b") as fh:
+        fh.seek(-1, 2)
+        last = fh.read(1)
+        fh.seek(-1, 2)
+        fh.write(bytes([last[0] ^ 1]))
+    check = subprocess.run(
+        [str(SERVE_PYTHON), "-m", "entrypoints.serve", "--check"],
+        env=clean_env(MODEL_ID=str(out / "quantized"), API_KEY=KEY),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert check.returncode == 2 and f"{shard} changed since the engine evaluation passed" in check.stderr
 
 
 @pytest.mark.slow
@@ -192,20 +210,41 @@ def test_a_quantized_model_that_lost_its_task_is_refused_by_the_gate_and_the_ser
 
 
 def test_serving_refuses_a_quantized_folder_the_engine_evaluation_has_not_passed(tmp_path):
-    from tuneserve.engine_eval import gate_problem
+    from tuneserve.engine_eval import gate_problem, measured_files
 
     folder = tmp_path / "quantized"
     folder.mkdir()
     assert gate_problem(folder) is None  # not a quantized folder of this tool: nothing to check
     (folder / "quantize_info.json").write_text(json.dumps({"scheme": "int8", "source_id": "abc"}))
     assert "has not been through the engine evaluation" in gate_problem(folder)
+    (folder / "model.safetensors").write_bytes(b"weights" * 100)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "tokenizer.json").write_text("{}")
     verdict = {"scheme": "int8", "source_id": "abc", "passed": True, "drops": {}, "budget": 0.02}
     (folder / "engine_gate.json").write_text(json.dumps({**verdict, "source_id": "other"}))
     assert "is for other weights" in gate_problem(folder)
     (folder / "engine_gate.json").write_text(json.dumps({**verdict, "passed": False}))
     assert "failed the engine evaluation's gate" in gate_problem(folder)
     (folder / "engine_gate.json").write_text(json.dumps(verdict))
+    assert "names no files" in gate_problem(folder)  # a verdict from before files were recorded
+    verdict["files"] = measured_files(folder)
+    assert set(verdict["files"]) == {"quantize_info.json", "model.safetensors", "sub/tokenizer.json"}
+    (folder / "engine_gate.json").write_text(json.dumps(verdict))
     assert gate_problem(folder) is None
+    (folder / "README.md").write_text("# a card written after the evaluation")
+    assert gate_problem(folder) is None
+    # Any measured file changed, removed or added is named, whichever it is and however small the change.
+    for name in verdict["files"]:
+        path = folder / name
+        original = path.read_bytes()
+        path.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        assert gate_problem(folder).startswith(f"{path} changed since the engine evaluation passed"), name
+        path.unlink()
+        assert gate_problem(folder).startswith(f"{path} is missing"), name
+        path.write_bytes(original)
+        assert gate_problem(folder) is None
+    (folder / "model-00002.safetensors").write_bytes(b"more")
+    assert gate_problem(folder).startswith(f"{folder / 'model-00002.safetensors'} was not evaluated")
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ from tuneserve import data, tokenizer
 
 pytestmark = pytest.mark.slow
 
-KEY = "tools-test-key"
+KEY = "sk-tools-test-KEY0"
 WRONG = "I cannot tell."
 
 
@@ -210,7 +210,7 @@ import json, sys
 from tuneserve.serve import SERVE_SCHEMA, tool_call_parser
 out = {}
 for value in ("auto", "hermes", "none"):
-    settings = {"MODEL_ID": sys.argv[1], "API_KEY": "unused", "TOOL_CALL_PARSER": value}
+    settings = {"MODEL_ID": sys.argv[1], "API_KEY": "sk-unused-KEY-0000", "TOOL_CALL_PARSER": value}
     out[value] = tool_call_parser(SERVE_SCHEMA.load(settings))
 print(json.dumps(out))
 """

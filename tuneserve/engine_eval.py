@@ -14,9 +14,10 @@ same OUTPUT_DIR:
 3. Engine parity: the merged model's figures in vLLM beside the evaluate stage's (transformers) figures, with
    the rows whose answers differ. Reported, not gated: both are the same weights.
 4. The gate: each figure of the quantized model may be at most QUANTIZE_MAX_DROP below the merged model's
-   (both measured here). The verdict is written into the quantized folder (engine_gate.json); the serving
-   entrypoint refuses a quantized folder of this tool without a passing one, and HUB_QUANTIZED_MODEL_ID is
-   published only when it passed. Outside the budget: exit 4, nothing published.
+   (both measured here). The verdict is written into the quantized folder (engine_gate.json) with the sha256 of
+   every file the engine loaded; the serving entrypoint refuses a quantized folder of this tool without a passing
+   verdict for exactly those files, and HUB_QUANTIZED_MODEL_ID is published only when it passed. Outside the
+   budget: exit 4, nothing published.
 
 Everything is written to OUTPUT_DIR/engine_eval.json, and both model cards get the table.
 """
@@ -44,6 +45,7 @@ from tuneserve.layout import (
     Layout,
     merged_id,
     read_json,
+    sha256_file,
     write_json_atomic,
 )
 from tuneserve.settings import Schema, Settings, Var
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 
 G_GATE, G_PUBLISH, G_RUN = "Gate", "Publish the quantized model", "Run"
 GATED = ("exact_match", "sql_execution_match", "stop_rate")  # the task figures the gate compares
+NOT_MEASURED = frozenset({ENGINE_GATE, "README.md"})  # written after the evaluation: the verdict and the card
 _shared = TRAIN_SCHEMA.by_name
 EVAL_VARS = [
     _shared["OUTPUT_DIR"],
@@ -112,27 +115,57 @@ def gate(merged: dict[str, Any], quantized: dict[str, Any], budget: float) -> di
     return {"passed": bool(drops) and not over, "budget": budget, "drops": drops, "over_budget": over}
 
 
-def gate_problem(folder: Path) -> str | None:
-    """Why a folder must not be served: a quantized folder of this tool without a passing verdict for exactly
-    these weights. None for anything else (a merged folder, a model from elsewhere)."""
+def read_json_or_none(path: Path) -> Any:
     try:
-        info = json.loads((folder / QUANTIZE_INFO).read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    try:
-        verdict = json.loads((folder / ENGINE_GATE).read_text())
-    except (OSError, ValueError):
+
+
+def measured_files(folder: Path) -> dict[str, str]:
+    """Relative name -> sha256 of every file of a model folder the engine evaluation vouches for (hidden files,
+    the verdict and the card aside)."""
+    return {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+        and str(p.relative_to(folder)) not in NOT_MEASURED
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    }
+
+
+def gate_problem(folder: Path) -> str | None:
+    """Why a folder must not be served: a quantized folder of this tool without a passing verdict for exactly
+    these files. None for anything else (a merged folder, a model from elsewhere)."""
+    if not (folder / QUANTIZE_INFO).exists() and not (folder / ENGINE_GATE).exists():
+        return None
+    info = read_json_or_none(folder / QUANTIZE_INFO)  # unreadable: the file comparison below names it
+    verdict = read_json_or_none(folder / ENGINE_GATE)
+    if verdict is None:
         return (
-            f"{folder} is a quantized model ({info.get('scheme')}) that has not been through the engine evaluation: "
-            "run `python -m entrypoints.evaluate` (serving image) on its OUTPUT_DIR first, or serve the merged folder"
+            f"{folder} is a quantized model ({(info or {}).get('scheme')}) that has not been through the engine "
+            "evaluation: run `python -m entrypoints.evaluate` (serving image) on its OUTPUT_DIR first, or serve the "
+            "merged folder"
         )
-    if verdict.get("source_id") != info.get("source_id") or verdict.get("scheme") != info.get("scheme"):
+    if info is not None and (
+        verdict.get("source_id") != info.get("source_id") or verdict.get("scheme") != info.get("scheme")
+    ):
         return f"{folder}: its engine_gate.json is for other weights; rerun `python -m entrypoints.evaluate`"
     if not verdict.get("passed"):
         return (
             f"{folder} failed the engine evaluation's gate (drops {verdict.get('drops')} > budget "
             f"{verdict.get('budget')}); serve the merged folder instead"
         )
+    measured, now = verdict.get("files") or {}, measured_files(folder)
+    if not measured:
+        return f"{folder}: its engine_gate.json names no files (an older evaluation); rerun the engine evaluation"
+    for name in sorted(measured.keys() | now.keys()):
+        if measured.get(name) != now.get(name):
+            how = "is missing" if name not in now else "was not evaluated" if name not in measured else "changed"
+            return (
+                f"{folder / name} {how} since the engine evaluation passed: these are not the weights it measured; "
+                "rerun `python -m entrypoints.evaluate` on the OUTPUT_DIR, or serve the merged folder"
+            )
     return None
 
 
@@ -251,6 +284,7 @@ def run(cfg: Settings, check_only: bool = False) -> int:
     max_model_len = cfg.engine_max_model_len
     report: dict[str, Any] = {"rows": len(examples), "settings": {**settings, **scoring}, "models": {}}
     folders = {"merged": layout.merged} | ({"quantized": layout.quantized} if quantized else {})
+    measured = measured_files(layout.quantized) if quantized else {}  # what the engine is about to load
     for name, folder in folders.items():
         log.info("==== engine evaluation: %s (%s) in vLLM ====", name, folder)
         engine = _in_child(folder, rows, settings, max_model_len)
@@ -265,7 +299,7 @@ def run(cfg: Settings, check_only: bool = False) -> int:
     verdict = None
     if quantized:
         verdict = gate(report["models"]["merged"], report["models"]["quantized"], cfg.quantize_max_drop)
-        verdict.update(scheme=info["scheme"], source_id=info["source_id"])
+        verdict.update(scheme=info["scheme"], source_id=info["source_id"], files=measured)
         report["gate"] = verdict
         write_json_atomic(layout.quantized / ENGINE_GATE, verdict)
     write_json_atomic(layout.engine_eval_report, report)

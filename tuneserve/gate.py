@@ -8,11 +8,19 @@ adds `--middleware tuneserve.gate.Gate` last, so it is the outermost layer aroun
 - Limits, checked before any work starts: request body bytes (413), tokenize/detokenize body bytes (413),
   choices per request (`n`, `best_of`) and total output tokens per request (prompts x choices x
   max_tokens, each capped by MAX_OUTPUT_TOKENS) (400). Each error names its variable.
+- Bodies: read within REQUEST_READ_TIMEOUT (408 after), parsed as vLLM parses them; a body that is not a JSON
+  object is refused (400) unless it is a form (the audio routes), so nothing reaches vLLM uncounted. Headers that
+  never complete are cut off after REQUEST_READ_TIMEOUT too (uvicorn has no header timeout).
 - Drain: SIGTERM makes /health answer 503 at once (readiness fails), new requests get 503, requests in
   flight get DRAIN_SECONDS to finish; whatever is still open then is cancelled (vLLM aborts it in the
-  engine), a stream gets an error event and is closed, and the HTTP server is told to exit.
-- /live proves forward progress: a 1-token greedy generation through the engine with a deadline, cached
-  for a few seconds (vLLM's /health says 200 while a stalled engine generates nothing).
+  engine), a stream gets an error event and is closed, and the HTTP server is told to exit without waiting
+  for connections a client holds open. A second SIGTERM ends the drain at once. The supervisor
+  (tuneserve.supervise) kills the process if all that has not ended it within DRAIN_SECONDS + its margin.
+- /live proves forward progress: the engine counts as alive when it took a step recently (each step vLLM's
+  engine reports to its stat loggers: tuneserve.progress), else when a 1-token greedy generation gets its
+  token or the engine steps, within LIVE_TIMEOUT. A backlog of legal work keeps the engine stepping, so it
+  never fails /live; a frozen engine takes no step and does (vLLM's /health says 200 either way).
+- Nothing a client sends makes the server log a traceback: an exception from the app is one warning line.
 
 The entrypoint hands over the settings in TUNESERVE_GATE (JSON) and the key in VLLM_API_KEY; a missing
 setting stops the server at start (fail closed). Errors use the OpenAI error shape.
@@ -40,6 +48,10 @@ PUBLIC = PROBES | {"/metrics"}
 # The paths of vLLM's tokenizer endpoints end with these (/tokenize, /detokenize).
 TOKENIZE_SUFFIXES = ("/tokenize", "/detokenize")
 LIVE_TOKEN_ID = 0  # any id is a valid prompt for a 1-token generation
+READY_FD_ENV = "TUNESERVE_READY_FD"  # the supervisor's pipe: written once the gate has SIGTERM
+FORM_TYPES = (b"multipart/form-data", b"application/x-www-form-urlencoded")  # the audio routes read forms
+COMPLETION_MAX_TOKENS = 16  # vLLM's completions max_tokens when a request leaves it out or null (fuzz-tested)
+EXIT_GRACE = 2.0  # after the drain: seconds open connections get to close before they are cut
 
 # A child of vLLM's logger, so these lines go where vLLM's go (vLLM configures "vllm" and stops propagation).
 log = logging.getLogger("vllm.tuneserve.gate")
@@ -56,6 +68,7 @@ def gate_settings(
     drain_seconds: float,
     live_timeout: float,
     live_cache_seconds: float,
+    read_timeout: float,
 ) -> str:
     """The TUNESERVE_GATE value the entrypoint passes (every field is required by Gate)."""
     return json.dumps({k: v for k, v in locals().items()}, sort_keys=True)
@@ -66,6 +79,7 @@ def error_body(status: int, message: str, code: str, param: str | None = None) -
         401: "invalid_request_error",
         413: "invalid_request_error",
         400: "invalid_request_error",
+        408: "invalid_request_error",
         503: "service_unavailable",
     }.get(status, "server_error")
     return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
@@ -96,33 +110,54 @@ def parse_body(body: bytes) -> Any:
         return None
 
 
-def check_generation_limits(
-    body: Any, *, max_choices: int, max_request_output_tokens: int, max_output_tokens: int
-) -> tuple[str, str] | None:
-    """(message, param) when a JSON request body asks for more than the limits allow, else None.
+def generation_counts(body: dict, max_output_tokens: int) -> tuple[int, int, int]:
+    """(prompts, choices, tokens per choice) a JSON request body may generate, as vLLM reads it.
 
-    Choices are `n` and `best_of` (and beam width, which is `n`); output tokens per choice are the request's
-    max_tokens / max_completion_tokens / max_output_tokens, at most MAX_OUTPUT_TOKENS (the server-wide cap
-    vLLM applies), MAX_OUTPUT_TOKENS when absent; a completions `prompt` list or a batch of conversations
-    (`messages` as a list of lists) multiplies by its length.
-    Values of the wrong type are left for vLLM to reject."""
-    if not isinstance(body, dict):
-        return None
+    Choices are `n` and `best_of` (and beam width, which is `n`). Tokens per choice are read as each route that
+    accepts the body's shape reads them, and the largest reading counts: a chat request (`messages`) asks for
+    max_completion_tokens, else max_tokens; a completions request (`prompt`) for max_tokens, 16 when absent or
+    null (vLLM's default; it ignores max_completion_tokens); a responses request (`input`) for max_output_tokens.
+    What a route leaves open is MAX_OUTPUT_TOKENS, the server-wide cap vLLM applies to every answer. A completions
+    `prompt` list or a batch of conversations (`messages` as a list of lists) multiplies by its length. So the
+    count is never below what vLLM may generate, and equal to it for a body of one shape (tests/gate_fuzz.py)."""
     if isinstance(body.get("sampling_params"), dict):  # vLLM's token-in/token-out route nests them
         body = {**body, **body["sampling_params"]}
     choices = max(_count(body.get("n")), _count(body.get("best_of")))
-    if choices > max_choices:
-        param = "n" if _count(body.get("n")) >= _count(body.get("best_of")) else "best_of"
-        return (f"{param}={choices} is more than this server allows per request (MAX_CHOICES={max_choices})", param)
-    asked = next(
-        (body[k] for k in ("max_tokens", "max_completion_tokens", "max_output_tokens") if body.get(k) is not None), None
-    )
-    per_choice = min(_count(asked, max_output_tokens), max_output_tokens)
+
+    def asked(*names: str, absent: int = max_output_tokens) -> int:
+        value = next((body[k] for k in names if body.get(k) is not None), None)
+        return absent if value is None else _count(value, max_output_tokens)
+
+    readings = []
+    if "messages" in body:
+        readings.append(asked("max_completion_tokens", "max_tokens"))
+    if "prompt" in body:
+        readings.append(asked("max_tokens", absent=COMPLETION_MAX_TOKENS))
+    if "input" in body:
+        readings.append(asked("max_output_tokens"))
+    if not readings:  # another route: whichever length it reads
+        named = [k for k in ("max_tokens", "max_completion_tokens", "max_output_tokens") if body.get(k) is not None]
+        readings = [asked(k) for k in named] or [max_output_tokens]
+    per_choice = min(max(readings), max_output_tokens)
     prompts = 1
     for key, item in (("prompt", (str, list)), ("messages", list)):  # a list of prompts; a batch of conversations
         value = body.get(key)
         if isinstance(value, list) and value and isinstance(value[0], item):
-            prompts = len(value)
+            prompts = max(prompts, len(value))
+    return prompts, choices, per_choice
+
+
+def check_generation_limits(
+    body: Any, *, max_choices: int, max_request_output_tokens: int, max_output_tokens: int
+) -> tuple[str, str] | None:
+    """(message, param) when a JSON request body asks for more than the limits allow, else None.
+    Values of the wrong type are left for vLLM to reject."""
+    if not isinstance(body, dict):
+        return None
+    prompts, choices, per_choice = generation_counts(body, max_output_tokens)
+    if choices > max_choices:
+        param = "n" if _count(body.get("n")) >= _count(body.get("best_of")) else "best_of"
+        return (f"{param}={choices} is more than this server allows per request (MAX_CHOICES={max_choices})", param)
     total = prompts * choices * per_choice
     if total > max_request_output_tokens:
         what = f"{prompts} prompts x " if prompts > 1 else ""
@@ -133,6 +168,30 @@ def check_generation_limits(
         )
         return message, "max_tokens"
     return None
+
+
+class StepClock:
+    """When vLLM's engine last reported a step (tuneserve.progress, a stat logger vLLM loads as a plugin, calls
+    `stepped` from its output handler; nothing here imports vLLM)."""
+
+    def __init__(self) -> None:
+        self.last = float("-inf")
+        self.steps = 0
+
+    def stepped(self) -> None:
+        self.last = time.monotonic()
+        self.steps += 1
+
+
+ENGINE_STEPS = StepClock()
+
+
+def _drop_query(record: logging.LogRecord) -> bool:
+    """uvicorn's access log line without the query string (a client may put a key or a prompt there)."""
+    args = record.args
+    if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+        record.args = (*args[:2], args[2].split("?", 1)[0], *args[3:])
+    return True
 
 
 @dataclass(eq=False)
@@ -163,18 +222,41 @@ class Gate:
         self.idle = asyncio.Event()
         self.idle.set()
         self.draining = False
+        self.hurry = asyncio.Event()  # a second SIGTERM
+        self.closing = asyncio.Event()  # the drain is over: bodies still arriving are not waited for
         self.fastapi_app = None
         self.signal_installed = False
         self.live_ok_at = float("-inf")
         self.live_task: asyncio.Task | None = None
+        self.background: set[asyncio.Task] = set()
+        logging.getLogger("uvicorn.access").addFilter(_drop_query)
 
     # ------------------------------------------------------------------------------------------ ASGI
     async def __call__(self, scope, receive, send):
         kind = scope["type"]
         if not self.signal_installed:  # at the lifespan startup, after vLLM set its own handlers
-            self._install_sigterm(scope)
+            self._start(scope)
         if kind not in ("http", "websocket"):
             return await self.app(scope, receive, send)
+        started = False
+
+        async def watched_send(message):
+            nonlocal started
+            started = started or message["type"] in ("http.response.start", "websocket.accept", "websocket.close")
+            await send(message)
+
+        try:
+            return await self._gated(scope, receive, watched_send)
+        except Exception as exc:  # noqa: BLE001 - outermost layer: one line, never a traceback a client can cause
+            log.warning("%s %s failed: %s: %s", scope.get("method", kind), scope.get("path"), type(exc).__name__, exc)
+            if started:
+                return None  # the server closes the connection
+            if kind == "websocket":
+                return await send({"type": "websocket.close", "code": 1011})
+            return await self._respond(send, 500, "the server failed this request", "internal_error")
+
+    async def _gated(self, scope, receive, send):
+        kind = scope["type"]
         path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
         public = path in PUBLIC or path.startswith("/metrics/")
         if not public and not self._authorized(scope):
@@ -188,6 +270,8 @@ class Gate:
                 extra=[(b"www-authenticate", b"Bearer")],
             )
         if kind == "websocket":
+            if public:  # probes and metrics speak HTTP only; the apps mounted there fail a handshake
+                return await send({"type": "websocket.close", "code": 1008})
             return await self.app(scope, receive, send)
         if path == "/live":
             return await self._live(send)
@@ -267,10 +351,27 @@ class Gate:
             await self._respond(send, 413, too_large, "request_too_large", extra=[(b"connection", b"close")])
             return None
         chunks, size, more = [], 0, True
+        deadline = asyncio.get_running_loop().time() + self.cfg["read_timeout"]
         while more:
-            message = await receive()
+            if self.closing.is_set():
+                await self._respond(send, 503, "the server shut down", "draining", extra=[(b"connection", b"close")])
+                return None
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await self._unless_closing(receive())
+            except TimeoutError:
+                await self._respond(
+                    send,
+                    408,
+                    f"the request body did not arrive within REQUEST_READ_TIMEOUT={self.cfg['read_timeout']:g}s",
+                    "request_timeout",
+                    extra=[(b"connection", b"close")],
+                )
+                return None
             if message["type"] == "http.disconnect":
                 return None
+            if message["type"] == "tuneserve.closing":
+                continue  # answered at the top of the loop
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:  # chunked bodies declare no length: counted as they arrive
@@ -279,9 +380,17 @@ class Gate:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
+        parsed = parse_body(body) if body.strip() else {}
+        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if not isinstance(parsed, dict) and not (parsed is None and content_type in FORM_TYPES):
+            # vLLM's routes read JSON whatever the content type says (/invocations among them): a body the gate
+            # cannot count must not reach them. Forms (the audio routes) are not JSON to vLLM either.
+            what = "not JSON" if parsed is None else f"a JSON {type(parsed).__name__}"
+            await self._respond(send, 400, f"the request body is {what}; send a JSON object", "invalid_body", extra=[])
+            return None
         if not tokenize:
             problem = check_generation_limits(
-                parse_body(body),
+                parsed,
                 max_choices=self.cfg["max_choices"],
                 max_request_output_tokens=self.cfg["max_request_output_tokens"],
                 max_output_tokens=self.cfg["max_output_tokens"],
@@ -299,6 +408,19 @@ class Gate:
             return await receive()  # after the body: the client's disconnect, as the app expects
 
         return replay
+
+    async def _unless_closing(self, coro):
+        """`coro`'s result, or a disconnect-like None once the drain is over (the caller answers 503)."""
+        task = asyncio.ensure_future(coro)
+        closing = asyncio.ensure_future(self.closing.wait())
+        try:
+            await asyncio.wait({task, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        return {"type": "tuneserve.closing"}
 
     # ------------------------------------------------------------------------------------------ drain
     async def _run(self, scope, receive, send):
@@ -327,7 +449,10 @@ class Gate:
             current = asyncio.current_task()
             if not flight.cut or (current is not None and current.cancelling()):
                 raise  # the server cancelled us (client gone): not ours to answer
-            await self._end_cut(flight, send)
+            try:  # a client that stopped reading must not hold the cut response open
+                await asyncio.wait_for(self._end_cut(flight, send), timeout=1)
+            except TimeoutError:
+                pass
         finally:
             self.flights.discard(flight)
             if not self.flights:
@@ -347,18 +472,70 @@ class Gate:
         except OSError:
             pass  # the client is gone already
 
-    def _install_sigterm(self, scope) -> None:
-        """Takes over SIGTERM from vLLM's server loop (asyncio keeps one handler per signal; vLLM's aborts or
-        waits without ending open streams). SIGINT keeps vLLM's immediate shutdown."""
+    def _start(self, scope) -> None:
+        """At the lifespan startup: takes over SIGTERM from vLLM's server loop (asyncio keeps one handler per
+        signal; vLLM's aborts or waits without ending open streams; SIGINT keeps vLLM's immediate shutdown), tells
+        the supervisor the drain is in place, and starts the header watchdog."""
         self.signal_installed = True  # tried: once is enough
         self.fastapi_app = scope.get("app")
         try:
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self._on_sigterm)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread: leave vLLM's
             log.warning("cannot handle SIGTERM in this process: no drain")
+            return
+        fd = os.environ.pop(READY_FD_ENV, None)
+        if fd is not None:
+            try:
+                os.write(int(fd), b"ready\n")
+                os.close(int(fd))
+            except (OSError, ValueError) as exc:
+                log.warning("cannot tell the supervisor the server is ready: %s", exc)
+        self._spawn(self._header_watchdog())
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    def _server(self):
+        """vLLM's uvicorn server (vLLM's launcher keeps it in app.state.server), or None."""
+        return getattr(getattr(self.fastapi_app, "state", None), "server", None)
+
+    async def _header_watchdog(self) -> None:
+        """Closes connections that have not completed a request's headers within REQUEST_READ_TIMEOUT.
+
+        Written by hand because uvicorn has no header timeout: its keep-alive timer starts only after a response,
+        and any byte received stops it, so a client that sends headers slowly (or nothing after connecting) would
+        hold its connection, and a worker's slot, for ever. Reads uvicorn's connection set and each protocol's
+        current request cycle (the same for its h11 and httptools protocols)."""
+        limit = self.cfg["read_timeout"]
+        waiting_since: dict[Any, tuple[Any, float]] = {}
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            server = self._server()
+            state = getattr(server, "server_state", None)
+            if state is None:
+                return
+            now = time.monotonic()
+            seen = {}
+            for conn in list(state.connections):
+                if not hasattr(conn, "cycle"):  # a WebSocket: not waiting for headers
+                    continue
+                cycle = conn.cycle
+                if cycle is not None and not cycle.response_complete:
+                    continue  # a request is under way: the body deadline and the drain bound it
+                since = waiting_since.get(conn)
+                since = since if since is not None and since[0] is cycle else (cycle, now)
+                seen[conn] = since
+                if now - since[1] > limit and getattr(conn, "transport", None) is not None:
+                    log.info("closing a connection that sent no complete request in %gs (REQUEST_READ_TIMEOUT)", limit)
+                    conn.transport.close()
+            waiting_since = seen
 
     def _on_sigterm(self) -> None:
-        if self.draining:
+        if self.draining:  # the second SIGTERM: end the drain now
+            log.warning("SIGTERM again: ending %d open request(s) now", len(self.flights))
+            self.hurry.set()
             return
         self.draining = True
         log.info(
@@ -369,14 +546,18 @@ class Gate:
         asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
-        try:
-            await asyncio.wait_for(self.idle.wait(), timeout=self.cfg["drain_seconds"])
+        started = time.monotonic()
+        idle = asyncio.ensure_future(self.idle.wait())
+        hurry = asyncio.ensure_future(self.hurry.wait())
+        await asyncio.wait({idle, hurry}, timeout=self.cfg["drain_seconds"], return_when=asyncio.FIRST_COMPLETED)
+        hurry.cancel()
+        if idle.done():
             log.info("drain: every request finished")
-        except TimeoutError:
+        else:
+            idle.cancel()
             open_flights = [f for f in self.flights if f.task is not None and not f.task.done()]
-            log.warning(
-                "drain: %d request(s) still open after %gs: ending them", len(open_flights), self.cfg["drain_seconds"]
-            )
+            waited = time.monotonic() - started
+            log.warning("drain: %d request(s) still open after %.3gs: ending them", len(open_flights), waited)
             for f in open_flights:
                 f.cut = True
                 f.task.cancel()
@@ -384,24 +565,58 @@ class Gate:
                 await asyncio.wait_for(self.idle.wait(), timeout=5)
             except TimeoutError:
                 log.warning("drain: %d request(s) did not end; exiting anyway", len(self.flights))
-        server = getattr(getattr(self.fastapi_app, "state", None), "server", None)
+        self.closing.set()  # requests still sending their body are answered 503
+        server = self._server()
         if server is None:  # not served by vLLM's launcher: the default action
             signal.raise_signal(signal.SIGINT)
             return
         server.should_exit = True  # uvicorn's documented way to stop; vLLM then shuts the engine down
+        # uvicorn then waits for every connection to close: a client that stopped reading a stream, or never
+        # finishes its headers, would hold the process for ever. Every request was answered or ended above; after
+        # a short grace, the connections still open are cut (uvicorn has no deadline for this; its force_exit
+        # would skip the app's own shutdown).
+        await asyncio.sleep(EXIT_GRACE)
+        left = list(getattr(getattr(server, "server_state", None), "connections", ()))
+        if left:
+            log.info("drain: cutting %d connection(s) the clients keep open", len(left))
+        for conn in left:
+            transport = getattr(conn, "transport", None)
+            if transport is not None:
+                transport.abort()
+        await asyncio.sleep(EXIT_GRACE)
+        if getattr(getattr(server, "server_state", None), "connections", None):
+            server.force_exit = True  # the last resort
 
     # ------------------------------------------------------------------------------------------ liveness
     async def _live(self, send) -> None:
         now = time.monotonic()
-        if self.draining or now - self.live_ok_at < self.cfg["live_cache_seconds"]:
-            return await self._ok(send, "cached" if not self.draining else "draining")
-        if self.live_task is None or self.live_task.done():  # concurrent probes share one generation
-            self.live_task = asyncio.ensure_future(self._generate_one())
-        problem = await asyncio.shield(self.live_task)
+        if self.draining:
+            return await self._ok(send, "draining")
+        if now - ENGINE_STEPS.last < self.cfg["live_cache_seconds"]:
+            return await self._ok(send, "progress")
+        if now - self.live_ok_at < self.cfg["live_cache_seconds"]:
+            return await self._ok(send, "cached")
+        if self.live_task is None or self.live_task.done():  # concurrent probes share one check
+            self.live_task = asyncio.ensure_future(self._check_progress())
+        problem, how = await asyncio.shield(self.live_task)
         if problem is None:
-            return await self._ok(send, "generated")
+            return await self._ok(send, how)
         log.warning("liveness: %s", problem)
         return await self._respond(send, 503, problem, "engine_stalled")
+
+    async def _check_progress(self) -> tuple[str | None, str]:
+        """(None, how) when the engine generated the probe's token or took a step within LIVE_TIMEOUT, else
+        (what went wrong, ""). The probe's request may wait behind a backlog; the engine's steps through that
+        backlog are progress too."""
+        started = time.monotonic()
+        probe = asyncio.ensure_future(self._generate_one())
+        while not probe.done():
+            await asyncio.wait({probe}, timeout=0.05)
+            if ENGINE_STEPS.last > started and not probe.done():
+                probe.cancel()  # vLLM aborts the probe's request when its generator is cancelled
+                return None, "progress"
+        problem = probe.result()
+        return problem, "generated"
 
     async def _ok(self, send, how: str) -> None:
         await self._send_json(send, 200, json.dumps({"status": "ok", "check": how}).encode())

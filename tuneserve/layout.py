@@ -21,6 +21,7 @@ The file names inside the folders that this tool defines (not the Hugging Face f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -133,6 +134,15 @@ class Layout:
             *folders,
             *(scratch(f) for f in folders),
         ]
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file's bytes, read in 4 MiB pieces."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_json(path: Path) -> Any:

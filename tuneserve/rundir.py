@@ -31,7 +31,7 @@ from typing import Any
 from tuneserve import checkpoints, runlock
 from tuneserve.config import TRAIN_SCHEMA
 from tuneserve.exitcodes import ConfigError
-from tuneserve.layout import Layout, read_json, write_json_atomic
+from tuneserve.layout import Layout, read_json, sha256_file, write_json_atomic
 from tuneserve.refs import looks_local
 from tuneserve.settings import Settings, shorten
 
@@ -151,13 +151,10 @@ class Digests:
     def file(self, f: Path) -> str:
         if (digest := self._known(f)) is not None:
             return digest
-        stamp, h = self._stamp(f), hashlib.sha256()
-        with f.open("rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
-        self.known[str(f.absolute())] = {"stamp": stamp, "sha256": h.hexdigest()}
+        stamp, digest = self._stamp(f), sha256_file(f)
+        self.known[str(f.absolute())] = {"stamp": stamp, "sha256": digest}
         self.changed = True
-        return h.hexdigest()
+        return digest
 
     def of(self, path: Path, what: str) -> str:
         """'sha256:...' of a file's bytes, or of a folder's files (relative names and bytes; hidden ones aside)."""

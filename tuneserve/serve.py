@@ -2,7 +2,9 @@
 
 `python -m entrypoints.serve` is the serving image's command. The configuration is checked before vLLM
 is imported (exit 2 with every problem listed), the vLLM argv is built from it, and the process is
-replaced by vLLM's server (os.execve), so signals from `docker stop` or Kubernetes reach vLLM directly.
+replaced (os.execve) by tuneserve.supervise, a small process that runs vLLM's server as its child: it passes
+`docker stop`'s or Kubernetes' SIGTERM on once the gate can drain, ends a start-up at once, and kills the server
+if it has not exited DRAIN_SECONDS + 10 s after the signal. Nothing of this process's imports stays in memory.
 
 - Every route goes through tuneserve.gate (vLLM's `--middleware` hook): the API key on every route but the
   probes and /metrics, request limits, the drain on SIGTERM and the /live probe. No key is a configuration
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -39,6 +42,10 @@ from tuneserve.tokenizer import eos_ids
 log = logging.getLogger(__name__)
 
 VLLM_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+SUPERVISOR_MODULE = "tuneserve.supervise"
+# An API key is sent in a header: printable ASCII only (what every HTTP client sends), long enough not to be
+# guessed, short enough for any server's header limits (and the exec environment).
+KEY_MIN_CHARS, KEY_MAX_CHARS = 16, 4096
 G_MODEL, G_SERVER, G_LIMITS, G_ADAPTERS = "Model", "Server", "Limits and parallelism", "LoRA adapters"
 GATE_MIDDLEWARE = "tuneserve.gate.Gate"
 # vLLM environment switches that open routes with no business on a production server.
@@ -86,7 +93,8 @@ SERVE_VARS = [
         "str",
         None,
         "Require this key (Authorization: Bearer) on every route except /health, /ping, "
-        "/live and /metrics. Empty or blank is an error.",
+        f"/live and /metrics. {KEY_MIN_CHARS} to {KEY_MAX_CHARS} printable ASCII characters (e.g. "
+        "`openssl rand -hex 32`); anything else, empty or blank included, is an error.",
         G_SERVER,
         secret=True,
     ),
@@ -118,15 +126,26 @@ SERVE_VARS = [
         "float",
         30.0,
         "On SIGTERM: /health answers 503 and new requests 503 at once; requests in "
-        "flight get this long to finish, then each is ended (a stream with an error event) and the server exits.",
+        "flight get this long to finish, then each is ended (a stream with an error event) and the server exits. "
+        "A second SIGTERM ends them at once. Whatever clients do, the process ends within DRAIN_SECONDS + 10 s.",
         G_SERVER,
         minimum=0,
+    ),
+    Var(
+        "REQUEST_READ_TIMEOUT",
+        "float",
+        30.0,
+        "Seconds a client has to send a request's headers, and then its body; slower: the connection is closed "
+        "(a body: 408).",
+        G_SERVER,
+        exclusive_minimum=0.0,
     ),
     Var(
         "LIVE_TIMEOUT",
         "float",
         20.0,
-        "/live (liveness): seconds a 1-token generation may take before the engine counts as stalled (503).",
+        "/live (liveness): seconds the engine may go without a step (through any backlog) or the probe's 1-token "
+        "generation before it counts as stalled (503).",
         G_SERVER,
         exclusive_minimum=0.0,
     ),
@@ -134,8 +153,7 @@ SERVE_VARS = [
         "LIVE_CACHE_SECONDS",
         "float",
         10.0,
-        "/live answers 200 without generating when the engine produced a "
-        "token (a probe or a streamed answer) this recently.",
+        "/live answers 200 at once when the engine took a step or produced a token this recently.",
         G_SERVER,
         minimum=0,
     ),
@@ -327,9 +345,21 @@ def _key_problems(s: Settings) -> list[str]:
                 "serve every route to anyone who can reach the port"
             )
         ]
-    if not key.strip():
-        source = "API_KEY" if s.api_key is not None else f"API_KEY_FILE={s.api_key_file!r}"
+    source = "API_KEY" if s.api_key is not None else f"API_KEY_FILE={s.api_key_file!r}"
+    key = key.strip()
+    if not key:
         return [f"{source}: the key is empty or blank (an empty Secret?); a server would accept any request"]
+    if len(key) < KEY_MIN_CHARS:
+        return [f"{source}: the key has {len(key)} characters; at least {KEY_MIN_CHARS} are required"]
+    if len(key) > KEY_MAX_CHARS:
+        return [f"{source}: the key has {len(key)} characters; at most {KEY_MAX_CHARS} fit in an HTTP header"]
+    odd = next(((i, c) for i, c in enumerate(key) if not " " <= c <= "~"), None)
+    if odd is not None:
+        what = "a control character" if ord(odd[1]) < 32 or ord(odd[1]) == 127 else "a character outside ASCII"
+        return [
+            f"{source}: character {odd[0] + 1} of the key is {what} (U+{ord(odd[1]):04X}); HTTP clients send "
+            "printable ASCII only"
+        ]
     return []
 
 
@@ -649,6 +679,7 @@ def build_command(cfg: Settings) -> tuple[list[str], dict[str, str]]:
             drain_seconds=cfg.drain_seconds,
             live_timeout=cfg.live_timeout,
             live_cache_seconds=cfg.live_cache_seconds,
+            read_timeout=cfg.request_read_timeout,
         )
     }
     if key is not None:
@@ -658,15 +689,32 @@ def build_command(cfg: Settings) -> tuple[list[str], dict[str, str]]:
 
 def run(cfg: Settings, check_only: bool = False) -> int:
     args, env_add = build_command(cfg)
-    argv = [sys.executable, "-m", VLLM_MODULE, *args]
+    server = [sys.executable, "-m", VLLM_MODULE, *args]
+    scratch = [args[args.index("--generation-config") + 1]] if "--generation-config" in args else []
+    argv = [
+        sys.executable,
+        "-m",
+        SUPERVISOR_MODULE,
+        "--drain-seconds",
+        str(cfg.drain_seconds),
+        *(f"--scratch={folder}" for folder in scratch),
+        "--",
+        *server,
+    ]
     log.info(
         "vLLM command: %s%s",
-        " ".join(argv[1:]),
+        " ".join(server[1:]),
         " (API key from VLLM_API_KEY)" if "VLLM_API_KEY" in env_add else " (no API key: ALLOW_UNAUTHENTICATED)",
     )
     if check_only:
         return 0
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, argv, {**os.environ, **env_add})
+    # Signals that arrive between the exec and the supervisor's handlers stay pending (the mask survives the
+    # exec) instead of being lost; the supervisor unblocks them once it can act on them.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        os.execve(sys.executable, argv, {**os.environ, **env_add})
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     return 0  # not reached

@@ -23,6 +23,7 @@ from tuneserve.exitcodes import ConfigError
 TRUE_WORDS = ("true", "1", "yes", "on")
 FALSE_WORDS = ("false", "0", "no", "off")
 MASK = "***"
+SECRET_FILE_MAX_BYTES = 65536  # a token or key file; anything larger is a mistake (a file of the wrong kind)
 
 
 def parse_bool(raw: str) -> bool:
@@ -245,6 +246,8 @@ class Settings:
         if not Path(path).is_file():
             return [f"{name}_FILE={path!r}: no such file"]
         try:
+            if (size := Path(path).stat().st_size) > SECRET_FILE_MAX_BYTES:
+                return [f"{name}_FILE={path!r}: {size} bytes, not a secret (at most {SECRET_FILE_MAX_BYTES} are read)"]
             Path(path).read_text()
         except (OSError, UnicodeDecodeError) as exc:
             return [f"{name}_FILE={path!r}: cannot be read ({type(exc).__name__})"]
