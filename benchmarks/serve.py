@@ -120,10 +120,11 @@ def server_argv(kind: str, merged: Path, port: int) -> tuple[list[str], dict[str
 
 
 class Server:
-    def __init__(self, kind: str, merged: Path, log: Path):
+    def __init__(self, kind: str, merged: Path, log: Path, extra_env: dict[str, str] | None = None):
         self.kind, self.port = kind, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.argv, env = server_argv(kind, merged, self.port)
+        env = {**env, **(extra_env or {})}
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log = log
         self.start = time.monotonic()

@@ -410,7 +410,7 @@ class Gate:
         return replay
 
     async def _unless_closing(self, coro):
-        """`coro`'s result, or a disconnect-like None once the drain is over (the caller answers 503)."""
+        """`coro`'s result, or a `tuneserve.closing` message once the drain is over (the caller answers 503)."""
         task = asyncio.ensure_future(coro)
         closing = asyncio.ensure_future(self.closing.wait())
         try:

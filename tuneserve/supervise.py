@@ -54,7 +54,13 @@ def kill_group(pgid: int, sig: int) -> None:
         pass
 
 
-def supervise(command: list[str], drain_seconds: float, scratch: list[str]) -> int:
+def supervise(
+    command: list[str],
+    drain_seconds: float,
+    scratch: list[str],
+    exit_margin: float = EXIT_MARGIN,
+    startup_grace: float = STARTUP_GRACE,
+) -> int:
     received: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: received.append(signum))
@@ -85,12 +91,12 @@ def supervise(command: list[str], drain_seconds: float, scratch: list[str]) -> i
                     if first_signal is None:
                         say(f"{signal.Signals(sig).name} during start-up: stopping the server's processes")
                         kill_group(child.pid, signal.SIGTERM)
-                        kill_at = time.monotonic() + STARTUP_GRACE
+                        kill_at = time.monotonic() + startup_grace
                     first_signal = first_signal or sig
                     continue
                 if first_signal is None:
                     first_signal = sig
-                    kill_at = time.monotonic() + drain_seconds + EXIT_MARGIN
+                    kill_at = time.monotonic() + drain_seconds + exit_margin
                 try:
                     os.kill(child.pid, sig)
                 except ProcessLookupError:
@@ -131,12 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tuneserve.supervise")
     parser.add_argument("--drain-seconds", type=float, required=True)
     parser.add_argument("--scratch", action="append", default=[], help="a folder to remove at exit")
+    parser.add_argument("--exit-margin", type=float, default=EXIT_MARGIN, help=argparse.SUPPRESS)  # tests
+    parser.add_argument("--startup-grace", type=float, default=STARTUP_GRACE, help=argparse.SUPPRESS)  # tests
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command")
-    return supervise(command, args.drain_seconds, args.scratch)
+    return supervise(command, args.drain_seconds, args.scratch, args.exit_margin, args.startup_grace)
 
 
 if __name__ == "__main__":
