@@ -409,8 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         "Servers run one at a time in ABBA order (ours, direct, direct, ours) after vLLM's imports are "
         "loaded once, so drift on the shared machine affects both; figures are means over rounds (startup: "
         "medians for the difference). Other work on the machine (see the load average) makes these noisy.",
-        "Our entrypoint validates the environment, checks the stop ids of the model folder, then execs "
-        "the same vLLM server in the same process: its added startup is that work.",
+        "Our entrypoint validates the environment, checks the stop ids of the model folder, then execs its "
+        "supervisor, which starts the same vLLM server: its added startup is that work.",
         "The model is small: resident memory is mostly vLLM's runtime and the KV cache VLLM_CPU_KVCACHE_SPACE "
         "reserves, the same for both precisions; the weights ratio is the part that grows with the model. On a CPU "
         "without native bfloat16, bfloat16 matmuls are emulated, which the int8 kernels (oneDNN) are not.",

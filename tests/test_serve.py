@@ -152,6 +152,7 @@ def test_adapters_vllm_cannot_serve_are_refused_with_advice(tmp_path, trained_ou
         # Keys no client can send, or anyone could guess: refused at start (more in the test below).
         ({"API_KEY": "sk-0123456789\nabcdef"}, "character 14 of the key is a control character (U+000A)"),
         ({"API_KEY_FILE": "huge.key"}, "API_KEY_FILE='huge.key': 10485760 bytes, not a secret"),
+        ({"API_KEY": KEY, "COMPILE_CACHE_DIR": "/proc/tuneserve"}, "COMPILE_CACHE_DIR='/proc/tuneserve': cannot write"),
     ],
 )
 def test_server_fails_closed_without_a_usable_key_or_with_dev_switches(tmp_path, env, message):
@@ -241,6 +242,39 @@ def test_the_gate_is_the_outermost_middleware_and_gets_its_settings(tmp_path, tr
     gate = json.loads(env[GATE_ENV])
     assert gate["auth"] is True and gate["max_choices"] == 3 and gate["max_output_tokens"] == 2048
     assert "sk-from-a-file-0123" not in env[GATE_ENV] and "sk-from-a-file-0123" not in " ".join(args)
+
+
+def test_the_compile_cache_has_a_folder_per_model_version_and_device(tmp_path, monkeypatch):
+    from tuneserve import serve
+    from tuneserve.serve import SERVE_SCHEMA, compile_cache_env
+
+    models = {}
+    for name, hidden in (("a", 64), ("b", 64), ("c", 128)):
+        models[name] = tmp_path / name
+        models[name].mkdir()
+        (models[name] / "config.json").write_text(json.dumps({"hidden_size": hidden}))
+
+    def folder(model: str, **settings) -> Path:
+        cfg = SERVE_SCHEMA.load(
+            {"MODEL_ID": model, "API_KEY": KEY, "COMPILE_CACHE_DIR": str(tmp_path / "cache"), **settings}
+        )
+        env = compile_cache_env(cfg)
+        roots = {Path(env[v]).parent for v in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+        assert len(roots) == 1 and next(iter(roots)).parent == tmp_path / "cache"
+        return next(iter(roots))
+
+    a = folder(str(models["a"]))
+    assert a == folder(str(models["a"])) and a.name.startswith("vllm-")  # the same server finds its cache again
+    assert len({a, folder(str(models["b"])), folder(str(models["c"])), folder(str(models["a"]), DTYPE="float16")}) == 4
+    assert folder("org/model") != folder("org/model", MODEL_REVISION="v2")
+    monkeypatch.setattr(serve, "device_identity", lambda: "gpu:NVIDIA H100 80GB HBM3")
+    h100 = folder(str(models["a"]))
+    monkeypatch.setattr(serve, "device_identity", lambda: "gpu:NVIDIA H200")
+    assert len({a, h100, folder(str(models["a"]))}) == 3
+    real = SERVE_SCHEMA.load({"MODEL_ID": str(models["a"]), "API_KEY": KEY})
+    assert compile_cache_env(real) == {}  # unset: vLLM's own folders
+    monkeypatch.undo()
+    assert serve.device_identity().startswith(("cpu:", "gpu:"))
 
 
 @pytest.mark.parametrize(

@@ -38,13 +38,22 @@ def say(message: str) -> None:
 
 def _die_with_parent() -> None:
     """In the server's process, before its exec: SIGKILL when the supervisor dies (killed itself, it cannot pass
-    anything on), so that no server outlives it. Linux's prctl(PR_SET_PDEATHSIG); nothing elsewhere."""
+    anything on), so that no server outlives it. Linux's prctl(PR_SET_PDEATHSIG); nothing elsewhere. libc is
+    loaded before the fork (nothing is imported in the child)."""
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
+def _libc():
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL(None, use_errno=True) if hasattr(ctypes.CDLL(None), "prctl") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
 
 
 def kill_group(pgid: int, sig: int) -> None:
