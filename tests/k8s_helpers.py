@@ -168,8 +168,22 @@ def secret_mount(obj: dict, container: dict, secret_name: str) -> dict:
     return mount
 
 
+OUTPUT_CLAIM = "tuneserve-output"  # the training OUTPUT_DIR (k8s/base/output-pvc.yaml)
+
+
 def claim_mount(obj: dict, container: dict) -> tuple[dict, dict]:
-    return mount_of(obj, container, lambda v: "persistentVolumeClaim" in v)
+    """(volume, volumeMount) of the output claim in the container."""
+    return mount_of(obj, container, lambda v: v.get("persistentVolumeClaim", {}).get("claimName") == OUTPUT_CLAIM)
+
+
+def claims_mounted(node) -> set[str]:
+    """Every claim named by a pod volume anywhere in an object (its templates, a LeaderWorkerSet's included)."""
+    if isinstance(node, dict):
+        found = {node["persistentVolumeClaim"]["claimName"]} if "persistentVolumeClaim" in node else set()
+        return found.union(*(claims_mounted(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(claims_mounted(v) for v in node))
+    return set()
 
 
 def policies_selecting(objects: list[dict], obj: dict) -> list[dict]:

@@ -16,7 +16,7 @@ from tests.helpers import REPO, clean_env
 
 pytestmark = pytest.mark.slow
 
-ORDER = ("merge", "data", "train", "serve", "images")  # the report's numbering
+ORDER = ("merge", "data", "train", "serve", "startup", "images")  # the report's numbering
 # What `make setup` alone can run. The images benchmark measures the images `make test-images` builds: its
 # smoke test lives in that lane (tests/test_images.py), so `make test` needs neither podman nor images.
 SMOKE = ("merge", "data", "train", "serve")

@@ -308,7 +308,7 @@ def test_serving_image_answers_chat_completions_from_the_merged_folder(trained_v
         assert keyless.value.code == 401
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/live", timeout=30) as live:
             assert live.status == 200
-        # SIGTERM from `podman stop` reaches vLLM (the entrypoint exec'd it): a clean exit, not a kill.
+        # `podman stop`'s SIGTERM reaches vLLM through the supervisor (PID 1): a drain, a clean exit, not a kill.
         podman("stop", "--time", "60", name)
         code = podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
         assert code == "0", podman("logs", name, check=False).stderr[-3000:]

@@ -12,6 +12,7 @@ from tests.k8s_helpers import (
     COMPLETION_INDEX,
     K8S,
     LWS_WORKER_INDEX_LABEL,
+    OUTPUT_CLAIM,
     OVERLAYS,
     api_service,
     claim_mount,
@@ -152,7 +153,7 @@ def test_multinode_group_may_reach_rendezvous_and_nccl_ports_of_its_own_pods_onl
 @pytest.mark.parametrize("overlay", MULTINODE_TRAIN)
 def test_multinode_claim_is_read_write_many_and_every_node_mounts_it(rendered, overlay):
     objects = rendered[overlay]
-    claim = one(objects, "PersistentVolumeClaim")
+    claim = one(objects, "PersistentVolumeClaim", OUTPUT_CLAIM)
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"], "pods on several nodes mount OUTPUT_DIR at once"
     job = one(objects, "Job")
     volume, mount = claim_mount(job, main_container(job))
@@ -239,7 +240,7 @@ def test_leaderworkerset_serves_output_dir_merged_read_only_once_verified(render
     assert effective_env(objects, main_container(leader))["MODEL_ID"] == str(layout.merged)
     (wait,) = pod_spec(leader)["initContainers"]
     assert wait["name"] == "wait-for-model" and wait["command"][-1] == str(layout.verify_report)
-    assert one(objects, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert one(objects, "PersistentVolumeClaim", OUTPUT_CLAIM)["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
 @pytest.mark.parametrize("overlay", MULTINODE_SERVE)

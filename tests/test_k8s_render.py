@@ -9,7 +9,17 @@ import subprocess
 import pytest
 import yaml
 
-from tests.k8s_helpers import EVALUATE_JOB, K8S, OVERLAYS, TRAIN_JOB, api_service, one, render
+from tests.k8s_helpers import (
+    EVALUATE_JOB,
+    K8S,
+    OUTPUT_CLAIM,
+    OVERLAYS,
+    TRAIN_JOB,
+    api_service,
+    claims_mounted,
+    one,
+    render,
+)
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) not installed")
@@ -89,8 +99,11 @@ def test_renderer_deletes_objects_and_copies_whole_list_items(tmp_path):
 def test_overlay_renders_the_whole_flow_in_one_namespace(rendered, overlay):
     objects = rendered[overlay]
     kinds = sorted(o["kind"] for o in objects)
-    for kind in ("Namespace", "ServiceAccount", "PersistentVolumeClaim", "PodDisruptionBudget"):
+    for kind in ("Namespace", "ServiceAccount", "PodDisruptionBudget"):
         assert kinds.count(kind) == 1, kind
+    # The output claim, and any other claim only where a pod mounts it (the compile cache: where a Deployment serves)
+    claims = {o["metadata"]["name"] for o in objects if o["kind"] == "PersistentVolumeClaim"}
+    assert OUTPUT_CLAIM in claims and claims == claims_mounted(objects), claims
     jobs = sorted(o["metadata"]["name"] for o in objects if o["kind"] == "Job")
     assert jobs == ([EVALUATE_JOB, TRAIN_JOB] if overlay == "quantized" else [TRAIN_JOB]), "training, then evaluation"
     assert kinds.count("Deployment") + kinds.count("LeaderWorkerSet") == 1, "one way of serving"

@@ -48,9 +48,10 @@ def _libc():
     try:
         import ctypes
 
-        return ctypes.CDLL(None, use_errno=True) if hasattr(ctypes.CDLL(None), "prctl") else None
+        libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
+    return libc if hasattr(libc, "prctl") else None
 
 
 _LIBC = _libc()
@@ -85,15 +86,16 @@ def supervise(
     )
     os.close(ready_w)
     ready, first_signal, kill_at, killed = False, None, None, False
-    code = None
+    code, listening = None, True
     try:
         while code is None:
             try:
-                readable, _, _ = select.select([] if ready else [ready_r], [], [], 0.2)
+                readable, _, _ = select.select([ready_r] if listening else [], [], [], 0.2)
             except InterruptedError:
                 readable = []
-            if readable and os.read(ready_r, 64):
-                ready = True
+            if readable:
+                listening = False  # one line, or the end of the pipe: nothing more will come
+                ready = bool(os.read(ready_r, 64))
             while received:
                 sig = received.pop(0)
                 if not ready:
