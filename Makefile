@@ -119,6 +119,7 @@ lint-docker: $(VENV_LINT)/.installed ## hadolint (threshold: warning) and checko
 # kubernetes-validate has no schema for custom resources (LeaderWorkerSet): it warns and passes them. k8s/crds.py
 # validates them against their CRD's vendored schema, fails on any other kind without a schema, and writes their
 # pod templates as PodTemplates (build/k8s/crd-pod-templates.yaml) for kubernetes-validate and checkov to check.
+# A component's patches (*.patch.yaml) are checked in the overlays that render them, not alone.
 KUSTOMIZE ?= $(if $(shell command -v kubectl),kubectl kustomize,$(VENV_LINT)/bin/python k8s/render.py)
 K8S_VERSION ?= 1.37.0
 lint-k8s: $(VENV_LINT)/.installed ## kubernetes-validate --strict, CRD schemas, checkov (kubernetes, secrets) and yamllint on k8s/ and its rendered overlays
@@ -127,7 +128,8 @@ lint-k8s: $(VENV_LINT)/.installed ## kubernetes-validate --strict, CRD schemas, 
 	$(VENV_LINT)/bin/python k8s/crds.py --kubernetes-version $(K8S_VERSION) \
 	    --pod-templates build/k8s/crd-pod-templates.yaml build/k8s/*.yaml
 	$(VENV_LINT)/bin/kubernetes-validate --strict --kubernetes-version $(K8S_VERSION) --quiet \
-	    $$(find k8s/base k8s/components -name '*.yaml' ! -name kustomization.yaml | sort) build/k8s/*.yaml
+	    $$(find k8s/base k8s/components -name '*.yaml' ! -name kustomization.yaml ! -name '*.patch.yaml' | sort) \
+	    build/k8s/*.yaml
 	$(VENV_LINT)/bin/checkov --quiet --compact --skip-download --framework kubernetes -d build/k8s
 	$(VENV_LINT)/bin/checkov --quiet --compact --skip-download --framework secrets -d k8s
 	$(VENV_LINT)/bin/yamllint --strict -c k8s/.yamllint k8s

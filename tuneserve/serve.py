@@ -773,7 +773,7 @@ def build_command(cfg: Settings) -> tuple[list[str], dict[str, str]]:
         # vLLM 0.32's CPU build saves AOT-compiled artifacts it then fails to load ("'function' object has no
         # attribute 'finalize_loading'": on the CPU it traces once with Dynamo, and that compiled function is not
         # the serializable kind), so every start compiles again. Without AOT, Inductor's own cache serves a warm
-        # start: measured, warm / cold start-up 0.47x instead of 0.59x (benchmarks/startup.py).
+        # start: measured, warm / cold start-up 0.46x instead of 0.59x (benchmarks/startup.py).
         env["VLLM_USE_AOT_COMPILE"] = "0"
     return args, env
 
