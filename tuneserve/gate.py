@@ -616,7 +616,7 @@ class Gate:
                 probe.cancel()  # vLLM aborts the probe's request when its generator is cancelled
                 return None, "progress"
         problem = probe.result()
-        return problem, "generated"
+        return problem, "generated" if problem is None else ""
 
     async def _ok(self, send, how: str) -> None:
         await self._send_json(send, 200, json.dumps({"status": "ok", "check": how}).encode())
