@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -111,6 +112,18 @@ def test_setting_quantize_later_quantizes_without_training_again(tmp_path, train
     assert (out / "quantized" / "quantize_info.json").is_file()
 
 
+def serve_check(folder: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """The serving entrypoint's --check on a model folder (the serving environment)."""
+    return subprocess.run(
+        [str(SERVE_PYTHON), "-m", "entrypoints.serve", "--check"],
+        env=clean_env(MODEL_ID=str(folder), API_KEY=KEY),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 @pytest.mark.slow
 def test_engine_evaluation_gates_the_quantized_model_which_then_answers_over_http(tmp_path, quantized_output):
     need_vllm()
@@ -160,14 +173,7 @@ def test_engine_evaluation_gates_the_quantized_model_which_then_answers_over_htt
         last = fh.read(1)
         fh.seek(-1, 2)
         fh.write(bytes([last[0] ^ 1]))
-    check = subprocess.run(
-        [str(SERVE_PYTHON), "-m", "entrypoints.serve", "--check"],
-        env=clean_env(MODEL_ID=str(out / "quantized"), API_KEY=KEY),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    check = serve_check(out / "quantized", tmp_path)
     assert check.returncode == 2 and f"{shard} changed since the engine evaluation passed" in check.stderr
 
 
@@ -198,14 +204,7 @@ def test_a_quantized_model_that_lost_its_task_is_refused_by_the_gate_and_the_ser
     assert "Traceback" not in res.stderr
     verdict = json.loads((out / "quantized" / "engine_gate.json").read_text())
     assert not verdict["passed"] and verdict["over_budget"]["exact_match"] > 0.02
-    check = subprocess.run(
-        [str(SERVE_PYTHON), "-m", "entrypoints.serve", "--check"],
-        env=clean_env(MODEL_ID=str(out / "quantized"), API_KEY=KEY),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    check = serve_check(out / "quantized", tmp_path)
     assert check.returncode == 2 and "failed the engine evaluation's gate" in check.stderr
 
 

@@ -45,7 +45,9 @@ from tuneserve.layout import (
     Layout,
     merged_id,
     read_json,
+    read_json_or_none,
     sha256_file,
+    visible_files,
     write_json_atomic,
 )
 from tuneserve.settings import Schema, Settings, Var
@@ -115,22 +117,13 @@ def gate(merged: dict[str, Any], quantized: dict[str, Any], budget: float) -> di
     return {"passed": bool(drops) and not over, "budget": budget, "drops": drops, "over_budget": over}
 
 
-def read_json_or_none(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def measured_files(folder: Path) -> dict[str, str]:
     """Relative name -> sha256 of every file of a model folder the engine evaluation vouches for (hidden files,
     the verdict and the card aside)."""
     return {
         str(p.relative_to(folder)): sha256_file(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-        and str(p.relative_to(folder)) not in NOT_MEASURED
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        for p in visible_files(folder)
+        if str(p.relative_to(folder)) not in NOT_MEASURED
     }
 
 

@@ -238,22 +238,18 @@ class Gate:
             self._start(scope)
         if kind not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        started = False
-
-        async def watched_send(message):
-            nonlocal started
-            started = started or message["type"] in ("http.response.start", "websocket.accept", "websocket.close")
-            await send(message)
-
         try:
-            return await self._gated(scope, receive, watched_send)
+            return await self._gated(scope, receive, send)
         except Exception as exc:  # noqa: BLE001 - outermost layer: one line, never a traceback a client can cause
             log.warning("%s %s failed: %s: %s", scope.get("method", kind), scope.get("path"), type(exc).__name__, exc)
-            if started:
-                return None  # the server closes the connection
-            if kind == "websocket":
-                return await send({"type": "websocket.close", "code": 1011})
-            return await self._respond(send, 500, "the server failed this request", "internal_error")
+            # An answer if none has started; the server refuses it when one has (no per-message bookkeeping on the
+            # hot path to know which), and then closes the connection.
+            try:
+                if kind == "websocket":
+                    return await send({"type": "websocket.close", "code": 1011})
+                return await self._respond(send, 500, "the server failed this request", "internal_error")
+            except (RuntimeError, OSError):
+                return None
 
     async def _gated(self, scope, receive, send):
         kind = scope["type"]

@@ -150,6 +150,23 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def read_json_or_none(path: Path) -> Any:
+    """A JSON file's content, or None when it is missing or unreadable (a folder from elsewhere, a damaged file)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def visible_files(folder: Path) -> list[Path]:
+    """Every file under a folder, sorted, hidden ones (any part of the path starting with a dot) aside."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
 @contextmanager
 def written_atomically(path: Path) -> Iterator[IO[str]]:
     """A text file to write `path` through: written beside it, renamed into place once complete; a failed write

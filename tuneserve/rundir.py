@@ -31,7 +31,7 @@ from typing import Any
 from tuneserve import checkpoints, runlock
 from tuneserve.config import TRAIN_SCHEMA
 from tuneserve.exitcodes import ConfigError
-from tuneserve.layout import Layout, read_json, sha256_file, write_json_atomic
+from tuneserve.layout import Layout, read_json, sha256_file, visible_files, write_json_atomic
 from tuneserve.refs import looks_local
 from tuneserve.settings import Settings, shorten
 
@@ -161,11 +161,7 @@ class Digests:
         path = path.expanduser()
         if path.is_file():
             return "sha256:" + self.file(path)
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
+        files = visible_files(path)
         new = sum(f.stat().st_size for f in files if self._known(f) is None)
         if new > HASH_NOTICE_BYTES:
             log.info("hashing %s %s (%.1f GB not hashed before; remembered for later runs)", what, path, new / 1e9)

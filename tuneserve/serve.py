@@ -35,7 +35,7 @@ from typing import Any
 
 from tuneserve.exitcodes import ConfigError
 from tuneserve.gate import GATE_ENV, gate_settings
-from tuneserve.layout import MERGE_INFO, TRAINING_META
+from tuneserve.layout import MERGE_INFO, TRAINING_META, read_json_or_none
 from tuneserve.refs import hub_id, looks_local
 from tuneserve.settings import Prefix, Schema, Settings, Var
 from tuneserve.tokenizer import eos_ids
@@ -468,7 +468,7 @@ def repaired_generation_config(model: str, revision: str | None, end_of_turn: st
 
 def _merged_folder_stops(model: str) -> bool:
     """True for a folder merged by tuneserve whose generation_config lists every stop id the merge recorded."""
-    info, gen = _json_file(Path(model) / MERGE_INFO), _json_file(Path(model) / "generation_config.json")
+    info, gen = read_json_or_none(Path(model) / MERGE_INFO), read_json_or_none(Path(model) / "generation_config.json")
     if info is None or gen is None:
         return False
     stops, eos = info.get("stop_token_ids"), eos_ids(gen.get("eos_token_id"))
@@ -488,15 +488,7 @@ def tool_call_samples(model: str, revision: str | None = None) -> list[dict]:
         except Exception as exc:  # noqa: BLE001 - not ours, or the Hub unreachable: serve without the record
             log.info("no %s in %s (%s): no recorded tool calls", MERGE_INFO, model, type(exc).__name__)
             return []
-    return (_json_file(folder / MERGE_INFO) or {}).get("tool_call_samples") or []
-
-
-def _json_file(path: Path) -> dict | None:
-    """A JSON file's object, or None when it is missing or unreadable."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    return (read_json_or_none(folder / MERGE_INFO) or {}).get("tool_call_samples") or []
 
 
 def _parser_names() -> list[str]:
