@@ -5,6 +5,7 @@ with the official openai client."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -407,8 +408,6 @@ def test_served_merged_model_answers_exactly_and_stops(merged_server):
 
 def served_routes(log: str) -> dict[str, set[str]]:
     """path -> methods, from the route table vLLM logs at start (every route and mount of the running app)."""
-    import re
-
     routes: dict[str, set[str]] = {}
     for path, kind, rest in re.findall(r"Route: (\S+), (Methods|Endpoint): (.+)", log):
         routes.setdefault(path, set()).update(m.strip() for m in rest.split(",") if kind == "Methods")
@@ -417,8 +416,6 @@ def served_routes(log: str) -> dict[str, set[str]]:
 
 @pytest.mark.slow
 def test_every_route_the_server_lists_needs_the_key_except_probes_and_metrics(merged_server):
-    import re
-
     from tuneserve.gate import PUBLIC
 
     routes = served_routes(merged_server.log.read_text())
@@ -792,7 +789,10 @@ def test_sigterm_drains_then_ends_every_open_stream_and_exits_cleanly(tmp_path, 
     # The uncooperative clients held nothing up: ended by the server itself (code 0), within the stated margin.
     assert took < drain + 10, took
     log = server.log.read_text()
-    assert "SIGTERM: draining 4 request(s)" in log and "3 request(s) still open after" in log
+    # Open at the signal: the unread stream and the two long ones, and the short one unless a fast engine already
+    # finished its 20 tokens when the server took the signal. The three left were ended by the drain.
+    assert re.search(r"SIGTERM: draining [34] request\(s\)", log), log[-4000:]
+    assert "drain: 3 request(s) still open after" in log, log[-4000:]
     assert "did not exit in time" not in log
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-4000:]
 
