@@ -26,7 +26,7 @@ RESULTS = REPO / "benchmarks" / "results"
 WORK = REPO / "build" / "bench"
 SMOKE = WORK / "smoke"
 SERVE_PYTHON = Path(os.environ.get("SERVE_PYTHON", REPO / ".venv-serve" / "bin" / "python"))
-ORDER = ("merge", "data", "train", "serve", "startup", "images")
+ORDER = ("merge", "data", "train", "serve", "gate", "startup", "images")
 PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", "tokenizers")
 
 

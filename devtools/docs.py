@@ -74,7 +74,7 @@ def image_sizes(path: Path = IMAGES_RESULT) -> str:
     lines += [
         "",
         f"Measured {r['finished'][:10]} by `{r['command']}` on {m['cpu']}, {m['cores']} cores; targets "
-        "and method: [docs/benchmarks.md](benchmarks.md#6-images-compressed-and-unpacked-sizes).",
+        "and method: [docs/benchmarks.md](benchmarks.md#7-images-compressed-and-unpacked-sizes).",
     ]
     return "\n".join(lines)
 

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import serve as serve_bench
 from tests.helpers import REPO, clean_env
 
 pytestmark = pytest.mark.slow
 
-ORDER = ("merge", "data", "train", "serve", "startup", "images")  # the report's numbering
+ORDER = ("merge", "data", "train", "serve", "gate", "startup", "images")  # the report's numbering
 # What `make setup` alone can run. The images benchmark measures the images `make test-images` builds: its
 # smoke test lives in that lane (tests/test_images.py), so `make test` needs neither podman nor images.
-SMOKE = ("merge", "data", "train", "serve")
+SMOKE = ("merge", "data", "train", "serve", "gate")
 SERVE_PYTHON = REPO / ".venv-serve" / "bin" / "python"
 
 
@@ -50,7 +51,7 @@ def smoke(tmp_path_factory, gpu_check_smoke) -> Path:
     if train.is_file():  # else the tests reading it fail, naming it
         (results / "train.json").write_bytes(train.read_bytes())
     for name in SMOKE:
-        if name == "train" or (name == "serve" and not SERVE_PYTHON.is_file()):
+        if name == "train" or (name in ("serve", "gate") and not SERVE_PYTHON.is_file()):
             continue
         res = subprocess.run(
             [
@@ -82,7 +83,7 @@ def result(results: Path, name: str) -> dict:
 
 @pytest.mark.parametrize("name", SMOKE)
 def test_smoke_result_has_the_documented_structure(smoke, name):
-    if name == "serve" and not SERVE_PYTHON.is_file():
+    if name in ("serve", "gate") and not SERVE_PYTHON.is_file():
         pytest.skip(".venv-serve is missing (make setup)")
     assert_documented_structure(result(smoke, name), name)
 
@@ -215,6 +216,81 @@ def test_serve_smoke_runs_the_load_generator_without_failures(smoke):
     for row in r["rows"]:
         assert row["completed"] == row["prompts"] and row["output_throughput"] > 0
         assert 0 < row["p50_ttft_ms"] <= row["p99_ttft_ms"]
+    # Direct was read from ours' running vLLM process, and the two differed in the gate only.
+    assert figures(r)["command_differences"] == 0
+    assert r["setup"]["command_check"] == [
+        "ours' vLLM process and direct differ in: " + "; ".join(serve_bench.gate_differences())
+    ]
+    ours, direct = r["setup"]["commands"]["ours"], r["setup"]["commands"]["direct"]
+    assert "--middleware tuneserve.gate.Gate" in ours["argv"] and "--middleware" not in direct["argv"]
+    assert ours["env"]["VLLM_API_KEY"] == direct["env"]["VLLM_API_KEY"] == "<redacted>"
+    for f in r["figures"]:
+        if f["key"].startswith("throughput_ratio_c"):
+            assert f["value"] > 0 and "rounds" in f["note"] and "spread" in f["note"]
+
+
+def test_gate_smoke_reports_its_cost_per_request_and_per_chunk(smoke):
+    if not SERVE_PYTHON.is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{SERVE_PYTHON} is missing: `make setup` creates .venv-serve with vLLM's CPU build")
+        pytest.skip(".venv-serve is missing (make setup)")
+    r = result(smoke, "gate")
+    assert figures(r)["per_request_us"] is not None and figures(r)["per_chunk_us"] is not None
+    assert [row["chunks"] for row in r["rows"]] == sorted(row["chunks"] for row in r["rows"])
+    for row in r["rows"]:
+        assert row["direct_us"] > 0 and row["gate_us"] > 0 and len(row["gate_rounds_us"]) == r["setup"]["rounds"]
+
+
+@pytest.mark.parametrize(
+    "argv_edit, env_edit, expected",
+    [
+        (None, None, []),
+        (lambda a: a + ["--max-num-seqs", "8"], None, ["argv only in direct: --max-num-seqs 8"]),
+        (
+            lambda a: [
+                x.replace("vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.openai.api_server")
+                for x in a
+            ],
+            None,
+            [
+                "argv only in ours: vllm.entrypoints.launchers.api_server.entry",
+                "argv only in direct: vllm.entrypoints.openai.api_server",
+            ],
+        ),
+        (None, lambda e: {**e, "VLLM_USE_AOT_COMPILE": "1"}, ["env: VLLM_USE_AOT_COMPILE"]),
+        (None, lambda e: {k: v for k, v in e.items() if k != "OMP_NUM_THREADS"}, ["env: OMP_NUM_THREADS"]),
+        (None, lambda e: {**e, "VLLM_API_KEY": "another-key-entirely"}, ["env: VLLM_API_KEY"]),
+    ],
+)
+def test_direct_is_ours_less_the_gate_and_any_other_difference_is_named(argv_edit, env_edit, expected):
+    ours = (
+        [
+            "/v/bin/python",
+            "-m",
+            "vllm.entrypoints.launchers.api_server.entry",
+            "--model",
+            "/m",
+            "--port",
+            "8000",
+            "--middleware",
+            "tuneserve.gate.Gate",
+        ],
+        {
+            "PORT": "8000",
+            "VLLM_API_KEY": "k" * 20,
+            "OMP_NUM_THREADS": "2",
+            "TUNESERVE_GATE": "{}",
+            "TUNESERVE_READY_FD": "5",
+            "VLLM_USE_AOT_COMPILE": "0",
+        },
+    )
+    argv, env = serve_bench.without_gate(*ours, 9001)
+    assert "--middleware" not in argv and argv[argv.index("--port") + 1] == "9001" and env["PORT"] == "9001"
+    assert not set(env) & serve_bench.GATE_ENV_NAMES
+    argv, env = (argv_edit or (lambda a: a))(argv), (env_edit or (lambda e: e))(env)
+    found = serve_bench.differences(ours, (argv, env))
+    assert sorted(found) == sorted(serve_bench.gate_differences() + expected), found
+    assert "k" * 20 not in " ".join(found) and "another-key" not in " ".join(found)  # names, never values
 
 
 def test_report_is_generated_from_the_result_files(smoke, tmp_path):
@@ -307,3 +383,22 @@ def test_the_bitsandbytes_wheel_is_trimmed_to_the_cpu_and_cuda_13_libraries(tmp_
         + [f"bitsandbytes/libbitsandbytes_{lib}.so" for lib in ("cpu", "cuda130", "cuda132")]
     )
     assert kept == expected and sorted(line.split(",")[0] for line in lines) == expected
+
+
+def test_the_gates_share_of_a_profile_counts_its_own_work_not_the_app_it_calls(tmp_path):
+    gate = "Gate._gated (tuneserve/gate.py:260)"
+    lines = {
+        # The gate's own: its frames innermost, or calling the standard library and pydantic.
+        f"run (asyncio/runners.py:118);{gate};Gate._checked_body (tuneserve/gate.py:350)": 5,
+        f"run (asyncio/runners.py:118);{gate};parse_body (tuneserve/gate.py:101);loads (json/__init__.py:346)": 3,
+        f"{gate};_count (tuneserve/gate.py:95);TypeAdapter.validate_python (pydantic/type_adapter.py:421)": 2,
+        # The app's and the server's, reached through the gate: not the gate's.
+        f"{gate};Gate._run (tuneserve/gate.py:440);CORSMiddleware.__call__ (starlette/middleware/cors.py:77)": 40,
+        f"{gate};tracked_send (tuneserve/gate.py:437);RequestResponseCycle.send (uvicorn/protocols/http/h.py:544)": 30,
+        f"{gate};x (tuneserve/gate.py:1);serve (vllm/entrypoints/x.py:1);loads (json/__init__.py:346)": 7,
+        # Outside the gate altogether.
+        "run (asyncio/runners.py:118);process_outputs (vllm/v1/engine/output_processor.py:400)": 13,
+    }
+    path = tmp_path / "ours.txt"
+    path.write_text("".join(f"{stack} {count}\n" for stack, count in lines.items()) + "\n")
+    assert serve_bench.gate_share(path) == {"samples": 100, "gate_samples": 10}

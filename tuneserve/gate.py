@@ -94,6 +94,8 @@ def _count(value: Any, default: int = 1) -> int:
     absent, below 1, or not a number (vLLM rejects such a request itself)."""
     if value is None:
         return default
+    if type(value) is int:  # what almost every client sends: no need for the validator
+        return value if value > 0 else default
     try:
         count = _LAX_INT.validate_python(value)
     except ValidationError:
@@ -224,6 +226,7 @@ class Gate:
         self.draining = False
         self.hurry = asyncio.Event()  # a second SIGTERM
         self.closing = asyncio.Event()  # the drain is over: bodies still arriving are not waited for
+        self.reading: set[asyncio.Timeout] = set()  # the deadlines of the bodies being read
         self.fastapi_app = None
         self.signal_installed = False
         self.live_ok_at = float("-inf")
@@ -346,16 +349,35 @@ class Gate:
         if declared > limit:
             await self._respond(send, 413, too_large, "request_too_large", extra=[(b"connection", b"close")])
             return None
+        if self.closing.is_set():
+            await self._respond(send, 503, "the server shut down", "draining", extra=[(b"connection", b"close")])
+            return None
         chunks, size, more = [], 0, True
-        deadline = asyncio.get_running_loop().time() + self.cfg["read_timeout"]
-        while more:
+        # One deadline for the whole body. The drain's end moves it to now (`_drain`), so that no body still
+        # arriving holds the shutdown: asyncio's own timeout, no task or future per request.
+        try:
+            async with asyncio.timeout(self.cfg["read_timeout"]) as deadline:
+                self.reading.add(deadline)
+                try:
+                    while more:
+                        message = await receive()
+                        if message["type"] == "http.disconnect":
+                            return None
+                        chunk = message.get("body", b"")
+                        size += len(chunk)
+                        if size > limit:  # chunked bodies declare no length: counted as they arrive
+                            await self._respond(
+                                send, 413, too_large, "request_too_large", extra=[(b"connection", b"close")]
+                            )
+                            return None
+                        chunks.append(chunk)
+                        more = message.get("more_body", False)
+                finally:
+                    self.reading.discard(deadline)
+        except TimeoutError:
             if self.closing.is_set():
                 await self._respond(send, 503, "the server shut down", "draining", extra=[(b"connection", b"close")])
-                return None
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await self._unless_closing(receive())
-            except TimeoutError:
+            else:
                 await self._respond(
                     send,
                     408,
@@ -363,18 +385,7 @@ class Gate:
                     "request_timeout",
                     extra=[(b"connection", b"close")],
                 )
-                return None
-            if message["type"] == "http.disconnect":
-                return None
-            if message["type"] == "tuneserve.closing":
-                continue  # answered at the top of the loop
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:  # chunked bodies declare no length: counted as they arrive
-                await self._respond(send, 413, too_large, "request_too_large", extra=[(b"connection", b"close")])
-                return None
-            chunks.append(chunk)
-            more = message.get("more_body", False)
+            return None
         body = b"".join(chunks)
         parsed = parse_body(body) if body.strip() else {}
         content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
@@ -405,19 +416,6 @@ class Gate:
 
         return replay
 
-    async def _unless_closing(self, coro):
-        """`coro`'s result, or a `tuneserve.closing` message once the drain is over (the caller answers 503)."""
-        task = asyncio.ensure_future(coro)
-        closing = asyncio.ensure_future(self.closing.wait())
-        try:
-            await asyncio.wait({task, closing}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closing.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        return {"type": "tuneserve.closing"}
-
     # ------------------------------------------------------------------------------------------ drain
     async def _run(self, scope, receive, send):
         flight = Flight()
@@ -436,14 +434,15 @@ class Gate:
                     flight.finished = True
             await send(message)
 
+        # The request runs in the server's own task for it (no task of ours per request); the drain cancels that
+        # task, and the cancellation the drain asked for is taken back here.
+        flight.task = asyncio.current_task()
         self.flights.add(flight)
         self.idle.clear()
-        flight.task = asyncio.ensure_future(self.app(scope, receive, tracked_send))
         try:
-            await flight.task
+            await self.app(scope, receive, tracked_send)
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if not flight.cut or (current is not None and current.cancelling()):
+            if not flight.cut or flight.task is None or flight.task.uncancel() > 0:
                 raise  # the server cancelled us (client gone): not ours to answer
             try:  # a client that stopped reading must not hold the cut response open
                 await asyncio.wait_for(self._end_cut(flight, send), timeout=1)
@@ -562,6 +561,9 @@ class Gate:
             except TimeoutError:
                 log.warning("drain: %d request(s) did not end; exiting anyway", len(self.flights))
         self.closing.set()  # requests still sending their body are answered 503
+        now = asyncio.get_running_loop().time()
+        for deadline in list(self.reading):
+            deadline.reschedule(now)
         server = self._server()
         if server is None:  # not served by vLLM's launcher: the default action
             signal.raise_signal(signal.SIGINT)
