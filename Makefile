@@ -70,7 +70,7 @@ image-serve: ## Build the vLLM serving image (Dockerfile.serve) as $(IMAGE_SERVE
 .PHONY: bench bench-smoke
 BENCH ?= merge data train serve gate startup images
 BENCH_PY := nice -n 10 $(TRAIN_PY)
-bench: setup ## Run the benchmarks (about 25 min; BENCH=merge runs one) and regenerate docs/benchmarks.md
+bench: setup ## Run the benchmarks (about 45 min; BENCH=merge runs one) and regenerate docs/benchmarks.md
 	status=0; for b in $(BENCH); do $(BENCH_PY) -m benchmarks.$$b || status=1; done; \
 	$(TRAIN_PY) -m benchmarks.report; exit $$status
 

@@ -127,10 +127,24 @@ def gpu_name() -> str | None:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
+def _cpu_flags() -> list[str]:
+    """The instruction sets that decide how fast a CPU runs these models (bfloat16 and int8 matrix units)."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def machine() -> dict[str, Any]:
     total = _meminfo_total()
     return {
         "cpu": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "memory_gib": round(total / 2**30, 1) if total else None,
         "gpu": gpu_name(),
@@ -144,7 +158,13 @@ def machine() -> dict[str, Any]:
 
 def machine_text(m: dict[str, Any]) -> str:
     gpu = m.get("gpu") or "no GPU"
-    return f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, {gpu}"
+    flags = m.get("cpu_flags")
+    bf16 = (
+        ""
+        if flags is None
+        else (" (native bfloat16)" if "avx512_bf16" in flags or "amx_bf16" in flags else " (no native bfloat16)")
+    )
+    return f"{m['cpu']}{bf16}, {m['cores']} cores, {m['memory_gib']} GiB RAM, {gpu}"
 
 
 # ------------------------------------------------------------------------------------------- result file

@@ -48,7 +48,7 @@ FULL = {
     "levels": {1: 16, 8: 64, 32: 256},
     "input_len": INPUT_LEN,
     "output_len": OUTPUT_LEN,
-    "servers": ("ours", "direct", "int8"),
+    "servers": ("ours", "direct", "control", "int8"),
     "profile": True,
 }
 # Smoke: ours and direct (the comparison and its argv/environment check), a short load.
@@ -368,7 +368,11 @@ def gate_share(stacks: Path) -> dict[str, int]:
     """Samples of a py-spy raw profile (`stack count` lines, innermost frame last): all of them, and those in the
     gate's own work (a gate frame is the innermost frame of the project's, and nothing it calls is the server's or
     the app's: the key check, reading and parsing the body, the limits, the drain's bookkeeping)."""
+    import collections
+    import re
+
     total = own = 0
+    where: collections.Counter = collections.Counter()
     for line in stacks.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
@@ -378,7 +382,13 @@ def gate_share(stacks: Path) -> dict[str, int]:
         inner = [i for i, f in enumerate(frames) if "tuneserve/gate.py" in f]
         if inner and not any(m in f for f in frames[inner[-1] + 1 :] for m in NOT_THE_GATE):
             own += int(count)
-    return {"samples": total, "gate_samples": own}
+            where["the gate's own work"] += int(count)
+            continue
+        module = re.search(r"\(([^:)]*)", frames[-1])  # the innermost frame's file: package/module.py
+        parts = (module.group(1) if module else frames[-1]).split("/")
+        where["/".join(parts[:2]) if len(parts) > 2 else parts[0]] += int(count)
+    top = {name: round(n / total, 3) for name, n in where.most_common(8)} if total else {}
+    return {"samples": total, "gate_samples": own, "where": top}
 
 
 def profile(servers: list[Server], merged: Path, plan: dict, out: Path) -> dict[str, dict[str, int]] | None:
@@ -464,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
                 checks.append(differences(commands["ours"], commands["direct"]))
                 if checks[-1] != gate_differences():
                     raise RuntimeError(f"ours and direct differ in more than the gate: {checks[-1]}")
+            if "control" in servers and differences(commands["direct"], commands["control"]):
+                raise RuntimeError(
+                    f"control differs from direct: {differences(commands['direct'], commands['control'])}"
+                )
             before = {k: s.cpu_seconds() for k, s in servers.items()}
             time.sleep(IDLE_SECONDS)
             idle_cpu.append(max(s.cpu_seconds() - before[k] for k, s in servers.items()) / IDLE_SECONDS)
@@ -486,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         "ours": "python -m entrypoints.serve",
         "direct": "the same vLLM server, less the gate",
         "int8": "the same, on the QUANTIZE=int8 copy (compressed-tensors W8A8)",
+        "control": "direct again, a second server with the same command (the noise floor)",
     }
 
     def avg(kind: str, c: int, key: str) -> float | None:
@@ -520,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
                     },
                 }
             )
-    failed = sum(r["failed"] for r in rows)
+    failed = sum(r["failed"] for r in rows if r["key"] == "ours")
     if "direct" in kinds:
         medians = {c: statistics.median(ratios("ours", "direct", c)) for c in levels}
         added = round(statistics.median(startups["ours"]) - statistics.median(startups["direct"]), 2)
@@ -544,6 +559,19 @@ def main(argv: list[str] | None = None) -> int:
                     note=f"rounds {', '.join(f'{x:.3f}' for x in each)}; spread {min(each):.3f}-{max(each):.3f}",
                 )
             )
+        if "control" in kinds:
+            for c in levels:
+                each = ratios("control", "direct", c)
+                figures.append(
+                    common.figure(
+                        f"control_ratio_c{c}",
+                        f"throughput at concurrency {c}, control / direct: two identical servers "
+                        f"(median of {len(each)} rounds)",
+                        statistics.median(each),
+                        "x",
+                        note=f"rounds {', '.join(f'{x:.3f}' for x in each)}; spread {min(each):.3f}-{max(each):.3f}",
+                    )
+                )
         figures.append(
             common.figure(
                 "added_startup_s",
@@ -572,6 +600,12 @@ def main(argv: list[str] | None = None) -> int:
                 "the gate's own work in ours' API process under load (share of py-spy samples)",
                 round(ours["gate_samples"] / ours["samples"], 4),
                 "",
+            ),
+            common.figure(
+                "api_bound_ratio",
+                "expected ours / direct where vLLM's API process is the limit (a GPU): 1 - the gate's share",
+                round(1 - ours["gate_samples"] / ours["samples"], 3),
+                "x",
             ),
             common.figure(
                 "api_cpu_ratio",
@@ -612,7 +646,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         not_run_rows.append(common.not_run("int8 (QUANTIZE) against bfloat16", "smoke run: no int8 server"))
     figures += [
-        common.figure("failed_requests", "failed requests (all runs)", failed, "", at_most=0),
+        common.figure(
+            "failed_requests",
+            "failed requests, ours (all rounds; the other servers' are in their rows)",
+            failed,
+            "",
+            at_most=0,
+        ),
         common.figure("ours_startup_s", "startup to ready, ours (mean)", _mean(startups["ours"]), "s"),
         common.figure(
             "idle_cpu",

@@ -401,4 +401,7 @@ def test_the_gates_share_of_a_profile_counts_its_own_work_not_the_app_it_calls(t
     }
     path = tmp_path / "ours.txt"
     path.write_text("".join(f"{stack} {count}\n" for stack, count in lines.items()) + "\n")
-    assert serve_bench.gate_share(path) == {"samples": 100, "gate_samples": 10}
+    share = serve_bench.gate_share(path)
+    assert (share["samples"], share["gate_samples"]) == (100, 10)
+    assert share["where"]["the gate's own work"] == 0.1 and share["where"]["uvicorn/protocols"] == 0.3
+    assert share["where"]["vllm/v1"] == 0.13 and share["where"]["starlette/middleware"] == 0.4
