@@ -385,23 +385,28 @@ def test_the_bitsandbytes_wheel_is_trimmed_to_the_cpu_and_cuda_13_libraries(tmp_
     assert kept == expected and sorted(line.split(",")[0] for line in lines) == expected
 
 
-def test_the_gates_share_of_a_profile_counts_its_own_work_not_the_app_it_calls(tmp_path):
-    gate = "Gate._gated (tuneserve/gate.py:260)"
+def test_the_gates_share_of_a_profile_counts_its_own_work_on_the_event_loop_not_the_app_it_calls(tmp_path):
+    loop = "main (vllm/x.py:1);Runner.run (asyncio/runners.py:118)"
+    gate = f"{loop};Gate._gated (tuneserve/gate.py:260)"
     lines = {
         # The gate's own: its frames innermost, or calling the standard library and pydantic.
-        f"run (asyncio/runners.py:118);{gate};Gate._checked_body (tuneserve/gate.py:350)": 5,
-        f"run (asyncio/runners.py:118);{gate};parse_body (tuneserve/gate.py:101);loads (json/__init__.py:346)": 3,
+        f"{gate};Gate._checked_body (tuneserve/gate.py:350)": 5,
+        f"{gate};parse_body (tuneserve/gate.py:101);loads (json/__init__.py:346)": 3,
         f"{gate};_count (tuneserve/gate.py:95);TypeAdapter.validate_python (pydantic/type_adapter.py:421)": 2,
         # The app's and the server's, reached through the gate: not the gate's.
         f"{gate};Gate._run (tuneserve/gate.py:440);CORSMiddleware.__call__ (starlette/middleware/cors.py:77)": 40,
         f"{gate};tracked_send (tuneserve/gate.py:437);RequestResponseCycle.send (uvicorn/protocols/http/h.py:544)": 30,
         f"{gate};x (tuneserve/gate.py:1);serve (vllm/entrypoints/x.py:1);loads (json/__init__.py:346)": 7,
-        # Outside the gate altogether.
-        "run (asyncio/runners.py:118);process_outputs (vllm/v1/engine/output_processor.py:400)": 13,
+        # The loop's own work outside the gate, and the loop waiting in its poll (not busy).
+        f"{loop};process_outputs (vllm/v1/engine/output_processor.py:400)": 13,
+        loop: 50,
+        # Another thread (vLLM's tokenizer pool): not the loop's.
+        "_bootstrap (threading.py:1002);_worker (concurrent/futures/thread.py:81);encode (tokenizers/x.py:1)": 25,
     }
     path = tmp_path / "ours.txt"
     path.write_text("".join(f"{stack} {count}\n" for stack, count in lines.items()) + "\n")
     share = serve_bench.gate_share(path)
-    assert (share["samples"], share["gate_samples"]) == (100, 10)
+    assert (share["samples"], share["loop_samples"], share["loop_busy"], share["gate_samples"]) == (175, 150, 100, 10)
     assert share["where"]["the gate's own work"] == 0.1 and share["where"]["uvicorn/protocols"] == 0.3
     assert share["where"]["vllm/v1"] == 0.13 and share["where"]["starlette/middleware"] == 0.4
+    assert "concurrent/futures" not in share["where"] and "tokenizers" not in share["where"]
