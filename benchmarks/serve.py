@@ -37,6 +37,8 @@ from pathlib import Path
 
 from benchmarks import common
 from devtools.health import free_port, stop_server, wait_healthy
+from tuneserve.gate import GATE_ENV, READY_FD_ENV
+from tuneserve.serve import GATE_MIDDLEWARE
 
 TITLE = "Serving: python -m entrypoints.serve vs vLLM started directly"
 INPUT_LEN, OUTPUT_LEN = 128, 64
@@ -110,9 +112,9 @@ def serve_settings(merged: Path, port: int) -> dict[str, str]:
     }
 
 
-GATE_ARGS = ("--middleware", "tuneserve.gate.Gate")
+GATE_ARGS = ("--middleware", GATE_MIDDLEWARE)
 # What only the gate reads: its settings and the pipe on which it tells the supervisor it is ready.
-GATE_ENV_NAMES = frozenset({"TUNESERVE_GATE", "TUNESERVE_READY_FD"})
+GATE_ENV_NAMES = frozenset({GATE_ENV, READY_FD_ENV})
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 
 
