@@ -404,7 +404,7 @@ def gate_share(stacks: Path) -> dict:
     return {"samples": total, "loop_samples": loop, "loop_busy": busy, "gate_samples": own, "where": top}
 
 
-def profile(servers: list[Server], merged: Path, plan: dict, out: Path) -> dict[str, dict[str, int]] | None:
+def profile(servers: list[Server], merged: Path, plan: dict, out: Path) -> dict[str, dict] | None:
     """One more round at the highest concurrency, not counted in the ratios, with py-spy sampling each server's
     API process (not pausing it): where that process spends its time, the gate's share of it. None when py-spy
     is missing or may not read other processes here."""
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     idle_cpu: list[float] = []
     commands: dict[str, tuple[list[str], dict[str, str]]] = {}
     checks: list[list[str]] = []
-    profiles: dict[str, dict[str, int]] | None = None
+    profiles: dict[str, dict] | None = None
     # Warm the page cache with vLLM's imports first, so that the first server started does not pay for it.
     subprocess.run(
         [str(common.SERVE_PYTHON), "-c", "import vllm.entrypoints.openai.api_server"],
