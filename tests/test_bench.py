@@ -206,11 +206,16 @@ def test_train_smoke_measures_both_sides_and_marks_gpu_rows(smoke):
         assert gpu["value"] is None and gpu["target"] == ">= 1.5"
 
 
-def test_serve_smoke_runs_the_load_generator_without_failures(smoke):
+def need_serve_python() -> None:
+    """The serving benchmarks need .venv-serve: a failure in CI (make setup builds it), a skip elsewhere."""
     if not SERVE_PYTHON.is_file():
         if os.environ.get("CI") == "true":
             pytest.fail(f"{SERVE_PYTHON} is missing: `make setup` creates .venv-serve with vLLM's CPU build")
         pytest.skip(".venv-serve is missing (make setup)")
+
+
+def test_serve_smoke_runs_the_load_generator_without_failures(smoke):
+    need_serve_python()
     r = result(smoke, "serve")
     assert figures(r)["failed_requests"] == 0 and figures(r)["ours_startup_s"] > 0
     for row in r["rows"]:
@@ -230,10 +235,7 @@ def test_serve_smoke_runs_the_load_generator_without_failures(smoke):
 
 
 def test_gate_smoke_reports_its_cost_per_request_and_per_chunk(smoke):
-    if not SERVE_PYTHON.is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{SERVE_PYTHON} is missing: `make setup` creates .venv-serve with vLLM's CPU build")
-        pytest.skip(".venv-serve is missing (make setup)")
+    need_serve_python()
     r = result(smoke, "gate")
     assert figures(r)["per_request_us"] is not None and figures(r)["per_chunk_us"] is not None
     assert [row["chunks"] for row in r["rows"]] == sorted(row["chunks"] for row in r["rows"])
