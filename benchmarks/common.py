@@ -63,6 +63,12 @@ def command(args: argparse.Namespace) -> str:
     return f".venv-train/bin/python -m benchmarks.{args.name}" + (" --smoke" if args.smoke else "")
 
 
+def need_serve_python() -> None:
+    """The serving benchmarks run vLLM in .venv-serve: stop with the way to get it when it is missing."""
+    if not SERVE_PYTHON.is_file():
+        raise SystemExit(f"{SERVE_PYTHON} is missing: run `make setup` (it builds .venv-serve)")
+
+
 # ------------------------------------------------------------------------------------------- figures
 def figure(
     key: str,

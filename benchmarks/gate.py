@@ -159,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.monotonic()
     plan = SMOKE if args.smoke else FULL
-    if not common.SERVE_PYTHON.is_file():
-        raise SystemExit(f"{common.SERVE_PYTHON} is missing: run `make setup` (it builds .venv-serve)")
+    common.need_serve_python()
     spec = {"kind": "measure", **plan, "chunks": list(plan["chunks"])}
     print(f"gate: {plan['rounds']} round(s) of {plan['requests']} requests per chunk count ...", flush=True)
     raw = common.run_child(

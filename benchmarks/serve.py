@@ -445,8 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.monotonic()
     plan = SMOKE if args.smoke else FULL
-    if not common.SERVE_PYTHON.is_file():
-        raise SystemExit(f"{common.SERVE_PYTHON} is missing: run `make setup` (it builds .venv-serve)")
+    common.need_serve_python()
     merged = prepare_model(args.work_dir)
     kinds = plan["servers"]
     startups: dict[str, list[float]] = {k: [] for k in kinds}

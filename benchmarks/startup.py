@@ -43,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = common.parse_args("startup", __doc__, argv)
     started = time.monotonic()
     plan = SMOKE if args.smoke else FULL
-    if not common.SERVE_PYTHON.is_file():
-        raise SystemExit(f"{common.SERVE_PYTHON} is missing: run `make setup` (it builds .venv-serve)")
+    common.need_serve_python()
     merged = prepare_model(args.work_dir)
     subprocess.run(  # vLLM's imports into the page cache, so that the first start does not pay for them
         [str(common.SERVE_PYTHON), "-c", "import vllm.entrypoints.openai.api_server"],

@@ -5,7 +5,6 @@ Timings are never asserted: the benchmarks are not timed tests. Marked slow: it 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import serve as serve_bench
-from tests.helpers import REPO, clean_env
+from tests.helpers import REPO, SERVE_PYTHON, clean_env, need_vllm
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +20,6 @@ ORDER = ("merge", "data", "train", "serve", "gate", "startup", "images")  # the 
 # What `make setup` alone can run. The images benchmark measures the images `make test-images` builds: its
 # smoke test lives in that lane (tests/test_images.py), so `make test` needs neither podman nor images.
 SMOKE = ("merge", "data", "train", "serve", "gate")
-SERVE_PYTHON = REPO / ".venv-serve" / "bin" / "python"
 
 
 @pytest.fixture(scope="module")
@@ -206,16 +204,8 @@ def test_train_smoke_measures_both_sides_and_marks_gpu_rows(smoke):
         assert gpu["value"] is None and gpu["target"] == ">= 1.5"
 
 
-def need_serve_python() -> None:
-    """The serving benchmarks need .venv-serve: a failure in CI (make setup builds it), a skip elsewhere."""
-    if not SERVE_PYTHON.is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{SERVE_PYTHON} is missing: `make setup` creates .venv-serve with vLLM's CPU build")
-        pytest.skip(".venv-serve is missing (make setup)")
-
-
 def test_serve_smoke_runs_the_load_generator_without_failures(smoke):
-    need_serve_python()
+    need_vllm()
     r = result(smoke, "serve")
     assert figures(r)["failed_requests"] == 0 and figures(r)["ours_startup_s"] > 0
     for row in r["rows"]:
@@ -235,7 +225,7 @@ def test_serve_smoke_runs_the_load_generator_without_failures(smoke):
 
 
 def test_gate_smoke_reports_its_cost_per_request_and_per_chunk(smoke):
-    need_serve_python()
+    need_vllm()
     r = result(smoke, "gate")
     assert figures(r)["per_request_us"] is not None and figures(r)["per_chunk_us"] is not None
     assert [row["chunks"] for row in r["rows"]] == sorted(row["chunks"] for row in r["rows"])
