@@ -119,14 +119,16 @@ lint-docker: $(VENV_LINT)/.installed ## hadolint (threshold: warning) and checko
 # kubernetes-validate has no schema for custom resources (LeaderWorkerSet): it warns and passes them. k8s/crds.py
 # validates them against their CRD's vendored schema, fails on any other kind without a schema, and writes their
 # pod templates as PodTemplates (build/k8s/crd-pod-templates.yaml) for kubernetes-validate and checkov to check.
+# k8s/promql.py parses every PrometheusRule expr and Grafana dashboard query in the rendered overlays (promql-parser).
 # A component's patches (*.patch.yaml) are checked in the overlays that render them, not alone.
 KUSTOMIZE ?= $(if $(shell command -v kubectl),kubectl kustomize,$(VENV_LINT)/bin/python k8s/render.py)
 K8S_VERSION ?= 1.37.0
-lint-k8s: $(VENV_LINT)/.installed ## kubernetes-validate --strict, CRD schemas, checkov (kubernetes, secrets) and yamllint on k8s/ and its rendered overlays
+lint-k8s: $(VENV_LINT)/.installed ## kubernetes-validate --strict, CRD schemas, PromQL, checkov (kubernetes, secrets) and yamllint on k8s/ and its rendered overlays
 	rm -rf build/k8s && mkdir -p build/k8s
 	for overlay in k8s/overlays/*/; do $(KUSTOMIZE) $$overlay > build/k8s/$$(basename $$overlay).yaml; done
 	$(VENV_LINT)/bin/python k8s/crds.py --kubernetes-version $(K8S_VERSION) \
 	    --pod-templates build/k8s/crd-pod-templates.yaml build/k8s/*.yaml
+	$(VENV_LINT)/bin/python k8s/promql.py build/k8s/*.yaml
 	$(VENV_LINT)/bin/kubernetes-validate --strict --kubernetes-version $(K8S_VERSION) --quiet \
 	    $$(find k8s/base k8s/components -name '*.yaml' ! -name kustomization.yaml ! -name '*.patch.yaml' | sort) \
 	    build/k8s/*.yaml

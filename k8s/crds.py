@@ -1,4 +1,5 @@
-"""Validate the custom resources (LeaderWorkerSet) in rendered manifests, which kubernetes-validate cannot.
+"""Validate the custom resources (LeaderWorkerSet, PodMonitor, PrometheusRule) in rendered manifests, which
+kubernetes-validate cannot.
 
     python k8s/crds.py [--kubernetes-version 1.37.0] [--pod-templates OUT.yaml] RENDERED.yaml...
     python k8s/crds.py --vendor CRD.yaml RELEASE > k8s/schemas/KIND.json      (refresh a vendored schema)
@@ -7,7 +8,9 @@ kubernetes-validate knows Kubernetes' own kinds only: for a LeaderWorkerSet it p
 For each object of a kind in SCHEMAS this
   1. validates the object against the openAPIV3Schema of the CRD release docs/kubernetes.md installs, vendored in
      k8s/schemas/ (descriptions removed), strictly: a field the schema does not name is an error (the API server
-     would silently drop it), as are a wrong type, a value outside an enum or a missing required field;
+     would silently drop it), as are a wrong type, a value outside an enum, a string that does not match the
+     schema's pattern (a PrometheusRule's `for: 5 min`) or is too short, a missing required field and two items
+     of a list-type map or set with the same key;
   2. takes out its pod templates (the schema holds them as plain objects) and writes each as a v1 PodTemplate to
      --pod-templates, which `make lint-k8s` passes to kubernetes-validate --strict (Kubernetes' own pod schema)
      and to checkov (whose pod checks skip kinds they do not know, and read a PodTemplate).
@@ -15,14 +18,16 @@ With --kubernetes-version, any other object whose kind has no schema in kubernet
 nothing in k8s/ reaches a cluster unvalidated.
 
 Not validated: what the CRD's admission webhook checks beyond its schema (for LeaderWorkerSet: that
-subGroupSize divides size, the rollout's maxSurge/maxUnavailable limits, immutable fields), and whether the
-cluster runs the release the schema comes from. Needs PyYAML only (kubernetes-validate for --kubernetes-version).
+subGroupSize divides size, the rollout's maxSurge/maxUnavailable limits, immutable fields; for PrometheusRule: that
+each expr is PromQL, which k8s/promql.py checks instead), and whether the cluster runs the release the schema comes
+from. Needs PyYAML only (kubernetes-validate for --kubernetes-version).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,14 +35,31 @@ from typing import Any
 import yaml
 
 HERE = Path(__file__).resolve().parent
-# (apiVersion, kind) -> the vendored schema and where in the object its pod templates are.
+# (apiVersion, kind) -> the vendored schema, where the CRD file comes from (for the schema's $comment) and where in
+# the object its pod templates are.
+LWS_SOURCE = "kubernetes-sigs/lws {release} (config/crd/bases/{file})"
+PROMETHEUS_OPERATOR_SOURCE = (
+    "prometheus-operator/prometheus-operator {release} (example/prometheus-operator-crd/{file})"
+)
 SCHEMAS = {
     ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"): {
         "schema": HERE / "schemas" / "leaderworkerset.x-k8s.io_v1_leaderworkerset.json",
+        "source": LWS_SOURCE,
         "pod_templates": {
             "leader": ("spec", "leaderWorkerTemplate", "leaderTemplate"),
             "worker": ("spec", "leaderWorkerTemplate", "workerTemplate"),
         },
+    },
+    # k8s/components/monitoring: the scrape of the serving pods and the alerts, for the prometheus-operator.
+    ("monitoring.coreos.com/v1", "PodMonitor"): {
+        "schema": HERE / "schemas" / "monitoring.coreos.com_v1_podmonitor.json",
+        "source": PROMETHEUS_OPERATOR_SOURCE,
+        "pod_templates": {},
+    },
+    ("monitoring.coreos.com/v1", "PrometheusRule"): {
+        "schema": HERE / "schemas" / "monitoring.coreos.com_v1_prometheusrule.json",
+        "source": PROMETHEUS_OPERATOR_SOURCE,
+        "pod_templates": {},
     },
 }
 INT32 = (-(2**31), 2**31 - 1)
@@ -80,9 +102,30 @@ def check(schema: dict, value: Any, path: str = "") -> list[str]:
             return [f"{where}: expected a list, got {value!r}"]
         for i, item in enumerate(value):
             errors += check(schema.get("items", {}), item, f"{path}[{i}]")
+        if len(value) < schema.get("minItems", 0):
+            errors.append(f"{where}: fewer than {schema['minItems']} items")
+        if "maxItems" in schema and len(value) > schema["maxItems"]:
+            errors.append(f"{where}: more than {schema['maxItems']} items")
+        # The API server refuses two items with the same key (map) or two equal items (set).
+        list_type = schema.get("x-kubernetes-list-type")
+        if list_type in ("map", "set"):
+            keys = schema.get("x-kubernetes-list-map-keys", [])
+            seen = [
+                json.dumps(
+                    [i.get(k) for k in keys] if list_type == "map" and isinstance(i, dict) else i, sort_keys=True
+                )
+                for i in value
+            ]
+            errors += [f"{where}: duplicate item {key}" for key in sorted({k for k in seen if seen.count(k) > 1})]
     elif kind == "string":
         if not isinstance(value, str):
             return [f"{where}: expected a string, got {value!r}"]
+        if len(value) < schema.get("minLength", 0):
+            errors.append(f"{where}: {value!r} is shorter than {schema['minLength']}")
+        if "maxLength" in schema and len(value) > schema["maxLength"]:
+            errors.append(f"{where}: {value!r} is longer than {schema['maxLength']}")
+        if "pattern" in schema and not _pattern(schema["pattern"]).search(value):
+            errors.append(f"{where}: {value!r} does not match {schema['pattern']}")
     elif kind == "integer":
         if not isinstance(value, int) or isinstance(value, bool):
             return [f"{where}: expected an integer, got {value!r}"]
@@ -99,6 +142,14 @@ def check(schema: dict, value: Any, path: str = "") -> list[str]:
     if "enum" in schema and value not in schema["enum"]:
         errors.append(f"{where}: {value!r} is not one of {schema['enum']}")
     return errors
+
+
+def _pattern(pattern: str) -> re.Pattern:
+    """A schema's pattern (Go's RE2 syntax, which the patterns of the vendored schemas share with Python's re)."""
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"pattern {pattern!r} not supported by this validator: {exc}") from None
 
 
 def _get(obj: dict, keys: tuple[str, ...]) -> Any:
@@ -140,25 +191,31 @@ def vendor(crd_path: str, release: str) -> dict:
     schema = copy.deepcopy(version["schema"]["openAPIV3Schema"])
     schema["properties"].pop("status", None)
 
-    def strip(node: Any) -> Any:
+    def strip(node: Any, names: bool = False) -> Any:
+        """Without the schema keyword "description" (a field of that name, a key of "properties", is kept)."""
         if isinstance(node, dict):
-            return {k: strip(v) for k, v in node.items() if k != "description"}
+            return {
+                k: strip(v, k == "properties" and not names) for k, v in node.items() if names or k != "description"
+            }
         return [strip(v) for v in node] if isinstance(node, list) else node
 
     schema = strip(schema)
     entry = SCHEMAS[(api_version, kind)]
+    removed = ["descriptions and status removed"]
     for keys in entry["pod_templates"].values():
         parent = schema
         for key in keys[:-1]:
             parent = parent["properties"][key]
         parent["properties"][keys[-1]] = {"type": "object"}  # validated as a PodTemplate instead
+    if entry["pod_templates"]:
+        removed.append("pod templates validated separately (k8s/crds.py)")
     lwt = schema["properties"]["spec"]["properties"].get("leaderWorkerTemplate", {}).get("properties", {})
-    lwt.pop("volumeClaimTemplates", None)  # embedded PVCs: not validated here, so refused (k8s/ uses none)
+    if lwt.pop("volumeClaimTemplates", None) is not None:  # embedded PVCs: not validated here, so refused
+        removed.append("volumeClaimTemplates removed")
+    source = entry["source"].format(release=release, file=Path(crd_path).name)
     return {
-        "$comment": f"openAPIV3Schema of {kind} {api_version} from kubernetes-sigs/lws {release} "
-        f"(config/crd/bases/{Path(crd_path).name}), descriptions and status removed, pod templates validated "
-        f"separately (k8s/crds.py), volumeClaimTemplates removed. Regenerate: python k8s/crds.py "
-        f"--vendor CRD.yaml RELEASE",
+        "$comment": f"openAPIV3Schema of {kind} {api_version} from {source}, {', '.join(removed)}. "
+        f"Regenerate: python k8s/crds.py --vendor CRD.yaml RELEASE",
         "x-release": release,
         **schema,
     }

@@ -8,11 +8,12 @@ is the reference: tests/test_k8s.py renders every overlay with both and fails if
 `make lint-k8s` uses kubectl when it is there.
 
 It handles only what k8s/ uses, and refuses anything else rather than ignoring it: resources (files and
-directories), components, namespace, images, patches (strategic merge, from a file, matched by kind and
+directories), components, configMapGenerator (from files, with disableNameSuffixHash: the hash kustomize would
+append is not computed here), namespace, images, patches (strategic merge, from a file, matched by kind and
 name; a patch whose top level says `$patch: delete` removes the object) and replacements (dotted field
 paths with [key=value] list selectors; the value copied may be a scalar, a map or a list). Components run
-before their parent's own transformers, which run in kustomize's order: patches, namespace, images,
-replacements. Needs PyYAML only.
+before their parent's generators and own transformers, which run in kustomize's order: patches, namespace,
+images, replacements. Needs PyYAML only.
 """
 
 from __future__ import annotations
@@ -24,7 +25,17 @@ from typing import Any
 
 import yaml
 
-KNOWN_FIELDS = {"apiVersion", "kind", "resources", "components", "namespace", "images", "patches", "replacements"}
+KNOWN_FIELDS = {
+    "apiVersion",
+    "kind",
+    "resources",
+    "components",
+    "configMapGenerator",
+    "namespace",
+    "images",
+    "patches",
+    "replacements",
+}
 CLUSTER_SCOPED = {
     "Namespace",
     "ClusterRole",
@@ -105,6 +116,7 @@ def _build(directory: Path, kind: str, objects: list[dict]) -> list[dict]:
             objects += [d for d in yaml.safe_load_all(path.read_text()) if d]
     for ref in k.get("components", []):
         objects = _build(directory / ref, "Component", objects)
+    objects += [_generated_config_map(directory, entry) for entry in k.get("configMapGenerator", [])]
     for entry in k.get("patches", []):
         if set(entry) != {"path"}:
             raise RenderError(f"{directory}: only patches with a path are supported, got {entry}")
@@ -134,6 +146,30 @@ def _build(directory: Path, kind: str, objects: list[dict]) -> list[dict]:
             for field_path in target["fieldPaths"]:
                 set_path(obj, field_path, value, create=target.get("options", {}).get("create", False))
     return objects
+
+
+def _generated_config_map(directory: Path, entry: dict) -> dict:
+    """A configMapGenerator entry's ConfigMap: one key per file (`KEY=PATH` or `PATH`, keyed by its file name)."""
+    options = entry.get("options", {})
+    if set(entry) - {"name", "files", "options"} or set(options) - {"disableNameSuffixHash", "labels", "annotations"}:
+        raise RenderError(
+            f"{directory}: configMapGenerator {entry.get('name')}: only name, files and options "
+            "(disableNameSuffixHash, labels, annotations) are supported by this renderer"
+        )
+    if options.get("disableNameSuffixHash") is not True:
+        raise RenderError(
+            f"{directory}: configMapGenerator {entry['name']}: the name hash is not supported by this "
+            "renderer (set options.disableNameSuffixHash: true)"
+        )
+    data = {}
+    for item in entry.get("files", []):
+        key, _, path = item.rpartition("=")
+        data[key or Path(path).name] = (directory / path).read_text()
+    meta = {"name": entry["name"]}
+    for field in ("labels", "annotations"):
+        if options.get(field):
+            meta[field] = {k: str(v) for k, v in options[field].items()}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data}
 
 
 def _find(objects: list[dict], kind: str, name: str, where: str) -> dict:

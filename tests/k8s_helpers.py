@@ -33,6 +33,8 @@ def _load(name: str):
 
 render = _load("render")
 crds = _load("crds")
+promql = _load("promql")
+DASHBOARD_LABEL = promql.DASHBOARD_LABEL  # a ConfigMap the Grafana sidecar loads (components/monitoring)
 
 # Environment variables a manifest may set that belong to a library rather than to our schemas.
 LIBRARY_VARS = {
