@@ -205,3 +205,165 @@ def test_a_request_the_server_cancels_stays_cancelled(make_gate, also_cut):
     client, task, gate = asyncio.run(main())
     assert task.cancelled() and not gate.flights
     assert not any(b"draining" in m.get("body", b"") for m in client.sent)  # nobody to answer
+
+
+def ok_app(scope, receive, send):
+    async def reply():
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    return reply()
+
+
+def request(body: bytes = BODY, *, key: str | None = KEY, path: str = "/v1/completions", kind: str = "http"):
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if key is not None:
+        headers.append((b"authorization", f"Bearer {key}".encode()))
+    method = "GET" if path in ("/health", "/live", "/metrics") else "POST"
+    return {**scope(fake_server()), "type": kind, "path": path, "method": method, "headers": headers}
+
+
+def test_the_gate_counts_its_refusals_drains_and_liveness(make_gate, monkeypatch):
+    """What tuneserve_gate_*_total on vLLM's /metrics count (here read from the counts the gate keeps in process; the
+    same calls feed the Prometheus counters, test_serve.py reads those from a real server)."""
+    from collections import Counter
+
+    from tuneserve.gate import ENGINE_STEPS, gate_metrics
+
+    monkeypatch.setattr(ENGINE_STEPS, "last", float("-inf"))  # no engine step yet: /live has to check
+    metrics = gate_metrics()
+    before = Counter(metrics.counts)
+
+    def body(**fields) -> bytes:
+        return json.dumps({"model": "m", "prompt": "hi", **fields}).encode()
+
+    async def main():
+        gate = make_gate(ok_app)
+        answered = []
+        for req, parts in (
+            (request(key=None), [BODY]),
+            (request(key="wrong-" + KEY), [BODY]),
+            (request(key=None, path="/v1/realtime", kind="websocket"), []),
+            (request(body(n=9)), [body(n=9)]),
+            (request(body(best_of=9)), [body(best_of=9)]),
+            (request(body(n=8, max_tokens=2048)), [body(n=8, max_tokens=2048)]),
+            (request(b"[1]"), [b"[1]"]),
+            (request(b"x" * (2 << 20)), [b"x" * (2 << 20)]),  # over MAX_REQUEST_BYTES by its declared length
+            (request(), [BODY]),  # let through: not counted
+            (request(path="/metrics", key=None), []),  # not counted either
+            (request(path="/live", key=None), []),  # no engine (fake server): fails
+        ):
+            client = Client(parts)
+            await asyncio.wait_for(gate(req, client.receive, client.send), timeout=5)
+            answered.append(client.status if req["type"] == "http" else client.sent[0]["code"])
+        ENGINE_STEPS.stepped()
+        client = Client([])
+        await gate(request(path="/live", key=None), client.receive, client.send)
+        answered.append(client.status)
+
+        slow = make_gate(ok_app, read_timeout=0.2)
+        client = Client([BODY[:10], None])
+        await asyncio.wait_for(slow(request(), client.receive, client.send), timeout=5)
+        answered.append(client.status)
+
+        # A drain that ends two open streams; meanwhile a new request (refused), the probes (not counted as
+        # refusals), /metrics (served).
+        draining = make_gate(
+            lambda s, r, w: (streaming_app if s["path"] == "/v1/completions" else ok_app)(s, r, w), drain_seconds=0.3
+        )
+        streams = [Client([BODY]) for _ in range(2)]
+        tasks = [asyncio.ensure_future(draining(request(), c.receive, c.send)) for c in streams]
+        await asyncio.sleep(0.1)
+        draining._on_sigterm()
+        for path, key in (("/v1/completions", KEY), ("/health", None), ("/metrics", None), ("/live", None)):
+            client = Client([BODY] if key else [])
+            await asyncio.wait_for(draining(request(path=path, key=key), client.receive, client.send), timeout=5)
+            answered.append(client.status)
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=10)
+        return answered
+
+    answered = asyncio.run(main())
+    assert answered == [401, 401, 1008, 400, 400, 400, 400, 413, 200, 200, 503, 200, 408, 503, 503, 200, 200]
+    assert Counter(metrics.counts) - before == Counter(
+        {
+            ("refused", "invalid_api_key", ""): 3,
+            ("refused", "limit_exceeded", "n"): 1,
+            ("refused", "limit_exceeded", "best_of"): 1,
+            ("refused", "limit_exceeded", "max_tokens"): 1,
+            ("refused", "invalid_body", ""): 1,
+            ("refused", "request_too_large", ""): 1,
+            ("refused", "request_timeout", ""): 1,
+            ("refused", "draining", ""): 1,
+            ("live", "fail"): 1,
+            ("live", "pass"): 2,
+            "drains": 1,
+            "drain_cancelled": 2,
+        }
+    )
+
+
+MULTIPROCESS = """
+import asyncio, json, multiprocessing, os, sys
+
+def api_server(refusals: int) -> None:  # one of vLLM's API server processes: spawned, the variable inherited
+    from tuneserve.gate import Gate
+
+    gate = Gate(None)
+    async def send(message):
+        pass
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+    async def main():
+        for _ in range(refusals):
+            await gate({"type": "http", "method": "GET", "path": "/v1/models", "headers": []}, receive, send)
+        await gate._live(send)  # draining: passes without an engine
+    gate.draining = True
+    asyncio.run(main())
+
+if __name__ == "__main__":
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]  # what vLLM's launcher does before starting API servers
+    context = multiprocessing.get_context("spawn")
+    servers = [context.Process(target=api_server, args=(n,)) for n in (2, 3)]
+    for p in servers:
+        p.start()
+    for p in servers:
+        p.join()
+        assert p.exitcode == 0
+    # /metrics with several API servers: a registry of its own that reads every process's files (vLLM's
+    # get_prometheus_registry), exposed as prometheus_client's ASGI app does.
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    print(generate_latest(registry).decode())
+"""
+
+
+def test_with_several_api_servers_metrics_serves_the_counts_of_all_of_them(make_gate, tmp_path):
+    """vLLM's `--api-server-count N` (tuneserve's entrypoint runs one; `vllm serve` more): each API server process
+    counts in its own files under PROMETHEUS_MULTIPROC_DIR, and /metrics adds them up."""
+    import os
+    import subprocess
+
+    from tests.helpers import REPO, SERVE_PYTHON, clean_env, need_vllm
+
+    need_vllm()
+    make_gate(None)  # sets the gate's environment, which the processes inherit
+    env = clean_env(**{k: os.environ[k] for k in (GATE_ENV, "VLLM_API_KEY")})
+    (tmp_path / "prometheus").mkdir()
+    (tmp_path / "servers.py").write_text(MULTIPROCESS)  # a file: spawned processes import their target from it
+    out = subprocess.run(
+        [str(SERVE_PYTHON), str(tmp_path / "servers.py"), str(tmp_path / "prometheus")],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(list((tmp_path / "prometheus").glob("counter_*.db"))) == 2
+    exposed = out.stdout
+    assert 'tuneserve_gate_refused_total{param="",reason="invalid_api_key"} 5.0' in exposed, exposed
+    assert 'tuneserve_gate_live_total{result="pass"} 2.0' in exposed
+    assert 'tuneserve_gate_refused_total{param="n",reason="limit_exceeded"} 0.0' in exposed  # every series from 0
+    assert "tuneserve_gate_drains_total 0.0" in exposed

@@ -379,17 +379,24 @@ CHAT = {"model": "qa-model", "messages": [{"role": "user", "content": "What do b
 
 @pytest.fixture(scope="module")
 def merged_server(tmp_path_factory, trained_output):
+    """The module's server. Its /metrics is served as with several API servers (`--api-server-count N`): from the
+    files each process writes under PROMETHEUS_MULTIPROC_DIR (the drain test's server serves the default registry),
+    which also keep the counts after the server ended."""
     need_vllm()
+    folder = tmp_path_factory.mktemp("serve")
+    (folder / "prometheus").mkdir()
     server = Server(
         {
             "MODEL_ID": str(trained_output / "merged"),
             "SERVED_MODEL_NAME": "qa-model",
             "API_KEY": KEY,
             "MAX_MODEL_LEN": "128",
+            "PROMETHEUS_MULTIPROC_DIR": str(folder / "prometheus"),
             **LIMITS,
         },
-        tmp_path_factory.mktemp("serve"),
+        folder,
     )
+    server.metrics_dir = folder / "prometheus"
     try:
         server.wait_ready()
         yield server
@@ -501,11 +508,90 @@ def test_limits_are_enforced_before_any_work_and_the_server_stays_healthy(merged
     assert merged_server.request("/v1/chat/completions", long_prompt, key=KEY)[0] == 400
 
 
+def gate_counters(text: str) -> dict[tuple, float]:
+    """The gate's counters in a Prometheus text exposition: (name, label=value, ...) -> value."""
+    counters = {}
+    for name, labels, value in re.findall(r"^(tuneserve_gate_\w+_total)(?:\{(.*)\})? (\S+)$", text, re.M):
+        counters[(name, *sorted(f"{k}={v}" for k, v in re.findall(r'(\w+)="([^"]*)"', labels)))] = float(value)
+    return counters
+
+
+def scraped(server: Server) -> dict[tuple, float]:
+    """The gate's counters on the server's /metrics, asked without a key as Prometheus does."""
+    status, text = server.request("/metrics")
+    assert status == 200, text
+    counters = gate_counters(text)
+    assert counters, text[-2000:]
+    return counters
+
+
+def counted_after_exit(folder: Path) -> dict[tuple, float]:
+    """The gate's counters in a PROMETHEUS_MULTIPROC_DIR, read as /metrics reads it (the server may be gone)."""
+    probe = (
+        "import sys\nfrom prometheus_client import CollectorRegistry, generate_latest, multiprocess\n"
+        "registry = CollectorRegistry()\nmultiprocess.MultiProcessCollector(registry, path=sys.argv[1])\n"
+        "print(generate_latest(registry).decode())\n"
+    )
+    res = subprocess.run(
+        [str(SERVE_PYTHON), "-c", probe, str(folder)], env=clean_env(), capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    return gate_counters(res.stdout)
+
+
+def went_up(before: dict[tuple, float], after: dict[tuple, float]) -> dict[tuple, float]:
+    return {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)}
+
+
+REFUSED = "tuneserve_gate_refused_total"
+
+
+@pytest.mark.slow
+def test_metrics_count_each_request_the_gate_refuses_by_reason(merged_server):
+    """tuneserve_gate_refused_total{reason, param}, summed over the files of PROMETHEUS_MULTIPROC_DIR (as with
+    several API servers): exactly the refusals sent here, nothing for the requests let through."""
+    before = scraped(merged_server)
+    # Every series is there from the start, at 0 or more (a rate over a series that does not exist sees nothing).
+    for reason in ("invalid_api_key", "request_too_large", "request_timeout", "invalid_body", "draining"):
+        assert (REFUSED, "param=", f"reason={reason}") in before, reason
+    for param in ("n", "best_of", "max_tokens"):
+        assert (REFUSED, f"param={param}", "reason=limit_exceeded") in before, param
+    sent = [
+        ("/v1/models", None, None, 401),
+        ("/v1/chat/completions", CHAT, "wrong-" + KEY, 401),
+        ("/v1/chat/completions", {**CHAT, "n": 5}, KEY, 400),
+        ("/v1/completions", {"model": "qa-model", "prompt": "a", "best_of": 5}, KEY, 400),
+        ("/v1/chat/completions", {**CHAT, "n": 3, "max_tokens": 8}, KEY, 400),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * 70_000}]}, KEY, 413),
+        ("/tokenize", {"model": "qa-model", "prompt": "bees " * 1000}, KEY, 413),
+        ("/invocations", [CHAT], KEY, 400),
+        ("/v1/chat/completions", CHAT, KEY, 200),  # let through
+        ("/v1/models", None, KEY, 200),
+    ]
+    for path, body, key, code in sent:
+        assert merged_server.request(path, body, key=key)[0] == code, (path, body)
+    half_body = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{" % KEY.encode()
+    )
+    assert raw_exchange(merged_server.port, half_body)[0].startswith(b"HTTP/1.1 408")  # REQUEST_READ_TIMEOUT=2
+    assert went_up(before, scraped(merged_server)) == {
+        (REFUSED, "param=", "reason=invalid_api_key"): 2,
+        (REFUSED, "param=n", "reason=limit_exceeded"): 1,
+        (REFUSED, "param=best_of", "reason=limit_exceeded"): 1,
+        (REFUSED, "param=max_tokens", "reason=limit_exceeded"): 1,
+        (REFUSED, "param=", "reason=request_too_large"): 2,
+        (REFUSED, "param=", "reason=invalid_body"): 1,
+        (REFUSED, "param=", "reason=request_timeout"): 1,
+    }
+
+
 @pytest.mark.slow
 def test_live_fails_while_the_engine_is_stalled_though_health_says_200(merged_server):
     import signal
     import time
 
+    before = scraped(merged_server)
     status, answer = merged_server.request("/live")
     assert status == 200 and answer["status"] == "ok", answer
     engine = merged_server.engine()
@@ -522,6 +608,8 @@ def test_live_fails_while_the_engine_is_stalled_though_health_says_200(merged_se
         engine.send_signal(signal.SIGCONT)
     status, answer = merged_server.request("/live")
     assert status == 200 and answer["check"] in ("generated", "progress"), answer
+    live = "tuneserve_gate_live_total"
+    assert went_up(before, scraped(merged_server)) == {(live, "result=pass"): 2, (live, "result=fail"): 1}
 
 
 def raw_exchange(port: int, data: bytes, wait: float = 10) -> tuple[bytes, float]:
@@ -613,9 +701,14 @@ def test_a_second_sigterm_ends_the_drain_at_once(merged_server):
         hung = threading.Thread(target=lambda: answers.append(merged_server.request("/v1/chat/completions", CHAT, KEY)))
         hung.start()
         time.sleep(1)
+        before = scraped(merged_server)
         merged_server.proc.send_signal(signal.SIGTERM)
         time.sleep(2)
         assert merged_server.proc.poll() is None and not answers  # draining: the request still has 28 s
+        # /metrics is served while the drain runs (Prometheus scrapes a draining pod); the /health polls that fail
+        # readiness are not refusals.
+        assert merged_server.request("/health")[0] == 503
+        assert went_up(before, scraped(merged_server)) == {("tuneserve_gate_drains_total",): 1}
         second = time.monotonic()
         merged_server.proc.send_signal(signal.SIGTERM)
         hung.join(timeout=10)
@@ -626,6 +719,9 @@ def test_a_second_sigterm_ends_the_drain_at_once(merged_server):
     code = merged_server.proc.wait(timeout=30)
     assert code == 0 and time.monotonic() - second < 15
     assert "SIGTERM again: ending 1 open request(s) now" in merged_server.log.read_text()
+    # Cancelled as the server went away: no scrape could see it, the files of PROMETHEUS_MULTIPROC_DIR keep it.
+    after = counted_after_exit(merged_server.metrics_dir)
+    assert went_up(before, after) == {("tuneserve_gate_drains_total",): 1, ("tuneserve_gate_drain_cancelled_total",): 1}
 
 
 def open_stream(port: int, max_tokens: int):
@@ -753,6 +849,7 @@ def test_sigterm_drains_then_ends_every_open_stream_and_exits_cleanly(tmp_path, 
         readers = [threading.Thread(target=follow, args=(name,)) for name in streams]
         for t in readers:
             t.start()
+        before = scraped(server)
         sigterm = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         # Readiness fails at once and new requests are turned away while the drain runs.
@@ -763,6 +860,14 @@ def test_sigterm_drains_then_ends_every_open_stream_and_exits_cleanly(tmp_path, 
         status, answer = server.request("/v1/chat/completions", CHAT, key=KEY)
         assert status == 503 and answer["error"]["code"] == "draining", answer
         assert server.request("/live")[0] == 200  # liveness does not restart a draining pod
+        # One server process, no PROMETHEUS_MULTIPROC_DIR: the gate's counters in the default registry, on /metrics
+        # while the drain runs. The cancellations come at its end, as the server goes away (the module's server
+        # reads them after it ended).
+        assert went_up(before, scraped(server)) == {
+            ("tuneserve_gate_drains_total",): 1,
+            (REFUSED, "param=", "reason=draining"): 1,
+            ("tuneserve_gate_live_total", "result=pass"): 1,
+        }
         # The short request in flight finishes normally; then the engine stalls, so the long ones cannot.
         readers[2].join(timeout=30)
         engine.send_signal(signal.SIGSTOP)

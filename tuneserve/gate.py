@@ -21,6 +21,16 @@ adds `--middleware tuneserve.gate.Gate` last, so it is the outermost layer aroun
   token or the engine steps, within LIVE_TIMEOUT. A backlog of legal work keeps the engine stepping, so it
   never fails /live; a frozen engine takes no step and does (vLLM's /health says 200 either way).
 - Nothing a client sends makes the server log a traceback: an exception from the app is one warning line.
+- Counted on vLLM's /metrics (GateMetrics): `tuneserve_gate_refused_total{reason, param}`, each request the gate
+  answers itself with an error, by the code it answers with: `invalid_api_key` (401; a WebSocket handshake without
+  the key too), `request_too_large` (413), `request_timeout` (408), `invalid_body` (400), `limit_exceeded` (400,
+  `param` `n`, `best_of` or `max_tokens`; "" for every other reason), `draining` (503: a new request during the
+  drain, or a body still arriving when it ends; /health and /ping's 503 are not counted).
+  `tuneserve_gate_drains_total`: drains started (first SIGTERMs).
+  `tuneserve_gate_drain_cancelled_total`: requests the end of the drain cancelled (the "still open" of its log
+  line). `tuneserve_gate_live_total{result}`: /live answers, `pass` (200) or `fail` (503, `engine_stalled`).
+  Not counted: `internal_error` (500, an exception in vLLM), a WebSocket handshake to a probe or /metrics, and
+  connections the header watchdog closes (no request, no answer).
 
 The entrypoint hands over the settings in TUNESERVE_GATE (JSON) and the key in VLLM_API_KEY; a missing
 setting stops the server at start (fail closed). Errors use the OpenAI error shape.
@@ -37,6 +47,7 @@ import os
 import signal
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,6 +207,106 @@ def _drop_query(record: logging.LogRecord) -> bool:
     return True
 
 
+# The gate's refusals: (reason, param) pairs, each counted from 0 on /metrics before the first happens (a rate or an
+# alert over a series that does not exist yet sees nothing).
+REFUSALS = (
+    ("invalid_api_key", ""),
+    ("request_too_large", ""),
+    ("request_timeout", ""),
+    ("invalid_body", ""),
+    ("limit_exceeded", "n"),
+    ("limit_exceeded", "best_of"),
+    ("limit_exceeded", "max_tokens"),
+    ("draining", ""),
+)
+
+
+class GateMetrics:
+    """The gate's counters, one set per process: kept here (`counts`, what the in-process tests read) and, where
+    prometheus_client is installed (always in vLLM's processes: vLLM depends on it), as Prometheus counters.
+
+    How they reach vLLM's /metrics, prometheus_client's ASGI app over vLLM's `get_prometheus_registry()`:
+    - One API server (tuneserve's entrypoint always runs one) without PROMETHEUS_MULTIPROC_DIR: the process's default
+      registry, where these counters register like vLLM's own.
+    - Several API servers (`vllm serve --api-server-count N`; vLLM's launcher then sets PROMETHEUS_MULTIPROC_DIR), or
+      the variable set by hand: a registry of its own with a MultiProcessCollector, which reads the files every process
+      writes under PROMETHEUS_MULTIPROC_DIR and adds up each series over them. So whichever API server the kernel
+      hands a scrape (they share the listening socket), it answers with the sum over all of them. A counter writes
+      such a file only if its value class is prometheus_client's mmap'ed one, and prometheus_client picks the class
+      once per process, when `prometheus_client.values` is first imported, by whether PROMETHEUS_MULTIPROC_DIR is set
+      then. vLLM's launcher sets it before it starts the API servers, which are spawned (not forked): each imports
+      prometheus_client afresh, with vLLM and long before the gate, with the variable in its environment.
+    The counters are created with the first Gate (vLLM building its app in the API server process), not at import:
+    tuneserve.serve imports this module in a process that serves nothing, and .venv-train has no prometheus_client. A
+    value class picked before the variable was set would leave them off /metrics: that is logged. Counters only: summed
+    over processes, and kept in the files after a process ends (while the directory lives).
+    """
+
+    def __init__(self) -> None:
+        self.counts: Counter[str | tuple[str, ...]] = Counter()
+        try:
+            import prometheus_client
+        except ImportError:  # outside vLLM's environment (the in-process tests, benchmarks): counted here only
+            self._refused = self._drains = self._cancelled = self._live = None
+            return
+        from prometheus_client import values
+
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and values.ValueClass is values.MutexValue:
+            log.warning(
+                "prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR was set: the gate's counters "
+                "are missing from /metrics"
+            )
+        self._refused = prometheus_client.Counter(
+            "tuneserve_gate_refused",
+            "Requests the serving gate refused, by the error code it answered with (reason) and the parameter over "
+            "its limit (param: n, best_of, max_tokens; empty for other reasons)",
+            ["reason", "param"],
+        )
+        self._drains = prometheus_client.Counter("tuneserve_gate_drains", "Drains the serving gate started (SIGTERM)")
+        self._cancelled = prometheus_client.Counter(
+            "tuneserve_gate_drain_cancelled", "Requests cancelled because the drain ended while they were open"
+        )
+        self._live = prometheus_client.Counter(
+            "tuneserve_gate_live", "/live answers by result: pass (200) or fail (503)", ["result"]
+        )
+        for reason, param in REFUSALS:  # every series from 0
+            self._refused.labels(reason, param)
+        for result in ("pass", "fail"):
+            self._live.labels(result)
+
+    def refused(self, reason: str, param: str | None) -> None:
+        self.counts["refused", reason, param or ""] += 1
+        if self._refused is not None:
+            self._refused.labels(reason, param or "").inc()
+
+    def drain_started(self) -> None:
+        self.counts["drains"] += 1
+        if self._drains is not None:
+            self._drains.inc()
+
+    def drain_cancelled(self, requests: int) -> None:
+        self.counts["drain_cancelled"] += requests
+        if self._cancelled is not None and requests:
+            self._cancelled.inc(requests)
+
+    def live(self, passed: bool) -> None:
+        result = "pass" if passed else "fail"
+        self.counts["live", result] += 1
+        if self._live is not None:
+            self._live.labels(result).inc()
+
+
+_METRICS: GateMetrics | None = None
+
+
+def gate_metrics() -> GateMetrics:
+    """This process's counters, created on first use (see GateMetrics for why not at import)."""
+    global _METRICS
+    if _METRICS is None:
+        _METRICS = GateMetrics()
+    return _METRICS
+
+
 @dataclass(eq=False)
 class Flight:
     """One request the gate let through, until its response is complete."""
@@ -232,6 +343,7 @@ class Gate:
         self.live_ok_at = float("-inf")
         self.live_task: asyncio.Task | None = None
         self.background: set[asyncio.Task] = set()
+        self.metrics = gate_metrics()
         logging.getLogger("uvicorn.access").addFilter(_drop_query)
 
     # ------------------------------------------------------------------------------------------ ASGI
@@ -260,8 +372,9 @@ class Gate:
         public = path in PUBLIC or path.startswith("/metrics/")
         if not public and not self._authorized(scope):
             if kind == "websocket":  # closing before accept answers the handshake with 403
+                self.metrics.refused("invalid_api_key", None)
                 return await send({"type": "websocket.close", "code": 1008})
-            return await self._respond(
+            return await self._refuse(
                 send,
                 401,
                 "Missing or invalid API key: send it as 'Authorization: Bearer <key>'",
@@ -275,9 +388,11 @@ class Gate:
         if path == "/live":
             return await self._live(send)
         if self.draining:
-            if path == "/metrics" or path.startswith("/metrics/"):
+            if path == "/metrics" or path.startswith("/metrics/"):  # Prometheus scrapes a draining server too
                 return await self.app(scope, receive, send)
-            return await self._respond(
+            # /health and /ping fail readiness here: answered, not counted as refusals
+            answer = self._respond if path in PROBES else self._refuse
+            return await answer(
                 send,
                 503,
                 "the server is shutting down; retry on another replica",
@@ -328,6 +443,19 @@ class Gate:
     ) -> None:
         await self._send_json(send, status, error_body(status, message, code, param), extra)
 
+    async def _refuse(
+        self,
+        send,
+        status: int,
+        message: str,
+        code: str,
+        param: str | None = None,
+        extra: list[tuple[bytes, bytes]] = (),
+    ) -> None:
+        """An error the gate answers instead of passing the request on: counted (tuneserve_gate_refused_total), sent."""
+        self.metrics.refused(code, param)
+        await self._respond(send, status, message, code, param, extra)
+
     # ------------------------------------------------------------------------------------------ limits
     async def _checked_body(self, scope, receive, send, path: str):
         """Reads the whole body within its limit and checks it; returns a receive that replays it, or None
@@ -347,10 +475,10 @@ class Gate:
         except ValueError:
             declared = 0
         if declared > limit:
-            await self._respond(send, 413, too_large, "request_too_large", extra=[(b"connection", b"close")])
+            await self._refuse(send, 413, too_large, "request_too_large", extra=[(b"connection", b"close")])
             return None
         if self.closing.is_set():
-            await self._respond(send, 503, "the server shut down", "draining", extra=[(b"connection", b"close")])
+            await self._refuse(send, 503, "the server shut down", "draining", extra=[(b"connection", b"close")])
             return None
         chunks, size, more = [], 0, True
         # One deadline for the whole body. The drain's end moves it to now (`_drain`), so that no body still
@@ -366,7 +494,7 @@ class Gate:
                         chunk = message.get("body", b"")
                         size += len(chunk)
                         if size > limit:  # chunked bodies declare no length: counted as they arrive
-                            await self._respond(
+                            await self._refuse(
                                 send, 413, too_large, "request_too_large", extra=[(b"connection", b"close")]
                             )
                             return None
@@ -376,9 +504,9 @@ class Gate:
                     self.reading.discard(deadline)
         except TimeoutError:
             if self.closing.is_set():
-                await self._respond(send, 503, "the server shut down", "draining", extra=[(b"connection", b"close")])
+                await self._refuse(send, 503, "the server shut down", "draining", extra=[(b"connection", b"close")])
             else:
-                await self._respond(
+                await self._refuse(
                     send,
                     408,
                     f"the request body did not arrive within REQUEST_READ_TIMEOUT={self.cfg['read_timeout']:g}s",
@@ -393,7 +521,7 @@ class Gate:
             # vLLM's routes read JSON whatever the content type says (/invocations among them): a body the gate
             # cannot count must not reach them. Forms (the audio routes) are not JSON to vLLM either.
             what = "not JSON" if parsed is None else f"a JSON {type(parsed).__name__}"
-            await self._respond(send, 400, f"the request body is {what}; send a JSON object", "invalid_body", extra=[])
+            await self._refuse(send, 400, f"the request body is {what}; send a JSON object", "invalid_body", extra=[])
             return None
         if not tokenize:
             problem = check_generation_limits(
@@ -403,7 +531,7 @@ class Gate:
                 max_output_tokens=self.cfg["max_output_tokens"],
             )
             if problem is not None:
-                await self._respond(send, 400, problem[0], "limit_exceeded", param=problem[1])
+                await self._refuse(send, 400, problem[0], "limit_exceeded", param=problem[1])
                 return None
         replayed = False
 
@@ -533,6 +661,7 @@ class Gate:
             self.hurry.set()
             return
         self.draining = True
+        self.metrics.drain_started()
         log.info(
             "SIGTERM: draining %d request(s) for up to %gs; /health answers 503, new requests 503",
             len(self.flights),
@@ -556,6 +685,7 @@ class Gate:
             for f in open_flights:
                 f.cut = True
                 f.task.cancel()
+            self.metrics.drain_cancelled(len(open_flights))
             try:
                 await asyncio.wait_for(self.idle.wait(), timeout=5)
             except TimeoutError:
@@ -587,20 +717,25 @@ class Gate:
 
     # ------------------------------------------------------------------------------------------ liveness
     async def _live(self, send) -> None:
-        now = time.monotonic()
-        if self.draining:
-            return await self._ok(send, "draining")
-        if now - ENGINE_STEPS.last < self.cfg["live_cache_seconds"]:
-            return await self._ok(send, "progress")
-        if now - self.live_ok_at < self.cfg["live_cache_seconds"]:
-            return await self._ok(send, "cached")
-        if self.live_task is None or self.live_task.done():  # concurrent probes share one check
-            self.live_task = asyncio.ensure_future(self._check_progress())
-        problem, how = await asyncio.shield(self.live_task)
+        problem, how = await self._liveness()
+        self.metrics.live(problem is None)
         if problem is None:
-            return await self._ok(send, how)
+            return await self._send_json(send, 200, json.dumps({"status": "ok", "check": how}).encode())
         log.warning("liveness: %s", problem)
         return await self._respond(send, 503, problem, "engine_stalled")
+
+    async def _liveness(self) -> tuple[str | None, str]:
+        """(None, how the engine proved progress) or (what went wrong, "")."""
+        now = time.monotonic()
+        if self.draining:
+            return None, "draining"
+        if now - ENGINE_STEPS.last < self.cfg["live_cache_seconds"]:
+            return None, "progress"
+        if now - self.live_ok_at < self.cfg["live_cache_seconds"]:
+            return None, "cached"
+        if self.live_task is None or self.live_task.done():  # concurrent probes share one check
+            self.live_task = asyncio.ensure_future(self._check_progress())
+        return await asyncio.shield(self.live_task)
 
     async def _check_progress(self) -> tuple[str | None, str]:
         """(None, how) when the engine generated the probe's token or took a step within LIVE_TIMEOUT, else
@@ -616,16 +751,13 @@ class Gate:
         problem = probe.result()
         return problem, "generated" if problem is None else ""
 
-    async def _ok(self, send, how: str) -> None:
-        await self._send_json(send, 200, json.dumps({"status": "ok", "check": how}).encode())
-
     async def _generate_one(self) -> str | None:
         """None when the engine generated one token within the deadline, else what went wrong."""
-        from vllm import SamplingParams  # in vLLM's process; imported late so the limits import without vLLM
-
         engine = getattr(getattr(self.fastapi_app, "state", None), "engine_client", None)
         if engine is None:
             return "no engine"
+        from vllm import SamplingParams  # in vLLM's process; imported late so the limits import without vLLM
+
         request_id = f"tuneserve-live-{uuid.uuid4().hex}"
         params = SamplingParams(max_tokens=1, temperature=0.0)
 
