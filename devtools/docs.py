@@ -27,6 +27,7 @@ from tuneserve.serve import SERVE_SCHEMA
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES_RESULT = REPO / "benchmarks" / "results" / "images.json"
+IMAGES_CUDA_RESULT = REPO / "benchmarks" / "results" / "images-cuda.json"
 K8S_BASE = REPO / "k8s" / "base"
 
 
@@ -61,21 +62,40 @@ def _size(gb: float) -> str:
     return f"{gb:.3g} GB" if gb >= 0.1 else f"{gb * 1000:.3g} MB"
 
 
-def image_sizes(path: Path = IMAGES_RESULT) -> str:
-    """The image-size table of docs/images.md, from the images benchmark's result file."""
+def image_sizes(path: Path = IMAGES_RESULT, cuda_path: Path = IMAGES_CUDA_RESULT) -> str:
+    """The image-size table of docs/images.md, from the images benchmark's result file and, once
+    `make image-train-check` has built the CUDA training image, its measured sizes instead of the estimate."""
     if not path.is_file():
         return "Not measured yet: `make test-images`, then `make bench BENCH=images`."
     r = json.loads(path.read_text())
+    cuda = json.loads(cuda_path.read_text()) if cuda_path.is_file() else None
     lines = ["| Image | Compressed | Unpacked |", "|---|---|---|"]
     for row in r["rows"]:
+        if cuda and "(estimate" in row["image"]:
+            continue
         image = row["image"].replace("|", "\\|")
         lines.append(f"| {image} | {_size(row['compressed_gb'])} | {_size(row['unpacked_gb'])} |")
+    if cuda:
+        lines += [
+            f"| training image, CUDA (measured: `{cuda['command']}`) | {_size(cuda['compressed_gb'])} "
+            f"| {_size(cuda['unpacked_gb'])} |",
+            f"| training image, CUDA, above its base | {_size(cuda['added_compressed_gb'])} "
+            f"| {_size(cuda['added_unpacked_gb'])} |",
+        ]
     m = r["machine"]
     lines += [
         "",
         f"Measured {r['finished'][:10]} by `{r['command']}` on {m['cpu']}, {m['cores']} cores; targets "
         "and method: [docs/benchmarks.md](benchmarks.md#7-images-compressed-and-unpacked-sizes).",
     ]
+    if cuda:
+        lines.append(
+            f"The CUDA training image: built and inspected {cuda['date']} by `{cuda['command']}` "
+            f"({'passed' if cuda['passed'] else 'FAILED'}) on {cuda['machine']['cpu']}, on the "
+            f"local stand-in base ({_size(cuda['base_compressed_gb'])} compressed; the official slim base is "
+            "smaller), so the row above its base is what Dockerfile.train adds "
+            "([below](#the-cuda-image-built-and-inspected))."
+        )
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneserve import launch
+from tuneserve import driver, launch
 from tuneserve.exitcodes import ConfigError
 from tuneserve.settings import Settings
 
@@ -34,6 +34,8 @@ def resolve_placement(cfg: Settings) -> Placement:
     import torch
 
     cuda = torch.cuda.is_available()
+    if cfg.device in ("auto", "cuda") and not cuda and (problem := driver.cuda_problem(cfg.device)):
+        raise ConfigError(problem)  # GPUs given but unusable (an old driver): no silent CPU fallback
     if cfg.device == "cuda" and not cuda:
         raise ConfigError(
             "DEVICE=cuda but no CUDA device is visible (check --gpus all / the nvidia.com/gpu "
