@@ -88,10 +88,10 @@ def _wrap(text: str, width: int = 34) -> str:
 def plot(result: dict, path: Path) -> bool:
     try:
         import matplotlib
-    except ImportError:  # requirements/bench.txt (make bench installs it): the tables are written without plots
+    except ImportError:  # requirements/train.txt (make setup installs it): the tables are written without plots
         print(
             f"report: matplotlib is not installed, no plot for {result['name']} (pip install -r "
-            "requirements/bench.txt -c requirements/constraints.txt)"
+            "requirements/train.txt -c requirements/constraints.txt)"
         )
         return False
     matplotlib.use("Agg")

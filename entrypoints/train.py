@@ -10,8 +10,10 @@ from tuneserve.config import TRAIN_SCHEMA
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tuneserve import trainlog  # noqa: PLC0415
     from tuneserve.pipeline import run  # noqa: PLC0415 - keeps --help free of heavy imports
 
+    trainlog.quiet_library_bars()  # before any Hugging Face library is imported: they read it once
     return cli.run(
         TRAIN_SCHEMA,
         run,

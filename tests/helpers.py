@@ -83,6 +83,10 @@ def start_train(env: dict, cwd: Path) -> subprocess.Popen:
     )
 
 
+# The progress line of a logged optimizer step (tuneserve.trainlog): training is under way.
+STEP_LOGGED = "tuneserve.trainlog: step "
+
+
 def wait_for(proc: subprocess.Popen, needle: str, timeout: float = 300) -> str:
     """Read `proc`'s output until a line holds `needle`; what was read."""
     seen = []

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.helpers import LEARN_ENV, clean_env, run_train, train_cmd, write_jsonl
+from tests.helpers import LEARN_ENV, STEP_LOGGED, clean_env, run_train, train_cmd, write_jsonl
 from tuneserve.exitcodes import ExitCode
 
 TWO = {"NPROC_PER_NODE": "2", "DEVICE": "cpu"}
@@ -193,7 +193,7 @@ def test_sigterm_to_the_group_saves_one_checkpoint_exits_143_and_a_rerun_resumes
     try:
         for line in proc.stdout:
             log.append(line)
-            if "'loss'" in line:  # both processes are in the training loop
+            if STEP_LOGGED in line:  # both processes are in the training loop
                 break
         proc.send_signal(signal.SIGTERM)  # what `docker stop` / the kubelet sends to the container's process
         log.append(proc.communicate(timeout=300)[0])

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from devtools.health import free_port, wait_healthy
-from tests.helpers import LEARN_ENV, QA, REPO, ask, clean_env
+from tests.helpers import LEARN_ENV, QA, REPO, STEP_LOGGED, ask, clean_env
 
 pytestmark = pytest.mark.images
 
@@ -230,7 +230,7 @@ def test_podman_stop_mid_run_exits_143_with_a_checkpoint_and_a_rerun_resumes(tmp
     try:
         for line in proc.stdout:
             log.append(line)
-            if "'loss'" in line:  # the first logged step: training is under way
+            if STEP_LOGGED in line:  # the first logged step: training is under way
                 break
         else:
             raise AssertionError("training never started:\n" + "".join(log)[-4000:])

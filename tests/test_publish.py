@@ -14,6 +14,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from tests.helpers import LEARN_ENV, copy_output, run_train
 from tuneserve import publish
 from tuneserve.exitcodes import ExitCode
+from tuneserve.trainlog import CURVES_PNG
 
 pytestmark = pytest.mark.slow
 
@@ -220,6 +221,11 @@ def test_branch_revision_and_adapter_publishing(run_job, tmp_path, trained_outpu
     model, adapter = hub.repos["acme/qa"], hub.repos["acme/qa-adapter"]
     assert model["branches"]["main"] == [] and len(model["branches"]["v1"]) == 1
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(adapter["branches"]["v1"][0])
+    # Both cards carry the loss curves drawn from metrics.jsonl, uploaded beside them in the same commit.
+    for repo in (model, adapter):
+        pr = next(pr for pr in repo["prs"].values() if pr["merged"])
+        assert pr["contents"][CURVES_PNG].startswith(b"\x89PNG\r\n\x1a\n")
+        assert f"]({CURVES_PNG})" in pr["contents"]["README.md"].decode()
 
 
 def test_token_without_write_access_fails_preflight_with_exit_2(run_job, tmp_path, trained_output, capsys):

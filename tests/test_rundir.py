@@ -19,7 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import LEARN_ENV, copy_output, qa_messages, run_train, start_train, wait_for, write_jsonl
+from tests.helpers import (
+    LEARN_ENV,
+    STEP_LOGGED,
+    copy_output,
+    qa_messages,
+    run_train,
+    start_train,
+    wait_for,
+    write_jsonl,
+)
 from tests.hub_server import FakeHub
 from tests.test_runstate import HOLD
 from tuneserve.exitcodes import ExitCode
@@ -190,7 +199,7 @@ def test_a_run_that_failed_on_its_data_is_claimed_again_and_holds_the_folder_alo
     dead.kill()
     dead.wait()
     first = start_train(env, tmp_path)
-    log = wait_for(first, "'loss'")  # training under way: the folder is held
+    log = wait_for(first, STEP_LOGGED)  # training under way: the folder is held
     first.send_signal(signal.SIGSTOP)
     try:
         second = run_train(env, cwd=tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -14,13 +15,16 @@ import pytest
 from tests.helpers import (
     LEARN_ENV,
     QA,
+    STEP_LOGGED,
     qa_messages,
     run_train,
     start_train,
     wait_for,
     write_jsonl,
 )
+from tests.test_trainlog import tensorboard_scalars
 from tuneserve.exitcodes import ExitCode
+from tuneserve.trainlog import MetricsFile
 
 pytestmark = pytest.mark.slow
 
@@ -194,7 +198,7 @@ def test_sigterm_saves_checkpoint_exits_143_and_rerun_resumes_to_the_same_final_
         "MERGE": "false",
     }
     proc = start_train(env, tmp_path)
-    wait_for(proc, "'loss'")  # the first logged step: training is under way
+    wait_for(proc, STEP_LOGGED)  # the first logged step: training is under way
     proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=300)[0]
     assert proc.returncode == ExitCode.TERMINATED, rest[-3000:]
@@ -364,22 +368,53 @@ def test_a_run_interrupted_twice_trains_the_rows_and_weights_of_an_uninterrupted
         "MERGE": "false",
         "SEED": "7",
         "LORA_DROPOUT": "0.1",
+        "REPORT_TO": "tensorboard",
     }
     straight = tmp_path / "straight"
     assert run_train({**env, "OUTPUT_DIR": str(straight)}, cwd=tmp_path).returncode == 0
     out = tmp_path / "interrupted"
-    stops = []
+    stops, logs = [], []
     for losses_before_stop in (1, 3):  # the second stop lands further on than the first
         proc = start_train({**env, "OUTPUT_DIR": str(out)}, tmp_path)
         for _ in range(losses_before_stop):
-            wait_for(proc, "'loss'")
+            logs.append(wait_for(proc, STEP_LOGGED))
         proc.send_signal(signal.SIGTERM)
         rest = proc.communicate(timeout=300)[0]
+        logs.append(rest)
         assert proc.returncode == ExitCode.TERMINATED, rest[-3000:]
         stops.append(max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*")))
     assert 0 < stops[0] < stops[1] < 12, stops
     res = run_train({**env, "OUTPUT_DIR": str(out)}, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
+    logs.append(res.stderr)
+
+    # What a container's log shows (stderr is not a terminal): a progress line per logged step, step/total and ETA,
+    # in the tool's log format; no carriage-return bars, no raw dicts.
+    log = "".join(logs)
+    assert "\r" not in log and "{'loss'" not in log
+    lines = re.findall(
+        r"^\d\d:\d\d:\d\d INFO tuneserve\.trainlog: step (\d+)/12 \(\d+%\) \| epoch [\d.]+ \| (.*)$", log, re.M
+    )
+    assert {int(step) for step, _ in lines} == set(range(1, 13))
+    for _step, rest in lines:
+        assert re.fullmatch(
+            r"loss [\d.]+ \| lr \S+ \| grad norm \S+ \| [\d,]+ tokens/s \| elapsed \d+:\d\d:\d\d \| eta \d+:\d\d:\d\d",
+            rest,
+        )
+    assert lines[-1][1].endswith("eta 0:00:00")
+    # metrics.jsonl: each logged step once, across two interrupts, with the figures of the uninterrupted run's
+    # (the same weights, below); and TensorBoard's event files under OUTPUT_DIR hold the same losses.
+    entries = [MetricsFile(d / "metrics.jsonl").entries() for d in (straight, out)]
+    steps = [[e["step"] for e in es if e["kind"] == "train"] for es in entries]
+    assert steps[0] == steps[1] == list(range(1, 13))
+    assert [e["kind"] for e in entries[1]] == ["train"] * 12 + ["summary"]
+    for a, b in zip(*(es[:12] for es in entries)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-2) and a["epoch"] == b["epoch"]  # bf16 on the CPU
+    for d, es in zip((straight, out), entries):
+        scalars = tensorboard_scalars(d / "tensorboard")
+        losses = {step: loss for step, loss in scalars["train/loss"]}  # a resumed segment's file repeats no step
+        assert sorted(losses) == list(range(1, 13))
+        assert all(losses[e["step"]] == pytest.approx(e["loss"], rel=1e-6) for e in es if e["kind"] == "train")
 
     reports = [json.loads((d / "train_report.json").read_text()) for d in (straight, out)]
     for report, segments in zip(reports, ([1], [3])):
@@ -404,6 +439,41 @@ def test_a_run_interrupted_twice_trains_the_rows_and_weights_of_an_uninterrupted
     assert weights[0].keys() == weights[1].keys()
     worst = max(float((weights[0][k].float() - weights[1][k].float()).abs().max()) for k in weights[0])
     assert worst <= 1e-2, worst
+
+
+def test_evaluations_during_training_are_logged_and_change_nothing_that_is_learned(tmp_path, chatml_base, qa_dataset):
+    """Held-out rows are evaluated every tenth of the run by default. The random state is restored after each, so
+    every step's loss and the final weights are exactly those of the same run without evaluations."""
+    from safetensors.torch import load_file
+
+    env = {
+        "BASE_MODEL": str(chatml_base),
+        "DATASET": str(qa_dataset),
+        "EVAL_SIZE": "2",
+        "MAX_STEPS": "6",
+        "PER_DEVICE_TRAIN_BATCH_SIZE": "2",
+        "LOGGING_STEPS": "1",
+        "SAVE_STEPS": "1000",
+        "LORA_DROPOUT": "0.1",  # dropout draws from the generator each evaluation's data loader draws from
+        "MERGE": "false",
+    }
+    runs = {}
+    for name, extra in (("evaluated", {}), ("plain", {"SFT_EVAL_STRATEGY": "no"})):
+        out = tmp_path / name
+        res = run_train({**env, **extra, "OUTPUT_DIR": str(out)}, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[name] = (out, MetricsFile(out / "metrics.jsonl").entries(), res.stderr)
+    (out, entries, log), (plain, plain_entries, _) = runs["evaluated"], runs["plain"]
+    evals = [e for e in entries if e["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [1, 2, 3, 4, 5, 6] and all(e["eval_loss"] > 0 for e in evals)
+    assert len(re.findall(r"tuneserve\.trainlog: eval at step \d/6: loss [\d.]+", log)) == 6
+    assert not [e for e in plain_entries if e["kind"] == "eval"]
+    losses = [[e["loss"] for e in es if e["kind"] == "train"] for es in (entries, plain_entries)]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+    weights = [load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (out, plain)]
+    assert all(weights[0][k].equal(weights[1][k]) for k in weights[1])
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["ledger_check"]["verified"] is True  # evaluation batches are not training rows
 
 
 def test_the_ledger_check_catches_a_row_skipped_or_trained_twice_in_an_epoch():

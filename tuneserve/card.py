@@ -8,10 +8,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tuneserve import trainlog
 from tuneserve.layout import MERGE_INFO, QUANTIZE_INFO, read_json
 from tuneserve.refs import hub_id
 
 SERVE_IMAGE = "tuneserve-serve"
+CURVES_LINE = f"![Training and evaluation loss against the optimizer step]({trainlog.CURVES_PNG})"
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
@@ -24,6 +26,7 @@ def write(layout, folder: Path, model_ref: str) -> None:
     naming where the model will be served from. Unchanged files are not rewritten."""
 
     verify = read_json(layout.verify_report) or {}
+    curves = trainlog.write_curves(layout, folder)
     text = render(
         read_json(layout.config) or {},
         read_json(layout.train_report),
@@ -33,6 +36,7 @@ def write(layout, folder: Path, model_ref: str) -> None:
         model_ref,
         engine=read_json(layout.engine_eval_report),
         quantized=read_json(folder / QUANTIZE_INFO),
+        curves=curves,
     )
     path = folder / "README.md"
     if not path.is_file() or path.read_text() != text:
@@ -49,9 +53,11 @@ def render(
     *,
     engine: dict[str, Any] | None = None,
     quantized: dict[str, Any] | None = None,
+    curves: bool = False,
 ) -> str:
     """`config` must already be masked (Settings.masked()). `engine`: the engine evaluation's report;
-    `quantized`: the quantization record, for the card of the quantized folder."""
+    `quantized`: the quantization record, for the card of the quantized folder; `curves`: the folder holds the
+    loss curves' PNG (trainlog.CURVES_PNG)."""
     base = config.get("BASE_MODEL")
     dataset = config.get("DATASET")
     front = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [tuneserve, qlora, sft]"]
@@ -98,6 +104,8 @@ def render(
         ),
         "",
     ]
+    if curves:
+        lines += [CURVES_LINE, ""]
     if verify:
         fid = verify.get("fidelity", {})
         lines += [
@@ -153,15 +161,17 @@ def render(
     return "\n".join(lines)
 
 
-def render_adapter(base_model: str, repo: str, merged_repo: str | None) -> str:
-    """The adapter's card (PUSH_ADAPTER): what it adapts, and the merged model published beside it."""
+def render_adapter(base_model: str, repo: str, merged_repo: str | None, curves: bool = False) -> str:
+    """The adapter's card (PUSH_ADAPTER): what it adapts, the merged model published beside it, and the loss
+    curves when the folder holds them."""
     front = (
         ["---", "library_name: peft"]
         + ([f"base_model: {base_model}"] if hub_id(base_model) else [])
         + ["tags: [tuneserve, lora]", "---"]
     )
     merged = f"; the merged model is `{merged_repo}`." if merged_repo else "."
-    return "\n".join(front + [f"# {repo}", "", f"LoRA adapter for `{base_model}` trained by tuneserve{merged}"]) + "\n"
+    body = [f"# {repo}", "", f"LoRA adapter for `{base_model}` trained by tuneserve{merged}"]
+    return "\n".join(front + body + (["", CURVES_LINE] if curves else [])) + "\n"
 
 
 def engine_section(engine: dict[str, Any], evaluation: dict[str, Any] | None) -> list[str]:

@@ -35,6 +35,13 @@ G_MODEL, G_DATA, G_LOSS, G_QUANT, G_LORA, G_TRAIN, G_DIST, G_MERGE, G_PUBLISH, G
     "Publish",
     "Run",
 )
+# Experiment trackers' credentials, read by their libraries from the environment (pipeline.use_token hands over
+# the *_FILE forms): secrets like HF_TOKEN, masked in config.json and redacted from every log line.
+TRACKER_SECRETS = {
+    "WANDB_API_KEY": "Weights & Biases API key",
+    "MLFLOW_TRACKING_PASSWORD": "MLflow tracking server password",
+    "MLFLOW_TRACKING_TOKEN": "MLflow tracking server token",
+}
 
 TRAIN_VARS = [
     # ---- model
@@ -307,7 +314,23 @@ TRAIN_VARS = [
     Var("LOGGING_STEPS", "int", 10, "Log loss every N steps.", G_TRAIN, minimum=1),
     Var("SAVE_STEPS", "int", 100, "Checkpoint every N steps (what a preempted run resumes from).", G_TRAIN, minimum=1),
     Var("SAVE_TOTAL_LIMIT", "int", 2, "Checkpoints kept.", G_TRAIN, minimum=1),
-    Var("REPORT_TO", "list", ["none"], "Experiment trackers (none, tensorboard, wandb, ...).", G_TRAIN),
+    Var(
+        "REPORT_TO",
+        "list",
+        ["none"],
+        "Experiment trackers: none, tensorboard (event files in OUTPUT_DIR/tensorboard), all, or any other "
+        "transformers integration installed in the image (wandb, mlflow, ...: not in this one; an uninstalled one "
+        "exits 2 before training). Progress lines and OUTPUT_DIR/metrics.jsonl are written whatever this is.",
+        G_TRAIN,
+    ),
+    *(
+        var
+        for name, what in TRACKER_SECRETS.items()
+        for var in (
+            Var(name, "str", None, f"{what}, for REPORT_TO in an image with the tracker.", G_TRAIN, secret=True),
+            Var(f"{name}_FILE", "str", None, f"File holding {name}; used when {name} is unset.", G_TRAIN),
+        )
+    ),
     # ---- merge, verify, evaluate
     Var(
         "MERGE",
@@ -587,7 +610,8 @@ def _validate(s: Settings) -> list[str]:
             template_fields(s.user_template)
         except ValueError as exc:
             problems.append(f"USER_TEMPLATE={s.user_template!r}: {exc}")
-    problems += s.secret_file_problems("HF_TOKEN")
+    for name in ("HF_TOKEN", *TRACKER_SECRETS):
+        problems += s.secret_file_problems(name)
     if s.tools is not None and not Path(s.tools).expanduser().is_file():
         problems.append(f"TOOLS={s.tools!r}: no such file (a JSON list of function schemas)")
     ct = s.chat_template

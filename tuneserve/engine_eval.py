@@ -51,12 +51,14 @@ from tuneserve.layout import (
     write_json_atomic,
 )
 from tuneserve.settings import Schema, Settings, Var
+from tuneserve.trainlog import CURVES_PNG
 
 log = logging.getLogger(__name__)
 
 G_GATE, G_PUBLISH, G_RUN = "Gate", "Publish the quantized model", "Run"
 GATED = ("exact_match", "sql_execution_match", "stop_rate")  # the task figures the gate compares
-NOT_MEASURED = frozenset({ENGINE_GATE, "README.md"})  # written after the evaluation: the verdict and the card
+# Written after the evaluation: the verdict, the card and its picture.
+NOT_MEASURED = frozenset({ENGINE_GATE, "README.md", CURVES_PNG})
 _shared = TRAIN_SCHEMA.by_name
 EVAL_VARS = [
     _shared["OUTPUT_DIR"],

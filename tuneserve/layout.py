@@ -8,6 +8,8 @@
       checkpoints/         trainer checkpoints (checkpoint-<step>/, each marked complete when fully written)
       adapter/             final LoRA adapter + tokenizer (written atomically: present means training is done)
       train_report.json    training metrics and data statistics
+      metrics.jsonl        one line per logging step, evaluation and run end (trainlog.py)
+      tensorboard/         TensorBoard event files (REPORT_TO=tensorboard)
       merged/              the merged model, servable as is (weights, config, tokenizer, template, stop ids, card)
       verify.json          verification checks, fidelity figures, sample generations, evaluation summary
       eval.json            every held-out answer with its scores
@@ -92,6 +94,14 @@ class Layout:
         return self.root / "train_report.json"
 
     @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
     def merged(self) -> Path:
         return self.root / "merged"
 
@@ -127,6 +137,8 @@ class Layout:
             self.data,
             self.checkpoints,
             self.train_report,
+            self.metrics,
+            self.tensorboard,
             self.verify_report,
             self.eval_report,
             self.publish_state,
@@ -191,7 +203,17 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 
 # What a model or adapter folder of this tool holds, whichever way it was written (sharded or not, any tokenizer).
-MODEL_FILES = ("*.safetensors", "*.json", "*.jinja", "*.model", "*.tiktoken", "merges.txt", "vocab.txt", "README.md")
+MODEL_FILES = (
+    "*.safetensors",
+    "*.json",
+    "*.jinja",
+    "*.model",
+    "*.tiktoken",
+    "merges.txt",
+    "vocab.txt",
+    "README.md",
+    "training_curves.png",  # trainlog.CURVES_PNG, beside the card
+)
 
 
 def replace_folder(new: Path, old: Path) -> None:

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from tuneserve import data, rundir, signals
+from tuneserve import data, rundir, signals, trainlog
 from tuneserve.exitcodes import ExitCode, VerifyError
 from tuneserve.layout import MERGE_BASES, MERGE_INFO, Layout, merged_id, read_json, write_json_atomic
 from tuneserve.settings import Settings
@@ -38,11 +38,17 @@ def banner(text: str) -> None:
     log.info("==== %s ====", text)
 
 
+# Secrets the libraries read from the environment; each may come from NAME_FILE (a mounted Kubernetes Secret).
+ENV_SECRETS = ("HF_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
 def use_token(cfg: Settings) -> None:
-    """Hand HF_TOKEN_FILE's token to huggingface_hub through the process environment (never argv)."""
-    token = cfg.secret("HF_TOKEN")
-    if token and cfg.hf_token is None:
-        os.environ["HF_TOKEN"] = token
+    """Hand the *_FILE secrets (the Hub token, tracker credentials) to huggingface_hub and the trackers through
+    the process environment (never argv)."""
+    for name in ENV_SECRETS:
+        value = cfg.secret(name)
+        if value and cfg.get(name) is None:
+            os.environ[name] = value
 
 
 def publish_targets(cfg: Settings) -> list[str]:
@@ -63,6 +69,7 @@ def run(cfg: Settings, check_only: bool = False) -> int:
     signals.install()
     use_token(cfg)
     layout = Layout.of(cfg.output_dir)
+    trainlog.use_trackers(cfg, layout)  # an unknown or missing tracker: exit 2 before anything is loaded
     placement = resolve_placement(cfg)  # the fingerprint records the device class and dtype
     preflight_stage(cfg, layout, placement, write=not check_only)
     if check_only:
@@ -276,7 +283,9 @@ def publish_stage(cfg: Settings, layout: Layout) -> None:
         )
     if cfg.push_adapter:
         merged_repo = cfg.hub_model_id if cfg.hub_model_id and cfg.merge else None
-        (layout.adapter / "README.md").write_text(card.render_adapter(cfg.base_model, adapter_repo(cfg), merged_repo))
+        curves = trainlog.write_curves(layout, layout.adapter)
+        readme = card.render_adapter(cfg.base_model, adapter_repo(cfg), merged_repo, curves=curves)
+        (layout.adapter / "README.md").write_text(readme)
         publish.publish_folder(
             layout.adapter,
             adapter_repo(cfg),

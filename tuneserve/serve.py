@@ -270,6 +270,8 @@ MANAGED_FLAGS = {
     "generation_config": "stop ids are repaired by the entrypoint; use VLLM_ARG_OVERRIDE_GENERATION_CONFIG "
     "for sampling defaults",
     "shutdown_timeout": "use DRAIN_SECONDS (the gate drains on SIGTERM and ends open streams)",
+    "api_server_count": "the entrypoint runs one API server process, whose gate drains on SIGTERM (vLLM's launcher "
+    "of several kills them at once); scale with replicas",
 }
 
 

@@ -16,7 +16,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from tuneserve import batching, checkpoints, launch, signals
+from tuneserve import batching, checkpoints, launch, signals, trainlog
 from tuneserve.exitcodes import ConfigError, Terminated
 from tuneserve.layout import TRAINING_META, Layout, readable_as_umask_allows, replace_folder, scratch, write_json_atomic
 from tuneserve.model import Placement
@@ -25,6 +25,7 @@ from tuneserve.settings import Settings
 log = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+EVAL_STEPS_RATIO = 0.1  # with held-out rows: evaluate every tenth of the run (SFT_EVAL_STEPS / SFT_EVAL_STRATEGY)
 
 
 def adapter_done(layout: Layout) -> bool:
@@ -50,6 +51,52 @@ def describe_quantization(model) -> dict | None:
         # bitsandbytes' CUDA and CPU kernels need not round alike: the replay runs where training quantized.
         "device": qs.absmax.device.type,
     }
+
+
+def keep_training_kernels(model) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit weight for its CPU inference kernel the first time the layer runs in eval
+    mode without gradients, and never back: every training step after an evaluation then takes the inference kernel
+    and fails ("a view of a leaf Variable that requires grad is being used in an in-place operation"). The switch
+    bitsandbytes keeps on each layer turns that off; evaluations during training run the training kernel."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+
+
+def evaluate_aside(trainer, recorder: RowRecorder | None) -> None:
+    """Evaluations during training leave training as it would be without them. Each data loader pass draws a seed
+    from torch's generator (even without workers), which would shift every later dropout mask: the random states are
+    restored after each evaluation. And evaluation batches pass through the training collator (transformers has one
+    for both), so the ledger is told to skip them. transformers has no callback before an evaluation starts, so the
+    trainer's evaluate is wrapped."""
+    import random
+
+    import numpy as np
+    import torch
+
+    evaluate = trainer.evaluate
+
+    def evaluate_unrecorded(*args, **kwargs):
+        states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        if recorder is not None:
+            recorder.evaluating = True
+        try:
+            return evaluate(*args, **kwargs)
+        finally:
+            if recorder is not None:
+                recorder.evaluating = False
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+
+    trainer.evaluate = evaluate_unrecorded
 
 
 def build_sft_config(cfg: Settings, layout: Layout, placement: Placement, has_eval: bool, plan: batching.Plan):
@@ -80,6 +127,7 @@ def build_sft_config(cfg: Settings, layout: Layout, placement: Placement, has_ev
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         report_to=cfg.report_to,
+        disable_tqdm=not trainlog.bars_wanted(),  # trainlog's lines are the log; a bar only on a terminal
         use_cpu=placement.device == "cpu",
         bf16=placement.dtype_name == "bfloat16",
         fp16=placement.dtype_name == "float16",
@@ -99,6 +147,10 @@ def build_sft_config(cfg: Settings, layout: Layout, placement: Placement, has_ev
         kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     if cfg.distributed_strategy == "fsdp":
         kwargs.update(fsdp_options())
+    if has_eval:
+        # The held-out rows' loss ten times a run (a ratio of the total steps): the eval points of metrics.jsonl and of
+        # the cards' curves. evaluate_aside keeps them from changing what is learned.
+        kwargs.update(eval_strategy="steps", eval_steps=EVAL_STEPS_RATIO)
     kwargs.update(cfg.extras.get("sft", {}))
     if not has_eval:
         kwargs.setdefault("eval_strategy", "no")
@@ -222,6 +274,7 @@ class RowRecorder:
         self.earlier: list[dict] = []  # segments before this process's, from the checkpoint it resumed
         self.from_step = 0
         self.batches: list[list[int]] = []
+        self.evaluating = False
 
     @staticmethod
     def digest(ids) -> str:
@@ -230,6 +283,8 @@ class RowRecorder:
         return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]
 
     def __call__(self, examples):
+        if self.evaluating:
+            return self.collator(examples)
         rows = []
         for ex in examples:  # one training row each, however the collator lays them out
             rows.append(self.index.get(self.digest(ex["input_ids"]), -1))
@@ -413,6 +468,7 @@ def _train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placeme
     if args.padding_free and cfg.distributed_strategy != "fsdp":  # FSDP: the weights are not in place until wrapped
         batching.check_packing(model, tok_info.tokenizer.pad_token_id)
     quantization = describe_quantization(model)
+    keep_training_kernels(model)
     peft_config = get_peft_config(cfg, tok_info.added_token_ids, model)
     # Collator copies in data loader worker processes would keep their ledgers to themselves.
     recorder = (
@@ -428,10 +484,12 @@ def _train(cfg: Settings, layout: Layout, tok_info, prepared, placement: Placeme
         eval_dataset=prepared.eval,
         processing_class=tok_info.tokenizer,
         peft_config=peft_config,
-        callbacks=[callback],
+        callbacks=[callback, trainlog.progress_callback(layout.metrics)],
     )
+    trainlog.quiet_console(trainer)
     if recorder:
         recorder.collator, trainer.data_collator = trainer.data_collator, recorder
+    evaluate_aside(trainer, recorder)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
     step = json.loads((resume / "trainer_state.json").read_text()).get("global_step") if resume else 0
