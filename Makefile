@@ -79,22 +79,23 @@ bench-smoke: setup ## The benchmarks on tiny sizes (a few minutes); results and 
 	$(TRAIN_PY) -m benchmarks.report --results-dir build/bench/smoke/results \
 	    --out build/bench/smoke/benchmarks.md; exit $$status
 
-# The GPU check (benchmarks/gpu_check.py): wheels made here, carried to a GPU machine with the repository, run
-# there in one command. Its CPU smoke runs in `make test` (tests/test_bench.py). The wheels include the pinned
-# setuptools, so the GPU machine installs this project (editable, from the carried checkout) with no index.
+# The GPU check (benchmarks/gpu_check.py): wheels made here, carried to a GPU machine with the repository (name
+# build/gpu-wheels in the device call's carry: build/ is ignored), run there by benchmarks/gpu-check.sh, the one
+# command, which needs no make and no venv (docs/development.md). Its CPU smoke runs in `make test`, on an emulated
+# GPU machine (tests/test_bench.py). The wheels include the pinned setuptools, so the project installs with no index.
 .PHONY: gpu-wheels gpu-check
 GPU_WHEELS ?= build/gpu-wheels
-GPU_VENV ?= build/gpu-venv
-gpu-wheels: setup ## Download the wheels a GPU machine with torch/transformers/peft/accelerate lacks (about 22 MiB)
+gpu-wheels: setup ## Download the pinned wheels a GPU machine's python3 (torch, numpy, pyarrow) lacks or differs in (about 37 MiB)
 	$(TRAIN_PY) -m benchmarks.gpu_check wheels --out $(GPU_WHEELS)
-	$(TRAIN_PY) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-	    -d $(GPU_WHEELS) -r requirements/build.txt
 
-gpu-check: ## On a GPU machine: install $(GPU_WHEELS) over its packages, run every stage, report to $$OUT/gpu.json
-	$(PYTHON) -m venv --system-site-packages $(GPU_VENV)
-	$(GPU_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-index --no-deps $(GPU_WHEELS)/*.whl
-	$(GPU_VENV)/bin/python -m pip install --no-index $(PIP_PROJECT)
-	$(GPU_VENV)/bin/python -m benchmarks.gpu_check run --out "$${OUT:-build/gpu-check}"
+gpu-check: ## On a GPU machine (the same as `bash benchmarks/gpu-check.sh`): install $(GPU_WHEELS) under /tmp, run every stage, report to $$OUT/gpu.json
+	GPU_WHEELS=$(GPU_WHEELS) PYTHON=$(PYTHON) bash benchmarks/gpu-check.sh
+
+# The CUDA training image users pull, built with PyPI's CUDA torch and inspected offline without a GPU
+# (images/cuda/check.sh): about 20 minutes from nothing, so not in CI; the documented step before a release.
+.PHONY: image-train-check
+image-train-check: setup ## Build Dockerfile.train with PyPI's CUDA torch (podman) and check it offline: CUDA build, ldd, Triton AOT for sm_90/sm_100, size
+	PYTHON=$(TRAIN_PY) images/cuda/check.sh
 
 $(VENV_LINT)/.installed: requirements/lint.txt
 	$(PYTHON) -m venv $(VENV_LINT)

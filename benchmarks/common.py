@@ -268,6 +268,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     The cache locations are passed on, so the caller decides where datasets' and vLLM's caches go."""
     keep = ("PATH", "HOME", "LANG", "TMPDIR", "SERVE_PYTHON", "XDG_CACHE_HOME", "HF_HOME", "VLLM_CACHE_ROOT")
     env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.update(device_env())
     env.update(
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
@@ -282,10 +283,22 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+# What a GPU machine's processes need from the environment they were started in: where CUDA's and the driver's
+# libraries are, the compilers Triton builds its launcher with, Triton's and NVIDIA's settings, and PYTHONPATH (the GPU
+# check installs the carried wheels into a folder on it: benchmarks/gpu-check.sh). Unset on a developer's machine.
+DEVICE_VARS = ("LD_LIBRARY_PATH", "LIBRARY_PATH", "CPATH", "CUDA_HOME", "CUDA_PATH", "CC", "CXX", "PYTHONPATH")
+DEVICE_PREFIXES = ("TRITON_", "NVIDIA_", "CUDA_", "NCCL_", "PYTORCH_CUDA_")
+
+
+def device_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k in DEVICE_VARS or k.startswith(DEVICE_PREFIXES)}
+
+
 def dev_env(env: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
     """`env` (default: clean_env) for a process that runs a module of benchmarks/ outside the checkout: benchmarks/
-    is not part of the distribution, so the checkout goes on PYTHONPATH."""
-    return {**(env or clean_env()), **extra, "PYTHONPATH": str(REPO)}
+    is not part of the distribution, so the checkout goes on PYTHONPATH, ahead of what was there."""
+    env = {**(env or clean_env()), **extra}
+    return {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)}
 
 
 def run_child(
