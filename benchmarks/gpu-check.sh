@@ -11,7 +11,7 @@
 # process inherits PYTHONPATH and the CUDA/driver variables (benchmarks/common.py: device_env).
 # Everything it writes goes under $GPU_CHECK_TMP (/tmp): $OUT gets gpu.json, gpu-logs.txt and train.json.
 # Knobs: PYTHON (python3), GPU_WHEELS (build/gpu-wheels), GPU_CHECK_TMP (/tmp/tuneserve-gpu-check),
-# OUT (build/gpu-check), GPU_CHECK_BUDGET (seconds for the stages: 480; smoke 2400).
+# OUT (build/gpu-check), GPU_CHECK_BUDGET (seconds for the stages: 480; smoke 3600).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -94,7 +94,7 @@ def gpu_check_smoke(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=2700,  # the smoke's budget is 2400 s
+        timeout=3900,  # the smoke's budget is 3600 s
     )
     return res, out
 
