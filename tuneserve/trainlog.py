@@ -39,15 +39,15 @@ TRACKER_MODULES = {"tensorboard": "tensorboardX", "wandb": "wandb", "mlflow": "m
 # --------------------------------------------------------------------------------------------- trackers
 def trackers(report_to: list[str] | None) -> list[str]:
     """The integrations REPORT_TO asks for ("all": every one installed), or ConfigError naming what is available."""
+    asked = [v.strip() for v in (report_to or []) if v.strip()]
+    if asked in ([], ["none"]):  # the default: no import of transformers' integrations (seconds) to say so
+        return []
     from transformers.integrations.integration_utils import (
         INTEGRATION_TO_CALLBACK,
         get_available_reporting_integrations,
     )
 
-    asked = [v.strip() for v in (report_to or []) if v.strip()]
     available = get_available_reporting_integrations()
-    if asked in ([], ["none"]):
-        return []
     if asked == ["all"]:
         return available
     problems = []
