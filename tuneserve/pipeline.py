@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from tuneserve import data, rundir, signals, trainlog
+from tuneserve.config import TRACKER_SECRETS
 from tuneserve.exitcodes import ExitCode, VerifyError
 from tuneserve.layout import MERGE_BASES, MERGE_INFO, Layout, merged_id, read_json, write_json_atomic
 from tuneserve.settings import Settings
@@ -39,7 +40,7 @@ def banner(text: str) -> None:
 
 
 # Secrets the libraries read from the environment; each may come from NAME_FILE (a mounted Kubernetes Secret).
-ENV_SECRETS = ("HF_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+ENV_SECRETS = ("HF_TOKEN", *TRACKER_SECRETS)
 
 
 def use_token(cfg: Settings) -> None:
