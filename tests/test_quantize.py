@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
+    CORPUS,
     LEARN_ENV,
     QA,
+    REPO,
     SERVE_PYTHON,
     Server,
     ask,
@@ -99,6 +101,220 @@ def test_gpu_schemes_write_checkpoints_that_answer_like_the_merged_model(tmp_pat
         )["input_ids"]
         out = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
         assert tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip() == answer
+
+
+# ------------------------------------------------------------------ streamed, shard by shard, as the loaded model
+def quantize_loaded_model(merged: Path, out: Path, scheme: str) -> int:
+    """The reference: quantization as tuneserve.quantize did it before it streamed, with the whole merged model
+    loaded in host memory (compressed-tensors compressing the loaded model, save_pretrained writing it)."""
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
+    from transformers import AutoModelForCausalLM
+
+    from tuneserve.quantize import COPIED, IGNORE, SCHEMES
+
+    preset, fmt = SCHEMES[scheme]
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16, device_map={"": "cpu"})
+    config = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme(preset, ["Linear"])}, ignore=IGNORE)
+    apply_quantization_config(model, config)
+    layers = loaded_model_weight_scales(model)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+    compressor.compress_model(model)
+    model.save_pretrained(out)
+    compressor.update_config(out)
+    for pattern in COPIED:
+        for f in merged.glob(pattern):
+            if not (out / f.name).exists():
+                shutil.copy2(f, out / f.name)
+    return layers
+
+
+def loaded_model_weight_scales(model) -> int:
+    """The reference's scales: tuneserve.quantize.set_weight_scales as it was, on the loaded model's modules."""
+    from compressed_tensors.quantization import QuantizationStrategy
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    count = 0
+    for module in model.modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is None or scheme.weights is None:
+            continue
+        args = scheme.weights
+        w = module.weight.data.float()
+        if args.strategy == QuantizationStrategy.GROUP:
+            grouped = w.reshape(w.shape[0], -1, args.group_size)
+            low, high = grouped.amin(-1), grouped.amax(-1)
+        else:
+            low, high = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+        scale, zero_point = calculate_qparams(low, high, args)
+        module.weight_scale.data = scale.to(module.weight_scale.dtype).reshape(module.weight_scale.shape)
+        if hasattr(module, "weight_zero_point"):
+            zp = module.weight_zero_point
+            zp.data = zero_point.to(zp.dtype).reshape(zp.shape)
+        count += 1
+    return count
+
+
+def read_tensors(folder: Path) -> dict[str, tuple[str, object]]:
+    """Every tensor of a model folder: name -> (file, tensor)."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                assert key not in tensors, f"{key} in two files"
+                tensors[key] = (path.name, f.get_tensor(key))
+    return tensors
+
+
+def reshard(folder: Path, files: int) -> None:
+    """The folder's model.safetensors split into `files` shards and an index, the tensors dealt out in name order
+    like cards, so that each layer's weight and bias are in different files."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    names = sorted(tensors)
+    shard = [f"model-{i + 1:05d}-of-{files:05d}.safetensors" for i in range(files)]
+    weight_map = {name: shard[i % files] for i, name in enumerate(names)}
+    for file in shard:
+        save_file({n: tensors[n] for n in names if weight_map[n] == file}, folder / file, metadata={"format": "pt"})
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": size}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (folder / "model.safetensors").unlink()
+
+
+@pytest.fixture(scope="module")
+def small_merged(tmp_path_factory) -> dict[str, Path]:
+    """Tiny merged folders (merge_info.json stands for the merge's record): Qwen2 (biases on q/k/v) untied in 5
+    shards, each layer's weight and bias in different files; Qwen2 with a tied lm_head in one file; and a Gemma 3
+    image-text model (vision tower, projector, tied lm_head) in 3 shards, whose checkpoint names
+    (language_model.model.*) are not its modules' names (model.language_model.*)."""
+    from devtools.tiny import build_tiny_model, build_tiny_multimodal
+
+    root = tmp_path_factory.mktemp("small-merged")
+    models = {
+        "sharded": build_tiny_model(root / "sharded", CORPUS),
+        "tied": build_tiny_model(root / "tied", CORPUS, tie_word_embeddings=True),
+        "multimodal": build_tiny_multimodal(root / "multimodal", CORPUS),
+    }
+    reshard(models["sharded"], 5)
+    reshard(models["multimodal"], 3)
+    for folder in models.values():
+        (folder / "merge_info.json").write_text("{}")
+    return models
+
+
+@pytest.mark.parametrize("model", ["sharded", "tied", "multimodal"])
+@pytest.mark.parametrize("scheme", ["int8", "fp8", "w4a16"])
+def test_quantizing_shard_by_shard_writes_what_quantizing_the_loaded_model_wrote(tmp_path, small_merged, model, scheme):
+    """Every tensor (name, dtype, shape, bits), config.json (quantization_config and the rest) and every other
+    file as the whole-model path wrote them; the shards keep the merged folder's names, the index maps each tensor
+    to the file that holds it."""
+    import torch
+
+    from tuneserve.quantize import quantize
+
+    merged = small_merged[model]
+    reference_layers = quantize_loaded_model(merged, tmp_path / "loaded", scheme)
+    info = quantize(merged, tmp_path / "streamed", scheme=scheme)
+    loaded, streamed = tmp_path / "loaded", tmp_path / "streamed"
+
+    expected, got = read_tensors(loaded), read_tensors(streamed)
+    assert sorted(got) == sorted(expected)
+    for name, (_, want) in expected.items():
+        have = got[name][1]
+        assert (have.dtype, have.shape) == (want.dtype, want.shape), name
+        assert torch.equal(have.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), name
+    assert info["quantized_layers"] == reference_layers > 0
+    if model == "sharded":  # untied: the output layer is kept in 16 bits (tied, it is the embedding, saved once)
+        assert got["lm_head.weight"][1].dtype == torch.bfloat16
+
+    config, reference = (json.loads((f / "config.json").read_text()) for f in (streamed, loaded))
+    assert config["quantization_config"] == reference["quantization_config"]
+    assert config == reference
+    # The reference copied the merged folder's stale index beside its single file; the streamed folder has its own.
+    skip = {"model.safetensors.index.json", "quantize_info.json"}
+    others = sorted(p.name for p in loaded.iterdir() if p.suffix != ".safetensors" and p.name not in skip)
+    assert sorted(p.name for p in streamed.iterdir() if p.suffix != ".safetensors" and p.name not in skip) == others
+    for name in others:
+        assert (streamed / name).read_bytes() == (loaded / name).read_bytes(), name
+
+    shards = sorted(p.name for p in merged.glob("*.safetensors"))
+    assert sorted(p.name for p in streamed.glob("*.safetensors")) == shards
+    if model != "tied":
+        index = json.loads((streamed / "model.safetensors.index.json").read_text())
+        assert index["weight_map"] == {name: file for name, (file, _) in got.items()}
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for _, t in got.values())
+    else:
+        assert not (streamed / "model.safetensors.index.json").exists()
+
+
+def test_a_merged_folder_without_a_layers_weight_is_refused_and_leaves_nothing(tmp_path, small_merged):
+    """A weight missing from the shards (the loaded model would have got a random one) is named, not written."""
+    from safetensors.torch import load_file, save_file
+
+    from tuneserve.quantize import quantize
+
+    merged = shutil.copytree(small_merged["tied"], tmp_path / "merged")
+    tensors = load_file(merged / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, merged / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks weights of the model: model\.layers\.1\.mlp\.up_proj\.weight"):
+        quantize(merged, tmp_path / "quantized", scheme="int8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # neither quantized/ nor its scratch folder
+
+
+MEMORY_CHILD = """
+import json, resource, sys
+from pathlib import Path
+import compressed_tensors.compressors, compressed_tensors.quantization, safetensors.torch, torch  # noqa: F401
+from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401
+from tuneserve.quantize import quantize
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+info = quantize(Path(sys.argv[1]), Path(sys.argv[2]), scheme="int8")
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"growth": after - before, "layers": info["quantized_layers"]}))
+"""
+
+BUILD_CHILD = """
+import sys
+from pathlib import Path
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+config = LlamaConfig(vocab_size=1024, hidden_size=1024, intermediate_size=4096, num_hidden_layers=10,
+                     num_attention_heads=16, num_key_value_heads=16, head_dim=64, tie_word_embeddings=False)
+with torch.device("meta"):
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+model.to_empty(device="cpu")
+generator = torch.Generator().manual_seed(0)
+with torch.no_grad():
+    for p in model.parameters():
+        p.normal_(0, 0.02, generator=generator)
+model.save_pretrained(sys.argv[1], max_shard_size="30MB")
+(Path(sys.argv[1]) / "merge_info.json").write_text("{}")
+"""
+
+
+def test_quantizing_holds_about_one_shard_not_the_model(tmp_path):
+    """A 340 MB (bfloat16) Llama-shaped model in 13 shards of at most 30 MB, quantized to int8 in a process of
+    its own: its peak resident memory grows by well under half the model (about 100 MB measured: a shard mapped,
+    its int8 form and one weight's float32 work; the whole-model path grew by about 720 MB)."""
+    import sys
+
+    merged, out = tmp_path / "merged", tmp_path / "quantized"
+    run = {"cwd": REPO, "env": clean_env(), "capture_output": True, "text": True, "timeout": 300}
+    res = subprocess.run([sys.executable, "-c", BUILD_CHILD, str(merged)], **run)
+    assert res.returncode == 0, res.stderr[-3000:]
+    size = sum(p.stat().st_size for p in merged.glob("*.safetensors"))
+    assert len(list(merged.glob("*.safetensors"))) >= 10 and size > 300e6
+    res = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(merged), str(out)], **run)
+    assert res.returncode == 0, res.stderr[-3000:]
+    measured = json.loads(res.stdout.strip().splitlines()[-1])
+    assert measured["layers"] == 70  # 10 layers of 7 Linear each, lm_head kept
+    assert measured["growth"] < 0.5 * size, f"peak RSS grew {measured['growth'] / 1e6:.0f} MB for {size / 1e6:.0f} MB"
 
 
 @pytest.mark.slow
