@@ -3,16 +3,25 @@ the quantized model in vLLM, and the Deployment serves it only once the verdict 
 
 from __future__ import annotations
 
+import re
+
+import yaml
+
+from tests.helpers import REPO
 from tests.k8s_helpers import (
     EVALUATE_JOB,
+    OVERLAYS,
     TRAIN_JOB,
     claim_mount,
     effective_env,
     job_action,
     local_paths,
     main_container,
+    mount_of,
     one,
     pod_spec,
+    quantity,
+    render,
 )
 from tuneserve.engine_eval import EVAL_SCHEMA
 from tuneserve.exitcodes import ExitCode
@@ -84,3 +93,42 @@ def test_the_init_containers_wait_for_a_passing_verdict_or_for_a_file(tmp_path, 
     slept.clear()
     record.unlink()
     assert wait.main(["--exists", str(record)]) == 0 and len(slept) == 1
+
+
+def evaluation_gpus(objects: list[dict], job: dict) -> int:
+    """The evaluation pod's GPUs, checked to be set once: the request equals the limit (Kubernetes refuses a pod
+    where they differ), and ENGINE_TENSOR_PARALLEL_SIZE is unset (each model's engine takes what it needs of
+    them) or the same number."""
+    container = main_container(job)
+    resources = container["resources"]
+    gpus = int(resources["limits"]["nvidia.com/gpu"])
+    assert gpus >= 1 and int(resources["requests"]["nvidia.com/gpu"]) == gpus
+    env = effective_env(objects, container)
+    assert env.get("ENGINE_TENSOR_PARALLEL_SIZE") in (None, str(gpus)), "the env var and nvidia.com/gpu disagree"
+    # /dev/shm holds vLLM's message queues between its GPU workers: 160 MB + 240 MB per GPU (v1's
+    # multiproc executor: one 16 MB x 10 broadcast queue, one 24 MB x 10 response queue per worker), for as
+    # many GPUs as a node has (8), so that raising nvidia.com/gpu needs nothing else.
+    volume, mount = mount_of(job, container, lambda v: v.get("emptyDir", {}).get("medium") == "Memory")
+    assert mount["mountPath"] == "/dev/shm"
+    assert quantity(volume["emptyDir"]["sizeLimit"]) >= (160 + 240 * max(gpus, 8)) * 2**20
+    return gpus
+
+
+def test_the_evaluation_jobs_gpus_are_set_in_one_place(rendered):
+    """In every overlay with the evaluation Job. Its engines take at most these GPUs, and a model needing more
+    exits 2 (FailJob) naming how many (tests/test_engine_tp.py)."""
+    with_evaluation = [o for o in OVERLAYS if any(x["metadata"]["name"] == EVALUATE_JOB for x in rendered[o])]
+    assert "quantized" in with_evaluation
+    for overlay in with_evaluation:
+        objects = rendered[overlay]
+        evaluation_gpus(objects, one(objects, "Job", EVALUATE_JOB))
+
+
+def test_the_documented_gpu_patch_keeps_request_limit_and_shared_memory_in_agreement(rendered):
+    """docs/kubernetes.md's patch for a model that needs 4 GPUs, applied as kustomize would (strategic merge)."""
+    text = (REPO / "docs" / "kubernetes.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if f"name: {EVALUATE_JOB}" in b]
+    patch = yaml.safe_load(block)
+    objects = rendered["quantized"]
+    job = render.strategic_merge(one(objects, "Job", EVALUATE_JOB), patch)
+    assert evaluation_gpus(objects, job) == 4

@@ -9,6 +9,8 @@ same OUTPUT_DIR:
    process each, so the first one's memory is gone before the second starts) and answer the held-out rows
    (data/eval.jsonl, at most the EVAL_MAX_SAMPLES training used): greedy, through the model's own chat
    template, at most EVAL_MAX_NEW_TOKENS tokens. Memory (weights) and generated tokens per second are recorded.
+   Each engine spans as many GPUs as its folder's weights need (tensor parallelism, choose_tensor_parallel, or
+   ENGINE_TENSOR_PARALLEL_SIZE); a model the visible GPUs cannot hold is refused (exit 2) before vLLM starts.
 2. The answers are scored by the evaluate stage's own code (exact match, stop rate, SQL execution with
    EVAL_SQL_EXECUTION), with the evaluation settings the training run recorded in config.json.
 3. Engine parity: the merged model's figures in vLLM beside the evaluate stage's (transformers) figures, with
@@ -80,6 +82,15 @@ EVAL_VARS = [
         "vLLM's context length for the evaluation (default: the longest held-out prompt + EVAL_MAX_NEW_TOKENS).",
         G_GATE,
         minimum=16,
+    ),
+    Var(
+        "ENGINE_TENSOR_PARALLEL_SIZE",
+        "int",
+        None,
+        "GPUs each model's vLLM engine spans (default: per model, the fewest visible GPUs that hold its weights "
+        "with room for the KV cache and that divide its attention heads; 1 on the CPU).",
+        G_GATE,
+        minimum=1,
     ),
     Var(
         "HUB_QUANTIZED_MODEL_ID",
@@ -164,9 +175,148 @@ def gate_problem(folder: Path) -> str | None:
     return None
 
 
+# --------------------------------------------------------------------------------------------- GPUs per engine
+# vLLM's share of each GPU's memory (gpu_memory_utilization, passed to LLM(...) so that the estimate and the engine
+# agree: the serving default, GPU_MEMORY_UTILIZATION; vLLM 0.32's own is 0.92), and the part of that share a GPU's
+# slice of the weights may take: the rest is for the KV cache, activations and CUDA graphs.
+GPU_MEMORY_UTILIZATION = 0.9
+WEIGHTS_SHARE = 0.8
+GB = 1e9
+# The config attributes vLLM reads the KV heads from (ModelArchConfigConvertor.get_total_num_kv_heads), in order;
+# none of them: as many as attention heads.
+KV_HEAD_ATTRS = ("n_head_kv", "num_kv_heads", "num_key_value_heads", "multi_query_group_num", "num_attention_groups")
+GIVE_GPUS = (
+    "give the evaluation {n} GPUs: `nvidia.com/gpu: {n}` in the evaluation Job's limits and requests "
+    "(k8s/components/engine-eval/evaluate-job.yaml), `docker run --gpus {n}` (or --gpus '\"device=0,...\"')"
+)
+
+
+def visible_gpus() -> tuple[int, int] | None:
+    """(GPUs this process sees, the smallest one's memory in bytes); None without CUDA (vLLM's CPU build).
+    torch counts the GPUs CUDA_VISIBLE_DEVICES leaves (the container's, on Kubernetes and docker --gpus)."""
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        return None
+    count = torch.cuda.device_count()
+    return count, min(torch.cuda.get_device_properties(i).total_memory for i in range(count))
+
+
+def model_heads(folder: Path) -> tuple[int | None, int | None]:
+    """(attention heads, KV heads) of a model folder as vLLM reads them: the text model's config (a multimodal
+    model's text_config), KV heads under any of KV_HEAD_ATTRS, else one per attention head."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder).get_text_config()
+    heads = getattr(config, "num_attention_heads", None) or None
+    kv = next((getattr(config, a) for a in KV_HEAD_ATTRS if getattr(config, a, None) is not None), heads)
+    return heads, kv or heads
+
+
+def divides_heads(tp: int, heads: int | None, kv_heads: int | None) -> bool:
+    """vLLM's rules: ModelConfig.verify_with_parallel_config refuses attention heads % tp != 0, and
+    QKVParallelLinear splits the KV heads (kv % tp == 0) or replicates them (tp % kv == 0)."""
+    if heads and heads % tp:
+        return False
+    return not kv_heads or kv_heads % tp == 0 or tp % kv_heads == 0
+
+
+def _weights_fit(weights_bytes: int, tp: int, gpu_memory: int) -> bool:
+    return weights_bytes / tp <= WEIGHTS_SHARE * GPU_MEMORY_UTILIZATION * gpu_memory
+
+
+def choose_tensor_parallel(
+    weights_bytes: int,
+    heads: int | None,
+    kv_heads: int | None,
+    gpus: tuple[int, int] | None,
+    override: int | None = None,
+) -> dict[str, Any]:
+    """How many GPUs one model's engine spans: {"size", "mode", "reason", and the figures it was chosen from}.
+    `gpus`: visible_gpus(). Auto: the smallest size that divides the heads (divides_heads), is at most the visible
+    GPUs and gives each GPU at most WEIGHTS_SHARE of vLLM's share of its memory in weights. ConfigError (exit 2)
+    when nothing visible fits, or when `override` (ENGINE_TENSOR_PARALLEL_SIZE) cannot work."""
+    figures = {"weights_bytes": weights_bytes, "attention_heads": heads, "kv_heads": kv_heads}
+    if gpus is None:
+        if override is not None and override > 1:
+            raise ConfigError(
+                f"ENGINE_TENSOR_PARALLEL_SIZE={override}: no GPU is visible (vLLM's CPU build), where the "
+                "evaluation runs one engine process; unset it, or run the evaluation where the GPUs are"
+            )
+        return {"size": 1, "mode": "cpu", "reason": "no GPU: vLLM's CPU build, one process", **figures}
+    count, memory = gpus
+    figures |= {"visible_gpus": count, "gpu_memory_bytes": memory}
+    per_gpu = WEIGHTS_SHARE * GPU_MEMORY_UTILIZATION * memory
+    sizes = [n for n in range(1, count + 1) if divides_heads(n, heads, kv_heads)]
+    heads_text = f"{heads} attention heads" + (f" and {kv_heads} KV heads" if kv_heads != heads else "")
+    budget = (
+        f"{weights_bytes / GB:.1f} GB of weights; each of the {count} visible GPU(s) has {memory / GB:.1f} GB, "
+        f"of which at most {per_gpu / GB:.1f} GB for its slice of the weights ({WEIGHTS_SHARE:.0%} of vLLM's "
+        f"{GPU_MEMORY_UTILIZATION:.0%}; the rest is KV cache and activations)"
+    )
+    if override is not None:
+        if override > count:
+            raise ConfigError(
+                f"ENGINE_TENSOR_PARALLEL_SIZE={override}: only {count} GPU(s) are visible; "
+                f"{GIVE_GPUS.format(n=override)}, or lower it (unset: chosen from the weights)"
+            )
+        if not divides_heads(override, heads, kv_heads):
+            raise ConfigError(
+                f"ENGINE_TENSOR_PARALLEL_SIZE={override}: vLLM splits the model's {heads_text} evenly over its "
+                f"GPUs; sizes that do, up to the {count} visible GPU(s): {', '.join(map(str, sizes))}"
+            )
+        if weights_bytes / override > GPU_MEMORY_UTILIZATION * memory:
+            raise ConfigError(
+                f"ENGINE_TENSOR_PARALLEL_SIZE={override}: {weights_bytes / override / GB:.1f} GB of weights per GPU "
+                f"is more than vLLM may use of a {memory / GB:.1f} GB GPU ({GPU_MEMORY_UTILIZATION:.0%}); raise "
+                "it, or unset it to choose automatically"
+            )
+        short = "" if _weights_fit(weights_bytes, override, memory) else " (little room left for the KV cache)"
+        return {"size": override, "mode": "ENGINE_TENSOR_PARALLEL_SIZE", "reason": f"set{short}; {budget}", **figures}
+    fitting = [n for n in sizes if _weights_fit(weights_bytes, n, memory)]
+    if fitting:
+        n = fitting[0]
+        why = "the smallest size that" + (" divides the heads and" if n > 1 else "") + " holds the weights"
+        return {"size": n, "mode": "auto", "reason": f"{why}: {budget}", **figures}
+    limit = heads or kv_heads or 1024
+    needed = next(
+        (
+            n
+            for n in range(count + 1, limit + 1)
+            if divides_heads(n, heads, kv_heads) and _weights_fit(weights_bytes, n, memory)
+        ),
+        None,
+    )
+    if needed is None:
+        raise ConfigError(
+            f"{budget}: it does not fit even spread over {limit} such GPUs (the {heads_text}); evaluate on GPUs "
+            "with more memory"
+        )
+    raise ConfigError(
+        f"{budget}: it needs {needed} GPUs (the fewest that hold it and divide the {heads_text}); "
+        f"{GIVE_GPUS.format(n=needed)}, or GPUs with more memory"
+    )
+
+
+def tensor_parallel_plan(folder: Path, override: int | None, gpus: tuple[int, int] | None) -> dict[str, Any]:
+    """choose_tensor_parallel for a model folder: its *.safetensors bytes and heads."""
+    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    heads, kv_heads = model_heads(folder)
+    return choose_tensor_parallel(weights, heads, kv_heads, gpus, override)
+
+
 # --------------------------------------------------------------------------------------------- one engine
-def answer_in_engine(folder: Path, rows: Path, *, max_samples: int, max_new_tokens: int, max_model_len: int | None):
-    """Start vLLM on `folder` and answer the held-out rows greedily. Runs in a child process (see `run`)."""
+def answer_in_engine(
+    folder: Path,
+    rows: Path,
+    *,
+    max_samples: int,
+    max_new_tokens: int,
+    max_model_len: int | None,
+    tensor_parallel_size: int = 1,
+):
+    """Start vLLM on `folder` (over `tensor_parallel_size` GPUs, see choose_tensor_parallel) and answer the
+    held-out rows greedily. Runs in a child process (see `run`)."""
     from vllm import LLM, SamplingParams
 
     from tuneserve.data import read_jsonl
@@ -184,6 +334,8 @@ def answer_in_engine(folder: Path, rows: Path, *, max_samples: int, max_new_toke
         dtype="auto",
         seed=0,
         max_model_len=max_model_len,
+        tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=GPU_MEMORY_UTILIZATION,
         enforce_eager=device() == "cpu",  # CUDA graphs on a GPU; the CPU build has none
         disable_log_stats=True,
     )
@@ -217,10 +369,18 @@ def answer_in_engine(folder: Path, rows: Path, *, max_samples: int, max_new_toke
     }
 
 
-def _in_child(folder: Path, rows: Path, settings: dict[str, Any], max_model_len: int | None) -> dict[str, Any]:
+def _in_child(
+    folder: Path, rows: Path, settings: dict[str, Any], max_model_len: int | None, tensor_parallel_size: int
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tuneserve-engine-") as tmp:
         out = Path(tmp) / "answers.json"
-        request = {"folder": str(folder), "rows": str(rows), "max_model_len": max_model_len, **settings}
+        request = {
+            "folder": str(folder),
+            "rows": str(rows),
+            "max_model_len": max_model_len,
+            "tensor_parallel_size": tensor_parallel_size,
+            **settings,
+        }
         code = subprocess.call(
             [sys.executable, "-m", "tuneserve.engine_eval", json.dumps(request), str(out)],
             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
@@ -266,25 +426,30 @@ def run(cfg: Settings, check_only: bool = False) -> int:
     repo = cfg.hub_quantized_model_id
     if repo and not quantized:
         raise ConfigError(f"HUB_QUANTIZED_MODEL_ID={repo!r}: {layout.quantized} does not exist (train with QUANTIZE)")
+    folders = {"merged": layout.merged} | ({"quantized": layout.quantized} if quantized else {})
+    plans = tensor_parallel_plans(folders, cfg.engine_tensor_parallel_size)
     if repo:
         from tuneserve import publish
 
         publish.preflight([repo], attempts=cfg.publish_retries, backoff=cfg.publish_backoff_seconds)
     if check_only:
-        log.info("preflight passed: %s%s", layout.merged, f" and {layout.quantized}" if quantized else "")
+        sizes = ", ".join(f"{name} on {plan['size']}" for name, plan in plans.items())
+        log.info(
+            "preflight passed: %s%s (GPUs: %s)", layout.merged, f" and {layout.quantized}" if quantized else "", sizes
+        )
         return 0
 
     examples = read_jsonl(rows)[: settings["max_samples"]]
     prompts = [to_prompt(ex) for ex in examples]
     max_model_len = cfg.engine_max_model_len
     report: dict[str, Any] = {"rows": len(examples), "settings": {**settings, **scoring}, "models": {}}
-    folders = {"merged": layout.merged} | ({"quantized": layout.quantized} if quantized else {})
     measured = measured_files(layout.quantized) if quantized else {}  # what the engine is about to load
     for name, folder in folders.items():
         log.info("==== engine evaluation: %s (%s) in vLLM ====", name, folder)
-        engine = _in_child(folder, rows, settings, max_model_len)
+        engine = _in_child(folder, rows, settings, max_model_len, plans[name]["size"])
         figures = score(examples, prompts, engine.pop("answers"), engine.pop("stopped"), **scoring)
         report["models"][name] = {**{k: v for k, v in figures.items() if k != "answers"}, **engine}
+        report["models"][name]["tensor_parallel"] = plans[name]
         report["models"][name]["answers"] = figures["answers"]
         log.info("%s in vLLM: %s", name, _summary(report["models"][name]))
     report["parity"] = parity(report["models"]["merged"], read_json(layout.eval_report))
@@ -328,6 +493,30 @@ def run(cfg: Settings, check_only: bool = False) -> int:
     return 0
 
 
+def tensor_parallel_plans(folders: dict[str, Path], override: int | None) -> dict[str, dict[str, Any]]:
+    """Each folder's own tensor parallel size (a quantized folder may need fewer GPUs), logged; every folder's
+    problem in one ConfigError (exit 2) before any engine starts."""
+    gpus = visible_gpus()
+    plans, problems = {}, {}  # problem -> the folders it is about (the same override problem: once)
+    for name, folder in folders.items():
+        try:
+            plans[name] = tensor_parallel_plan(folder, override, gpus)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                problems.setdefault(problem, []).append(str(folder))
+            continue
+        log.info(
+            "%s: tensor parallel size %d (%s: %s)",
+            name,
+            plans[name]["size"],
+            plans[name]["mode"],
+            plans[name]["reason"],
+        )
+    if problems:
+        raise ConfigError([f"{' and '.join(where)}: {problem}" for problem, where in problems.items()])
+    return plans
+
+
 def parity(engine: dict[str, Any], transformers: dict[str, Any] | None) -> dict[str, Any]:
     """The merged model in vLLM against the evaluate stage (transformers): each figure, and the rows answered
     differently."""
@@ -353,11 +542,15 @@ def parity(engine: dict[str, Any], transformers: dict[str, Any] | None) -> dict[
 
 def _summary(m: dict[str, Any]) -> str:
     shown = [f"{k} {m[k]}" for k in GATED if m.get(k) is not None]
-    return ", ".join(shown + [f"{m['tokens_per_second']} tokens/s", f"weights {m['weights_bytes'] / 1e6:.1f} MB"])
+    tp = (m.get("tensor_parallel") or {}).get("size", 1)
+    return ", ".join(
+        shown + [f"{m['tokens_per_second']} tokens/s", f"weights {m['weights_bytes'] / 1e6:.1f} MB", f"{tp} GPU(s)"]
+    )
 
 
-if __name__ == "__main__":  # the child process of `_in_child`
-    request, out_path = json.loads(sys.argv[1]), Path(sys.argv[2])
+def child_main(argv: list[str]) -> None:
+    """The child process of `_in_child`: argv is [request as JSON, where to write the answers]."""
+    request, out_path = json.loads(argv[0]), Path(argv[1])
     logging.basicConfig(level=logging.INFO)
     result = answer_in_engine(
         Path(request["folder"]),
@@ -365,5 +558,10 @@ if __name__ == "__main__":  # the child process of `_in_child`
         max_samples=request["max_samples"],
         max_new_tokens=request["max_new_tokens"],
         max_model_len=request["max_model_len"],
+        tensor_parallel_size=request["tensor_parallel_size"],
     )
     out_path.write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    child_main(sys.argv[1:])
