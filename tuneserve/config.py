@@ -492,6 +492,15 @@ TRAIN_VARS = [
         "Without it such a rerun exits 2 listing the changes. An identical rerun resumes either way.",
         G_RUN,
     ),
+    Var(
+        "MEMORY_CHECK",
+        "bool",
+        True,
+        "Preflight works out each stage's memory from the model's config, this machine's GPUs and its memory limit "
+        "(logged, and in OUTPUT_DIR/memory.json) and exits 2 when training or a later stage cannot fit. false: log "
+        "the plan and go on.",
+        G_RUN,
+    ),
     Var("LOG_LEVEL", "str", "info", "Log level.", G_RUN, choices=("debug", "info", "warning", "error")),
     Var(
         "ENV_FILE", "str", None, "A .env file to read (default: ./.env when present); the real environment wins.", G_RUN

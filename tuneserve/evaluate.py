@@ -20,6 +20,7 @@ from typing import Any
 
 from tuneserve.data import Example, encode, read_jsonl
 from tuneserve.layout import EVAL_ROWS
+from tuneserve.memory import input_device
 from tuneserve.sqlcheck import execution_match
 from tuneserve.verify import load_merged, stop_ids, to_prompt
 
@@ -93,8 +94,8 @@ def evaluate(
     with torch.no_grad():
         for ex in tqdm(examples, desc="eval loss", unit="row"):
             for ids, labels in encode(tok, ex)[0]:  # one sequence, or one per assistant turn
-                t = torch.tensor([ids], device=model.device)
-                lab = torch.tensor([labels], device=model.device)
+                t = torch.tensor([ids], device=input_device(model))
+                lab = torch.tensor([labels], device=input_device(model))
                 n = int((lab[:, 1:] != -100).sum())
                 if n == 0:
                     continue
@@ -111,8 +112,8 @@ def evaluate(
         enc = [p.encode(tok) for p in chunk]
         width = max(map(len, enc))
         pad = tok.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=model.device)
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=model.device)
+        input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=input_device(model))
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=input_device(model))
         with torch.no_grad():
             out = model.generate(
                 input_ids=input_ids,

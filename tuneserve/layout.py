@@ -8,6 +8,7 @@
       checkpoints/         trainer checkpoints (checkpoint-<step>/, each marked complete when fully written)
       adapter/             final LoRA adapter + tokenizer (written atomically: present means training is done)
       train_report.json    training metrics and data statistics
+      memory.json          preflight's memory plan and each stage's measured peak (memory.py)
       metrics.jsonl        one line per logging step, evaluation and run end (trainlog.py)
       tensorboard/         TensorBoard event files (REPORT_TO=tensorboard)
       merged/              the merged model, servable as is (weights, config, tokenizer, template, stop ids, card)
@@ -42,6 +43,7 @@ MERGE_INFO = "merge_info.json"  # merged/: how the merge was made, the stop ids
 QUANTIZE_INFO = "quantize_info.json"  # quantized/: the scheme and the merged folder it was made from
 ENGINE_GATE = "engine_gate.json"  # quantized/: the engine evaluation's verdict (serving refuses it without one)
 MERGE_BASES = ("original", "dequantized")
+OFFLOAD = ".offload"  # beside merged/: what accelerate offloads of a model too large to load (memory.load_kwargs)
 
 
 def merged_id(merged: Path) -> str:
@@ -102,6 +104,10 @@ class Layout:
         return self.root / "tensorboard"
 
     @property
+    def memory_report(self) -> Path:
+        return self.root / "memory.json"
+
+    @property
     def merged(self) -> Path:
         return self.root / "merged"
 
@@ -139,6 +145,8 @@ class Layout:
             self.train_report,
             self.metrics,
             self.tensorboard,
+            self.memory_report,
+            self.root / OFFLOAD,
             self.verify_report,
             self.eval_report,
             self.publish_state,

@@ -291,9 +291,11 @@ def model_config(cfg: Settings):
     kwargs = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.base_model_revision:
         kwargs["revision"] = cfg.base_model_revision
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         config = AutoConfig.from_pretrained(cfg.base_model, **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, StrictDataclassError) as exc:  # the last: a config its class's validators refuse
         raise ConfigError(
             f"BASE_MODEL={cfg.base_model!r}: cannot load the model's config ({str(exc).splitlines()[0]})"
         ) from None

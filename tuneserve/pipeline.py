@@ -7,15 +7,16 @@ verified -> publish only. So a failed publish is retried by rerunning, without r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
 
-from tuneserve import data, rundir, signals, trainlog
+from tuneserve import data, memory, rundir, signals, trainlog
 from tuneserve.config import TRACKER_SECRETS
-from tuneserve.exitcodes import ExitCode, VerifyError
+from tuneserve.exitcodes import ConfigError, ExitCode, VerifyError
 from tuneserve.layout import MERGE_BASES, MERGE_INFO, Layout, merged_id, read_json, write_json_atomic
 from tuneserve.settings import Settings
 
@@ -80,7 +81,11 @@ def run(cfg: Settings, check_only: bool = False) -> int:
         train.check(cfg, layout, tok_info, prepared, placement)
         log.info("preflight passed: %s", prepared.stats)
         return ExitCode.OK
-    code = train_stage(cfg, layout, placement)
+    peaks = memory.Peaks()
+    # A launcher's own memory is not training's: its processes each hold their own (their logs say so).
+    with contextlib.nullcontext() if launch.needed(cfg) else peaks.measure("train"):
+        code = train_stage(cfg, layout, placement)
+    memory.release()  # the trained model's memory, for the stages after
     if code != ExitCode.OK:
         return code
     if not launch.runs_final_stages(cfg):  # the one process that merges, verifies and publishes
@@ -91,11 +96,14 @@ def run(cfg: Settings, check_only: bool = False) -> int:
             "the launcher on node 0" if launch.in_worker() else "node 0",
         )
         return ExitCode.OK
+    record_peaks(layout, peaks)
     ledger_gate(layout)
     if cfg.merge:
-        merge_stage(cfg, layout)
-        verify_stage(cfg, layout)
-        quantize_stage(cfg, layout)
+        for name, stage in (("merge", merge_stage), ("verify", verify_stage), ("quantize", quantize_stage)):
+            with peaks.measure(name):
+                stage(cfg, layout)
+            memory.release()
+            record_peaks(layout, peaks)
     publish_stage(cfg, layout)
     banner("done")
     return ExitCode.OK
@@ -114,7 +122,37 @@ def preflight_stage(cfg: Settings, layout: Layout, placement, *, write: bool) ->
     repos = publish_targets(cfg)
     if repos:
         publish.preflight(repos, attempts=cfg.publish_retries, backoff=cfg.publish_backoff_seconds)
+    plan = memory_plan(cfg, layout, placement)
     rundir.claim(cfg, layout, placement, write=write)
+    if write and plan is not None:
+        write_json_atomic(layout.memory_report, {**(read_json(layout.memory_report) or {}), "plan": plan.as_dict()})
+
+
+def memory_plan(cfg: Settings, layout: Layout, placement) -> memory.Plan | None:
+    """Each stage still to run against this machine's memory: exit 2 when one cannot fit (MEMORY_CHECK)."""
+    from tuneserve import train
+
+    plan = memory.preflight(cfg, placement, train=not train.adapter_done(layout), merge=cfg.merge)
+    problems = plan.problems() if plan is not None else []
+    if problems and cfg.memory_check:
+        fix = (
+            "give the run more memory (the pod's memory limit, docker run --memory) or GPUs, choose a smaller "
+            "BASE_MODEL, or set MEMORY_CHECK=false to try anyway"
+        )
+        raise ConfigError([f"{p}: {fix}" for p in problems])
+    for problem in problems:
+        log.warning("memory plan (MEMORY_CHECK=false): %s", problem)
+    return plan
+
+
+def record_peaks(layout: Layout, peaks: memory.Peaks) -> None:
+    """memory.json: the plan preflight made and each stage's measured peak. A stage a rerun skipped (done before)
+    keeps the peak of the run that did it."""
+    report = read_json(layout.memory_report) or {}
+    recorded = report.setdefault("peaks", {})
+    for name, peak in peaks.stages.items():
+        recorded.setdefault(name, peak)
+    write_json_atomic(layout.memory_report, report)
 
 
 def prepare(cfg: Settings, *, data_dir: Path | None):
@@ -207,6 +245,7 @@ def verify_stage(cfg: Settings, layout: Layout) -> None:
     finally:
         if alternative is not None:
             shutil.rmtree(alternative, ignore_errors=True)
+        shutil.rmtree(verify.offload_folder(layout.merged), ignore_errors=True)
     report["merged_id"] = current
     report["settings"] = settings
     problems = verify.failures(report)
@@ -219,14 +258,17 @@ def verify_stage(cfg: Settings, layout: Layout) -> None:
         )
     log.info("verification passed: %s", {k: v for k, v in report["checks"]["fidelity"].items()})
     banner("evaluate: held-out rows on the merged model")
-    evaluation = evaluate.evaluate(
-        layout.merged,
-        layout.data,
-        max_samples=cfg.eval_max_samples,
-        max_new_tokens=cfg.eval_max_new_tokens,
-        sql_execution=cfg.eval_sql_execution,
-        sql_context_field=cfg.eval_sql_context_field,
-    )
+    try:
+        evaluation = evaluate.evaluate(
+            layout.merged,
+            layout.data,
+            max_samples=cfg.eval_max_samples,
+            max_new_tokens=cfg.eval_max_new_tokens,
+            sql_execution=cfg.eval_sql_execution,
+            sql_context_field=cfg.eval_sql_context_field,
+        )
+    finally:
+        shutil.rmtree(verify.offload_folder(layout.merged), ignore_errors=True)
     if evaluation is not None:
         write_json_atomic(layout.eval_report, evaluation)
         report["eval"] = {k: v for k, v in evaluation.items() if k != "answers"}

@@ -9,6 +9,9 @@ its own generation_config), and for a few held-out prompts rendered with its cha
   training, 4-bit when it was, plus the adapter) agree: the largest difference of any token's probability
   is at most VERIFY_MAX_PROB_DIFF.
 
+A merged model larger than one device is loaded as accelerate loads big models (memory.load_kwargs): over the
+node's GPUs, then host memory, then read from its own files layer by layer; the same logits, more slowly.
+
 The tolerance's default depends on what was merged. MERGE_BASE=dequantized (or plain LoRA) computes
 with the weights the adapter model computes with, so only bfloat16 rounding separates them: 0.05.
 MERGE_BASE=original adds the adapter to the 16-bit weights the 4-bit ones approximate, so the NF4
@@ -17,7 +20,6 @@ quantization error (about 5-10% of each weight's magnitude) separates them as we
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 from dataclasses import dataclass
@@ -26,7 +28,8 @@ from typing import Any
 
 from tuneserve.data import Example, ids_of, read_jsonl
 from tuneserve.exitcodes import VerifyError
-from tuneserve.layout import EVAL_ROWS, MERGE_BASES, TRAIN_ROWS, TRAINING_META
+from tuneserve.layout import EVAL_ROWS, MERGE_BASES, OFFLOAD, TRAIN_ROWS, TRAINING_META
+from tuneserve.memory import input_device, load_kwargs, release
 from tuneserve.tokenizer import eos_ids, render
 
 log = logging.getLogger(__name__)
@@ -79,12 +82,22 @@ def device() -> str:
 
 
 def load_merged(folder: Path):
+    """The merged model as a user loads it; on one device when it fits there, else spread over the node's GPUs,
+    host memory and the folder's own files (memory.load_kwargs): verify and evaluate fit where training fit."""
     from transformers import AutoTokenizer
     from trl.trainer.utils import create_model_from_path
 
     tok = AutoTokenizer.from_pretrained(folder)
-    model = create_model_from_path(str(folder), dtype="auto", device_map={"": device()})
+    placement, where = load_kwargs(folder, device(), offload_folder=offload_folder(folder))
+    log.info("loading %s %s", folder.name, where)
+    model = create_model_from_path(str(folder), dtype="auto", **placement)
     return tok, model.eval()
+
+
+def offload_folder(folder: Path) -> Path:
+    """Where accelerate writes the weights it offloads and cannot read from the checkpoint itself (none for a
+    safetensors checkpoint loaded as is); the pipeline removes it after verify and evaluate."""
+    return folder.parent / OFFLOAD
 
 
 def load_adapter_model(base_model: str, revision: str | None, adapter_dir: Path, meta: dict):
@@ -113,7 +126,7 @@ def next_token_logits(model, prompts_ids: list[list[int]]):
     out = []
     with torch.no_grad():
         for ids in prompts_ids:
-            t = torch.tensor([ids], device=model.device)
+            t = torch.tensor([ids], device=input_device(model))
             out.append(model(input_ids=t).logits[0, -1].float().cpu())
     return torch.stack(out)
 
@@ -126,7 +139,7 @@ def generate(model, tok, ids: list[int], max_new_tokens: int) -> list[int]:
     import torch
 
     with torch.no_grad():
-        t = torch.tensor([ids], device=model.device)
+        t = torch.tensor([ids], device=input_device(model))
         out = model.generate(
             input_ids=t,
             attention_mask=torch.ones_like(t),
@@ -135,15 +148,6 @@ def generate(model, tok, ids: list[int], max_new_tokens: int) -> list[int]:
             pad_token_id=tok.pad_token_id,
         )
     return out[0, len(ids) :].tolist()
-
-
-def _release() -> None:
-    """Return the memory of models the caller has just deleted (so the next model can load in its place)."""
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def compare(a, b) -> dict[str, float]:
@@ -201,20 +205,20 @@ def verify(
             }
         )
     del model
-    _release()
+    release()
 
     fidelity: dict[str, Any] = {}
     adapter_model = load_adapter_model(base_model, revision, adapter_dir, meta)
     adapter_logits = next_token_logits(adapter_model, ids)
     del adapter_model
-    _release()
+    release()
     fidelity[merge_base] = compare(merged_logits, adapter_logits) if finite else {"max_prob_diff": float("nan")}
     if alternative is not None:
         _, alt_model = load_merged(alternative)
         other = next(b for b in MERGE_BASES if b != merge_base)
         fidelity[other] = compare(next_token_logits(alt_model, ids), adapter_logits)
         del alt_model
-        _release()
+        release()
 
     diff = fidelity[merge_base]["max_prob_diff"]
     checks = {
