@@ -68,9 +68,9 @@ image-serve: ## Build the vLLM serving image (Dockerfile.serve) as $(IMAGE_SERVE
 # Benchmarks (docs/benchmarks.md). One at a time and niced: the machine is shared. A failing benchmark
 # does not stop the others; the report is regenerated from whatever results exist, then make fails.
 .PHONY: bench bench-smoke
-BENCH ?= merge data train serve gate startup images
+BENCH ?= merge data train serve gate startup images memory
 BENCH_PY := nice -n 10 $(TRAIN_PY)
-bench: setup ## Run the benchmarks (about 45 min; BENCH=merge runs one) and regenerate docs/benchmarks.md
+bench: setup ## Run the benchmarks (about 50 min; BENCH=merge runs one) and regenerate docs/benchmarks.md
 	status=0; for b in $(BENCH); do $(BENCH_PY) -m benchmarks.$$b || status=1; done; \
 	$(TRAIN_PY) -m benchmarks.report; exit $$status
 

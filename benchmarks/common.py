@@ -26,7 +26,7 @@ RESULTS = REPO / "benchmarks" / "results"
 WORK = REPO / "build" / "bench"
 SMOKE = WORK / "smoke"
 SERVE_PYTHON = Path(os.environ.get("SERVE_PYTHON", REPO / ".venv-serve" / "bin" / "python"))
-ORDER = ("merge", "data", "train", "serve", "gate", "startup", "images")
+ORDER = ("merge", "data", "train", "serve", "gate", "startup", "images", "memory")
 PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", "tokenizers")
 
 
@@ -309,15 +309,19 @@ def run_child(
     python: str | Path = sys.executable,
     env: dict[str, str] | None = None,
     log: Path | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> dict:
     """Run `python -m <module> --child <spec>` in a fresh process (its own peak memory, nothing cached)
-    and return the payload it reports. Its output goes to `log` when given. It runs in a scratch directory,
+    and return the payload it reports (`preexec_fn`: run in the child before it starts, e.g. to enter a memory
+    cgroup). Its output goes to `log` when given. It runs in a scratch directory,
     so a developer's ./.env cannot reach a configuration under test."""
     import tempfile
 
     argv = [str(python), "-m", module, "--child", json.dumps(spec)]
     with tempfile.TemporaryDirectory(prefix="bench-cwd-") as cwd:
-        res = subprocess.run(argv, env=dev_env(env), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        res = subprocess.run(
+            argv, env=dev_env(env), cwd=cwd, capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn
+        )
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(res.stdout + "\n--- stderr ---\n" + res.stderr)

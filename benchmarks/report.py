@@ -18,7 +18,7 @@ from benchmarks import common
 INTRO = """\
 Each benchmark measures one step of the job against what a user would otherwise run (the guides' code and
 the libraries' defaults), both sides in the same run on the same machine, so that figures are ratios and
-noise on a shared machine mostly cancels out. `make bench` runs all five and regenerates this file from
+noise on a shared machine mostly cancels out. `make bench` runs them all and regenerates this file from
 `benchmarks/results/*.json` (`python -m benchmarks.report`); `make bench-smoke` runs the same code on tiny
 sizes (its figures mean nothing; it keeps the benchmarks working, and `tests/test_bench.py` runs it).
 Figures that need hardware this machine lacks are listed as not run, with the reason."""
@@ -142,6 +142,10 @@ def plot(result: dict, path: Path) -> bool:
         labels = [r["image"] for r in rows]
         _bars(axes[0], labels, [r["compressed_gb"] or 0 for r in rows], "compressed", "GB")
         _bars(axes[1], labels, [r["unpacked_gb"] or 0 for r in rows], "unpacked", "GB")
+    elif name == "memory":
+        labels = [r["stage"] for r in rows]
+        _bars(axes[0], labels, [r["peak_gib"] for r in rows], "peak memory", "GiB")
+        _bars(axes[1], labels, [r["ratio_to_16bit"] for r in rows], "peak / the model's 16-bit weights", "x")
     else:
         plt.close(fig)
         return False

@@ -28,6 +28,7 @@ from tuneserve.serve import SERVE_SCHEMA
 REPO = Path(__file__).resolve().parents[1]
 IMAGES_RESULT = REPO / "benchmarks" / "results" / "images.json"
 IMAGES_CUDA_RESULT = REPO / "benchmarks" / "results" / "images-cuda.json"
+MEMORY_RESULT = REPO / "benchmarks" / "results" / "memory.json"
 K8S_BASE = REPO / "k8s" / "base"
 
 
@@ -153,12 +154,105 @@ def k8s_exit_codes_table(job: dict | None = None) -> str:
 
 
 # (file relative to the repository, section name) -> the function that writes the section's body.
+# Published shapes (config.json on the Hub) the memory table is computed for: Llama 3.1 8B and 70B, Gemma 3 27B's
+# language model.
+REFERENCE_MODELS = {
+    "Llama 3.1 8B": (
+        "llama",
+        dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+             num_key_value_heads=8, vocab_size=128256, architectures=["LlamaForCausalLM"]),
+    ),
+    "Gemma 3 27B": (
+        "gemma3_text",
+        dict(hidden_size=5376, intermediate_size=21504, num_hidden_layers=62, num_attention_heads=32,
+             num_key_value_heads=16, head_dim=128, vocab_size=262208, architectures=["Gemma3ForCausalLM"]),
+    ),
+    "Llama 3.1 70B": (
+        "llama",
+        dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+             num_key_value_heads=8, vocab_size=128256, architectures=["LlamaForCausalLM"]),
+    ),
+}  # fmt: skip
+GPU_SIZES = (24, 48, 80, 141)  # GB: L4/A10-class, L40S/A6000, A100/H100, H200
+
+
+def _train_stage(size, four_bit: bool, gpu_gb: float):
+    from tuneserve import memory
+
+    node = memory.Host(64 * 10**9, 64 * 10**9, "")
+    planned = memory.plan(
+        size,
+        device="cuda",
+        compute_bytes=2,
+        load_in_4bit=four_bit,
+        gpu_memory=[int(gpu_gb * 1e9)],
+        hosted=node,
+        quantize=True,
+    )
+    return planned.stages[0]
+
+
+def memory_table(path: Path = MEMORY_RESULT) -> str:
+    """docs/training.md's memory table: each stage's need computed by tuneserve.memory for published shapes, then
+    the benchmark's measured peaks under a memory limit."""
+    from transformers import AutoConfig
+
+    from tuneserve import engine_eval, memory
+
+    gb = 1e9
+    lines = [
+        "| Model | 16-bit weights | QLoRA training, per GPU | LoRA (16-bit base), per GPU | Smallest GPU for QLoRA "
+        "| Merge, quantize (host) | Verify, evaluate on one 80 GB GPU, 64 GB host | Engine evaluation (80 GB GPUs) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (kind, shape) in REFERENCE_MODELS.items():
+        config = AutoConfig.for_model(kind, dtype="bfloat16", **shape)
+        size = memory.model_size(config, target_modules="all-linear", rank=16)
+        node = memory.Host(64 * 10**9, 64 * 10**9, "")
+
+        q, lora = _train_stage(size, True, 80), _train_stage(size, False, 80)
+        smallest = next((f"{g} GB" for g in GPU_SIZES if _train_stage(size, True, g).fits), "none single")
+        on_one = memory.plan(
+            size, device="cuda", compute_bytes=2, load_in_4bit=True, gpu_memory=[80 * 10**9], hosted=node, quantize=True
+        )
+        host = max(s.need for s in on_one.stages if s.name in ("merge", "quantize"))
+        text = config.get_text_config()
+        tp = engine_eval.choose_tensor_parallel(
+            size.bytes16, text.num_attention_heads, text.num_key_value_heads, (8, 80 * 10**9)
+        )["size"]
+        lines.append(
+            f"| {name} | {size.bytes16 / gb:.0f} GB | {q.need / gb:.0f} GB | {lora.need / gb:.0f} GB | {smallest} "
+            f"| {host / gb:.1f} GB | {on_one.placement} | {tp} GPU{'s' if tp > 1 else ''} |"
+        )
+    lines += [
+        "",
+        "Computed (`tuneserve.memory.plan`, what preflight prints): lower bounds, weights and optimizer state without "
+        "activations, LoRA r=16 on every linear layer, bfloat16.",
+    ]
+    if path.is_file():
+        r = json.loads(path.read_text())
+        setup = r["setup"]
+        rows = {row["stage"]: row for row in r["rows"]}
+        lines += [
+            "",
+            f"Measured ({r['finished'][:10]}, `{r['command']}`, [benchmark](benchmarks.md)): a "
+            f"{setup['model_bytes_16bit'] / gb:.2f} GB (16-bit) model on the CPU under a "
+            f"{setup['memory_limit_bytes'] / 2**30:.2f} GiB memory limit, the whole job passing:",
+            "",
+            "| Stage | Peak (GiB) | Peak / 16-bit weights |",
+            "|---|---|---|",
+            *(f"| {k} | {v['peak_gib']} | {v['ratio_to_16bit']} |" for k, v in rows.items()),
+        ]
+    return "\n".join(lines)
+
+
 SECTIONS: dict[tuple[str, str], Callable[[], str]] = {
     ("README.md", "exit-codes"): exit_codes_table,
     ("docs/configuration.md", "train-variables"): train_variables,
     ("docs/configuration.md", "serve-variables"): serve_variables,
     ("docs/configuration.md", "evaluate-variables"): evaluate_variables,
     ("docs/images.md", "image-sizes"): image_sizes,
+    ("docs/training.md", "memory-table"): memory_table,
     ("docs/kubernetes.md", "k8s-exit-codes"): k8s_exit_codes_table,
 }
 

@@ -18,9 +18,10 @@ from tests.helpers import REPO, SERVE_PYTHON, clean_env, need_vllm
 
 pytestmark = pytest.mark.slow
 
-ORDER = ("merge", "data", "train", "serve", "gate", "startup", "images")  # the report's numbering
+ORDER = ("merge", "data", "train", "serve", "gate", "startup", "images", "memory")  # the report's numbering
 # What `make setup` alone can run. The images benchmark measures the images `make test-images` builds: its
-# smoke test lives in that lane (tests/test_images.py), so `make test` needs neither podman nor images.
+# smoke test lives in that lane (tests/test_images.py), so `make test` needs neither podman nor images. The memory
+# benchmark's code runs in tests/test_bigmodel.py, at its full size.
 SMOKE = ("merge", "data", "train", "serve", "gate")
 
 
