@@ -17,8 +17,8 @@ and whether the answers are the same.
 
 Targets: the limit is below the 16-bit size; merge and quantize peak below half of it; verify (whose peak is its
 adapter model, the training model loaded again on a heap the earlier stages fragmented) within 1.5x of training's
-peak; both loaders give the same answer. On a GPU (not run here) the whole-model load copies the 16-bit weights into GPU memory and
-cannot hold a model larger than it.
+peak; both loaders give the same answer. On a GPU (not run here) the whole-model load copies the 16-bit weights
+into GPU memory and cannot hold a model larger than it.
 
 Root and the memory controller are needed for the limit (as on the CI machine). `tests/test_bigmodel.py` runs the
 same function in `make test`; this module's smoke is not part of `make bench-smoke` (that test covers it).
