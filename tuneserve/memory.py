@@ -458,9 +458,14 @@ def _cuda_ready() -> bool:
 def preflight(cfg, placement, *, train: bool, merge: bool) -> Plan | None:
     """The plan for this run's stages that are still to run (a rerun past training plans no training), logged as a
     table; None when the model's sizes cannot be worked out from its config (logged; the run goes on)."""
+    from tuneserve.exitcodes import ConfigError
     from tuneserve.model import model_config
 
-    config = model_config(cfg)
+    try:
+        config = model_config(cfg)
+    except ConfigError:  # training's own check says why, after the data's (the order --check has always had)
+        log.info("memory plan: skipped, %s's config cannot be read", cfg.base_model)
+        return None
     try:
         size = model_size(
             config, target_modules=cfg.lora_target_modules, rank=cfg.lora_r, trust_remote_code=cfg.trust_remote_code
