@@ -250,7 +250,8 @@ def test_on_gpus_the_model_goes_to_gpu_0_when_it_fits_and_is_spread_over_all_of_
 @pytest.mark.slow
 def test_preflight_refuses_a_run_that_cannot_fit_before_anything_is_written(chatml_base, tmp_path):
     """A 70B base on this machine (its config: preflight reads no weight) exits 2 in preflight, with and without
-    --check, naming the stage, what it needs and the fix; MEMORY_CHECK=false logs the plan and goes on."""
+    --check, naming the stage, what it needs and the fix, having trained and written nothing but its claim;
+    MEMORY_CHECK=false logs the plan and goes on; a smaller base then takes the folder over."""
     base = tmp_path / "big"
     shutil.copytree(chatml_base, base)
     cfg = json.loads((base / "config.json").read_text())
@@ -275,10 +276,17 @@ def test_preflight_refuses_a_run_that_cannot_fit_before_anything_is_written(chat
         assert res.returncode == 2, res.stderr[-3000:]
         assert "train needs at least" in res.stderr and "MEMORY_CHECK=false" in res.stderr
         assert re.search(r"memory plan: 6\d\.\d\d B parameters, 13\d\.\d\d GB at 16 bits", res.stderr)  # logged first
-        assert not out.exists() or not any(out.iterdir())
+        # At most the claim (a folder that trained nothing is claimed again by the next settings).
+        left = {f.name for f in out.iterdir()} if out.exists() else set()
+        assert left <= {"run.json", ".tuneserve.lock", ".tuneserve-digests.json"}, left
+        assert not args or not left
     res = run_train({**env, "OUTPUT_DIR": str(tmp_path / "go"), "MEMORY_CHECK": "false"}, "--check", cwd=tmp_path)
     assert "memory plan (MEMORY_CHECK=false): train needs at least" in res.stderr
     assert "preflight passed" in res.stderr, res.stderr[-3000:]
+    smaller = run_train(
+        {**env, "BASE_MODEL": str(chatml_base), "OUTPUT_DIR": str(tmp_path / "out0")}, "--check", cwd=tmp_path
+    )
+    assert smaller.returncode == 0, smaller.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------------------------- measured peaks

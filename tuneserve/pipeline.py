@@ -122,8 +122,8 @@ def preflight_stage(cfg: Settings, layout: Layout, placement, *, write: bool) ->
     repos = publish_targets(cfg)
     if repos:
         publish.preflight(repos, attempts=cfg.publish_retries, backoff=cfg.publish_backoff_seconds)
-    plan = memory_plan(cfg, layout, placement)
     rundir.claim(cfg, layout, placement, write=write)
+    plan = memory_plan(cfg, layout, placement)  # after the claim: the config of the commit it pinned
     if write and plan is not None:
         write_json_atomic(layout.memory_report, {**(read_json(layout.memory_report) or {}), "plan": plan.as_dict()})
 
