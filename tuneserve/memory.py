@@ -1,7 +1,7 @@
 """Memory: what this machine gives (GPUs, host memory under its cgroup limit), where a model too large for one
 device is loaded, and preflight's plan of what each stage will hold.
 
-QLoRA trains a model far larger than one GPU: the 4-bit base of a 70B model (about 38 GB) trains on one 80 GB GPU,
+QLoRA trains a model far larger than one GPU: the 4-bit base of a 70B model (about 40 GB) trains on one 80 GB GPU,
 while its 16-bit weights (about 140 GB) fit neither that GPU nor most hosts. So no stage after training holds the
 16-bit model on one device:
 - merge streams tensor by tensor (merge.py) and quantize shard by shard (quantize.py): host memory of about one
