@@ -36,6 +36,7 @@ from pathlib import Path
 
 from benchmarks import common
 from devtools.cgroup import MemoryLimit
+from tuneserve.memory import weights_bytes
 
 TITLE = "Big models: every stage under a memory limit smaller than the 16-bit model"
 GiB = 1 << 30
@@ -113,7 +114,7 @@ def limited_pipeline(work: Path, *, hidden_size: int, num_layers: int, limit: in
         "limit": limit,
         "oom_kills": oom_kills,
         "seconds": round(time.monotonic() - started, 1),
-        "model_bytes_16bit": sum(p.stat().st_size for p in base.glob("*.safetensors")),
+        "model_bytes_16bit": weights_bytes(base),
         "plan": report.get("plan"),
         "peaks": report.get("peaks") or {},
     }

@@ -92,19 +92,13 @@ def llama_size(**overrides) -> memory.ModelSize:
 
 
 def llama(**overrides):
+    """Llama 3.1 70B's config (the docs' memory table computes with the same shape), changed by `overrides`."""
     from transformers import LlamaConfig
 
-    shape = dict(
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        dtype="bfloat16",
-        architectures=["LlamaForCausalLM"],
-    )
-    return LlamaConfig(**{**shape, **overrides})
+    from devtools.docs import REFERENCE_MODELS
+
+    _, shape = REFERENCE_MODELS["Llama 3.1 70B"]
+    return LlamaConfig(**{**shape, "dtype": "bfloat16", **overrides})
 
 
 @pytest.mark.parametrize("targets, rank", [("all-linear", 16), (["q_proj", "v_proj"], 8), (["down_proj"], 64)])

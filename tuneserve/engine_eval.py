@@ -52,6 +52,8 @@ from tuneserve.layout import (
     visible_files,
     write_json_atomic,
 )
+from tuneserve.memory import gpus as gpu_totals
+from tuneserve.memory import weights_bytes
 from tuneserve.settings import Schema, Settings, Var
 from tuneserve.trainlog import CURVES_PNG
 
@@ -194,12 +196,8 @@ GIVE_GPUS = (
 def visible_gpus() -> tuple[int, int] | None:
     """(GPUs this process sees, the smallest one's memory in bytes); None without CUDA (vLLM's CPU build).
     torch counts the GPUs CUDA_VISIBLE_DEVICES leaves (the container's, on Kubernetes and docker --gpus)."""
-    import torch
-
-    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
-        return None
-    count = torch.cuda.device_count()
-    return count, min(torch.cuda.get_device_properties(i).total_memory for i in range(count))
+    totals = gpu_totals()
+    return (len(totals), min(totals)) if totals else None
 
 
 def model_heads(folder: Path) -> tuple[int | None, int | None]:
@@ -300,7 +298,7 @@ def choose_tensor_parallel(
 
 def tensor_parallel_plan(folder: Path, override: int | None, gpus: tuple[int, int] | None) -> dict[str, Any]:
     """choose_tensor_parallel for a model folder: its *.safetensors bytes and heads."""
-    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    weights = weights_bytes(folder)
     heads, kv_heads = model_heads(folder)
     return choose_tensor_parallel(weights, heads, kv_heads, gpus, override)
 
@@ -365,7 +363,7 @@ def answer_in_engine(
         "generation_seconds": round(seconds, 3),
         "tokens_per_second": round(generated / seconds, 2) if seconds else None,
         "load_seconds": round(load_seconds, 2),
-        "weights_bytes": sum(p.stat().st_size for p in folder.glob("*.safetensors")),
+        "weights_bytes": weights_bytes(folder),
     }
 
 
